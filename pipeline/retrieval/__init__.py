@@ -1,0 +1,1 @@
+"""Dense retrieval: query/passage encoder, FAISS index, memory-mapped passage store."""

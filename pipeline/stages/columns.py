@@ -1,0 +1,66 @@
+"""The output columns every stage reads and writes, with fixed Arrow types.
+
+The prepare stage adds all of them (as nulls) so that every block has the same schema, and
+later stages only replace values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+F64 = pa.float64()
+
+PASSAGE_TYPE = pa.struct([
+    ("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("retrieval_score", F64),
+])
+
+CANDIDATE_TYPE = pa.struct([
+    ("passage_id", pa.string()),
+    ("raw", pa.string()),
+    ("answer", pa.string()),
+    ("s_rel", F64), ("s_sup", F64), ("s_use", F64), ("seq", F64), ("final", F64),
+    ("error", pa.string()),
+    # Only with output.keep_logprobs: the engine's raw record behind the scores.
+    ("token_ids", pa.list_(pa.int32())),
+    ("cumulative_logprob", F64),
+    ("reflection_logprobs", pa.list_(pa.list_(F64))),
+])
+
+#: Output columns added to every input row, in output order.
+OUTPUT_TYPES: dict[str, pa.DataType] = {
+    "prompt": pa.string(),
+    "retrieval_prob": F64,
+    "retrieved": pa.bool_(),
+    "passages": pa.list_(PASSAGE_TYPE),
+    "candidates": pa.list_(CANDIDATE_TYPE),
+    "answer": pa.string(),
+    "answer_raw": pa.string(),
+    "best_passage_id": pa.string(),
+    "error": pa.string(),
+    "model": pa.string(),
+    "run_id": pa.string(),
+}
+
+#: Bookkeeping columns, dropped when writing: source shard and row offset within it.
+SHARD, OFFSET = "_shard", "_offset"
+INTERNAL_TYPES: dict[str, pa.DataType] = {SHARD: pa.string(), OFFSET: pa.int64()}
+
+ALL_TYPES = {**OUTPUT_TYPES, **INTERNAL_TYPES}
+
+
+def set_columns(table: pa.Table, values: Mapping[str, Sequence[Any]]) -> pa.Table:
+    """Replace (or append) output columns with Python values, using their fixed types."""
+    for name, column in values.items():
+        array = pa.array(list(column), type=ALL_TYPES[name])
+        idx = table.schema.get_field_index(name)
+        table = table.set_column(idx, name, array) if idx >= 0 else table.append_column(name, array)
+    return table
+
+
+def column(table: pa.Table, name: str) -> list:
+    """A column as Python values, or Nones when the table lacks it."""
+    if name in table.column_names:
+        return table.column(name).to_pylist()
+    return [None] * table.num_rows

@@ -1,0 +1,78 @@
+"""First pass (vLLM actor pool): the retrieval decision, and the answer for rows that need no evidence.
+
+Adaptive mode reads P([Retrieval]) and P([No Retrieval]) at the first generated position (one
+token per prompt). Rows that need no evidence are then answered from ``prompt + "[No
+Retrieval]"``; the others leave this stage with ``retrieved = true`` and no answer yet.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..config import Config
+from ..engine import Engine, PromptTooLong
+from ..selfrag.prompts import no_evidence_prompt
+from ..selfrag.scoring import decide_retrieval, retrieval_probability
+from ..selfrag.selection import clean_answer
+from .columns import column, set_columns
+from .common import max_new_tokens, run_isolated
+
+
+class FirstPass:
+    """Callable class for ``map_batches``: one engine replica per actor."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.engine = Engine(cfg.engine)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cfg, engine = self.cfg, self.engine
+        n = batch.num_rows
+        prompts, errors = column(batch, "prompt"), column(batch, "error")
+        budgets = [max_new_tokens(t, cfg) for t in column(batch, cfg.input.task_column)]
+        probs, retrieved = [None] * n, [None] * n
+        answers, raws, candidates = [None] * n, [None] * n, [None] * n
+
+        active = []
+        for i in range(n):
+            if errors[i] is not None:
+                continue
+            try:
+                engine.check_fits(no_evidence_prompt(prompts[i]), budgets[i])
+                active.append(i)
+            except PromptTooLong as exc:
+                errors[i] = str(exc)
+
+        mode = cfg.selfrag.mode
+        if mode == "adaptive":
+            firsts = run_isolated(lambda ps: engine.generate(ps, 1), [prompts[i] for i in active])
+            for i, cont in zip(active, firsts):
+                if isinstance(cont, Exception):
+                    errors[i] = f"engine error: {cont}"
+                    continue
+                first = cont.logprobs[0] if cont.logprobs else {}
+                probs[i] = retrieval_probability(first, engine.ids, cfg.selfrag.retrieval_rule)
+        for i in active:
+            if errors[i] is None:
+                retrieved[i] = decide_retrieval(mode, probs[i], cfg.selfrag.threshold)
+
+        direct = [i for i in active if retrieved[i] is False]
+        outs = run_isolated(
+            lambda idx: engine.generate([no_evidence_prompt(prompts[i]) for i in idx], [budgets[i] for i in idx]),
+            direct,
+        )
+        for i, cont in zip(direct, outs):
+            if isinstance(cont, Exception):
+                errors[i] = f"engine error: {cont}"
+                continue
+            raws[i], answers[i], candidates[i] = cont.text, clean_answer(cont.text), []
+
+        return set_columns(batch, {
+            "retrieval_prob": probs, "retrieved": retrieved, "answer": answers,
+            "answer_raw": raws, "candidates": candidates, "error": errors,
+        })
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

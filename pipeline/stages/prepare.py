@@ -1,0 +1,51 @@
+"""Prepare stage (CPU tasks): read a shard, give every row its bookkeeping and output columns,
+validate the question and format the Self-RAG prompt. A bad row gets ``error`` set, never dropped."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..config import InputConfig
+from ..io import read_table, shard_stem
+from ..selfrag.prompts import format_prompt
+from .columns import OFFSET, OUTPUT_TYPES, SHARD, column, set_columns
+
+
+def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
+    """(prompt, error) for one row's question, optional input and task."""
+    if question is None:
+        return None, "question is null"
+    if not isinstance(question, str):
+        return None, f"question is not a string (got {type(question).__name__})"
+    if not question.strip():
+        return None, "question is empty"
+    if input_text is not None and not isinstance(input_text, str):
+        return None, f"input is not a string (got {type(input_text).__name__})"
+    if task is not None and not isinstance(task, str):
+        return None, f"task is not a string (got {type(task).__name__})"
+    try:
+        return format_prompt(question, input_text, task), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str) -> pa.Table:
+    """Add ids (when the input has none), bookkeeping, prompts, errors and empty output columns."""
+    n = table.num_rows
+    if cfg.id_column not in table.column_names:
+        stem = shard_stem(shard)
+        table = table.append_column(cfg.id_column, pa.array([f"{stem}:{i}" for i in range(n)], pa.string()))
+    tasks = [t if t is not None else cfg.default_task for t in column(table, cfg.task_column)]
+    prompts, errors = zip(*map(row_prompt, column(table, cfg.question_column),
+                               column(table, cfg.input_column), tasks)) if n else ((), ())
+    values = {name: [None] * n for name in OUTPUT_TYPES}
+    values.update(prompt=prompts, error=errors, model=[model] * n, run_id=[run_id] * n,
+                  **{SHARD: [shard] * n, OFFSET: range(n)})
+    return set_columns(table, values)
+
+
+def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str) -> pa.Table:
+    """Ray Data task: a batch of shard paths in, their prepared rows out."""
+    tables = [prepare_table(read_table(shard), shard, cfg, model, run_id)
+              for shard in batch.column("shard").to_pylist()]
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,1 @@
+"""Synthetic, deterministic data used by the embedded demo and its tiny model."""
