@@ -36,14 +36,14 @@ def run(cfg: Config) -> dict:
 
     from pipeline.dataflow import build_dataset
 
-    shards = preflight(cfg)
+    shards, schema = preflight(cfg)
     run_id = cfg.run_id or config_hash(cfg)
     print(f"annotating {len(shards)} shard(s) -> {cfg.output.path} (run {run_id})", flush=True)
 
     ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     start = time.time()
-    written = build_dataset(cfg, shards, run_id).take_all()
+    written = build_dataset(cfg, shards, schema, run_id).take_all()
     elapsed = time.time() - start
 
     rows = sum(w["rows"] for w in written)

@@ -31,11 +31,11 @@ def mark_all_for_retrieval(batch: pa.Table) -> pa.Table:
     return set_columns(batch, {"retrieved": [e is None for e in column(batch, "error")]})
 
 
-def build_dataset(cfg: Config, shards: list[str], run_id: str) -> ray.data.Dataset:
-    """The lazy dataset whose rows are one summary per written shard."""
+def build_dataset(cfg: Config, shards: list[str], schema: pa.Schema, run_id: str) -> ray.data.Dataset:
+    """The lazy dataset whose rows are one summary per written shard (``schema``: the inputs' unified schema)."""
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(prepare_shards, fn_kwargs={"cfg": cfg.input, "model": cfg.engine.model, "run_id": run_id},
+    ds = ds.map_batches(prepare_shards, fn_kwargs={"cfg": cfg.input, "model": cfg.engine.model, "run_id": run_id, "schema": schema},
                         **_task_args(st.prepare))
     if cfg.selfrag.mode == "always":
         ds = ds.map_batches(mark_all_for_retrieval, batch_format="pyarrow", num_cpus=st.prepare.num_cpus)
@@ -44,5 +44,5 @@ def build_dataset(cfg: Config, shards: list[str], run_id: str) -> ray.data.Datas
     if cfg.selfrag.mode != "never":
         ds = ds.map_batches(Retrieve, **_actor_args(st.retrieve, cfg))
         ds = ds.map_batches(Critique, **_actor_args(st.critique, cfg))
-    return ds.groupby(SHARD).map_groups(write_shard, fn_kwargs={"output": cfg.output.path},
+    return ds.groupby(SHARD, num_partitions=min(len(shards), 64)).map_groups(write_shard, fn_kwargs={"output": cfg.output.path},
                                         batch_format="pyarrow", num_cpus=st.write.num_cpus)

@@ -29,12 +29,26 @@ def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
         return None, str(exc)
 
 
-def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str) -> pa.Table:
-    """Add ids (when the input has none), bookkeeping, prompts, errors and empty output columns."""
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table with exactly the columns of ``schema``, in its order and types (absent ones null),
+    so that blocks of different shards can be concatenated."""
+    arrays = [table.column(f.name).cast(f.type) if f.name in table.column_names
+              else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str,
+                  schema: pa.Schema | None = None) -> pa.Table:
+    """Add ids (when the input has none), bookkeeping, prompts, errors and empty output columns.
+
+    With ``schema`` (the unified input schema) the input columns are conformed to it first.
+    """
     n = table.num_rows
     if cfg.id_column not in table.column_names:
         stem = shard_stem(shard)
         table = table.append_column(cfg.id_column, pa.array([f"{stem}:{i}" for i in range(n)], pa.string()))
+    if schema is not None:
+        table = conform(table, schema)
     tasks = [t if t is not None else cfg.default_task for t in column(table, cfg.task_column)]
     prompts, errors = zip(*map(row_prompt, column(table, cfg.question_column),
                                column(table, cfg.input_column), tasks)) if n else ((), ())
@@ -44,8 +58,7 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     return set_columns(table, values)
 
 
-def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str) -> pa.Table:
-    """Ray Data task: a batch of shard paths in, their prepared rows out."""
-    tables = [prepare_table(read_table(shard), shard, cfg, model, run_id)
-              for shard in batch.column("shard").to_pylist()]
-    return pa.concat_tables(tables, promote_options="permissive")
+def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
+    """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
+    return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
+                             for shard in batch.column("shard").to_pylist()])

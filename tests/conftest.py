@@ -1,0 +1,53 @@
+"""Shared fixtures: the repository paths, a shared retrieval index, and running the job in-process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_QUERIES = REPO / "data" / "demo" / "queries"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def index_dir(tmp_path_factory) -> str:
+    """One retrieval index directory for the whole session (built by the first job that needs it)."""
+    return str(tmp_path_factory.mktemp("index") / "demo")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray shared by every in-process job run; shut down at the end of the session."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) -> tuple[dict, pa.Table]:
+    """Run ``jobs.annotate`` in this process; returns its summary and all output rows."""
+    from jobs.annotate import run
+    from pipeline.config import load_config
+
+    cfg = load_config([], [
+        f"input.paths=[{','.join(inputs)}]", f"output.path={output}", f"retrieval.index_dir={index_dir}",
+        "ray.progress_bars=false", *overrides,
+    ])
+    summary = run(cfg)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("*.parquet"))],
+                             promote_options="permissive")
+    return summary, table
+
+
+def copy_demo_queries(dest: Path) -> list[str]:
+    """Copies of the demo query shards in ``dest``; returns their paths."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return [str(shutil.copy(p, dest / p.name)) for p in sorted(DEMO_QUERIES.glob("*.parquet"))]

@@ -1,0 +1,42 @@
+"""The prepare stage on plain tables: ids, prompts and per-row errors (no Ray needed)."""
+
+import pyarrow as pa
+
+from pipeline.config import InputConfig
+from pipeline.stages.columns import OFFSET, OUTPUT_TYPES, SHARD
+from pipeline.stages.prepare import prepare_table
+
+
+def test_ids_prompts_and_errors():
+    table = pa.table({
+        "instruction": ["Who founded Velmora?", None, " ", "Is it true?", "Q"],
+        "input": [None, None, None, None, "extra"],
+        "task": [None, None, None, "fever", "nope"],
+        "keep": [1, 2, 3, 4, 5],
+    })
+    out = prepare_table(table, "s3://bucket/in/part-7.parquet", InputConfig(), "m", "r1").to_pylist()
+    assert [r["id"] for r in out] == [f"part-7:{i}" for i in range(5)]
+    assert out[0]["prompt"] == "### Instruction:\nWho founded Velmora?\n\n### Response:\n"
+    assert out[0]["error"] is None and out[0]["keep"] == 1
+    assert out[1]["error"] == "question is null" and out[1]["prompt"] is None
+    assert out[2]["error"] == "question is empty"
+    assert out[3]["prompt"].startswith("### Instruction:\nIs the following statement correct or not?")
+    assert out[4]["error"].startswith("unknown task 'nope'")
+    assert [r[OFFSET] for r in out] == list(range(5))
+    assert {r[SHARD] for r in out} == {"s3://bucket/in/part-7.parquet"}
+    assert all(r["model"] == "m" and r["run_id"] == "r1" for r in out)
+    assert set(OUTPUT_TYPES) <= set(out[0])
+
+
+def test_non_string_questions_are_row_errors_and_existing_ids_are_kept():
+    table = pa.table({"id": [10, 11], "instruction": pa.array([7, None], pa.int64())})
+    out = prepare_table(table, "x.parquet", InputConfig(), "m", "r").to_pylist()
+    assert [r["id"] for r in out] == [10, 11]
+    assert out[0]["error"] == "question is not a string (got int)"
+    assert out[1]["error"] == "question is null"
+
+
+def test_default_task_applies_to_rows_without_one():
+    table = pa.table({"instruction": ["Claim."], "task": pa.array([None], pa.string())})
+    out = prepare_table(table, "x.parquet", InputConfig(default_task="fever"), "m", "r").to_pylist()
+    assert "Say true if it's correct" in out[0]["prompt"]
