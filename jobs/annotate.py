@@ -35,6 +35,7 @@ def run(cfg: Config) -> dict:
     import ray
 
     from pipeline.dataflow import build_dataset
+    from pipeline.metrics import start_metrics
 
     shards, schema = preflight(cfg)
     run_id = cfg.run_id or config_hash(cfg)
@@ -42,15 +43,19 @@ def run(cfg: Config) -> dict:
 
     ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    metrics = start_metrics()
     start = time.time()
     written = build_dataset(cfg, shards, schema, run_id).take_all()
     elapsed = time.time() - start
+    stages = ray.get(metrics.get.remote())
+    ray.kill(metrics)
 
     rows = sum(w["rows"] for w in written)
     summary = {
         "run_id": run_id, "output": cfg.output.path, "shards": len(written), "rows": rows,
         "retrieved": sum(w["retrieved"] for w in written), "errors": sum(w["errors"] for w in written),
         "seconds": round(elapsed, 2), "rows_per_s": round(rows / elapsed, 3) if elapsed else None,
+        "stages": stages,
         "per_shard": sorted(written, key=lambda w: w["shard"]),
     }
     write_text(join(cfg.output.path, "config.yaml"), to_yaml(cfg))

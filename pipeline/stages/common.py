@@ -1,11 +1,16 @@
-"""Helpers shared by the engine stages: per-row task, token budget, and fault isolation."""
+"""Shared by the engine stages: per-row task and token budget, fault isolation, the engine-stage base."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Sequence, TypeVar
 
+import pyarrow as pa
+
 from ..config import Config
+from ..engine import Engine
+from ..metrics import Reporter
 from ..selfrag.prompts import CLOSED_SET_TASKS
 
 log = logging.getLogger(__name__)
@@ -39,3 +44,34 @@ def run_isolated(fn: Callable[[Sequence], list[T]], items: Sequence) -> list[T |
         except Exception as exc:  # noqa: BLE001
             results.append(exc)
     return results
+
+
+class EngineStage:
+    """Base of the vLLM stages: one engine replica per actor, metrics per batch, clean shutdown.
+
+    Subclasses implement ``process(batch) -> batch``.
+    """
+
+    stage = "engine"
+
+    def __init__(self, cfg: Config):
+        start = time.perf_counter()
+        self.cfg = cfg
+        self.engine = Engine(cfg.engine)
+        self.reporter = Reporter(self.stage)
+        self.reporter.report(init_seconds=time.perf_counter() - start)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        before = self.engine.generated_tokens
+        with self.reporter.batch(batch.num_rows) as extra:
+            out = self.process(batch)
+            extra["generated_tokens"] = self.engine.generated_tokens - before
+        return out
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

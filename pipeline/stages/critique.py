@@ -7,13 +7,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ..config import Config
-from ..engine import Engine, PromptTooLong
+from ..engine import PromptTooLong
 from ..selfrag.prompts import CLOSED_SET_TASKS, evidence_prompt
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import clean_answer, select_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
 from .columns import column, set_columns
-from .common import effective_task, max_new_tokens, run_isolated
+from .common import EngineStage, effective_task, max_new_tokens, run_isolated
 
 
 def logprob_record(cont: Continuation, reflection_ids: list[int]) -> dict:
@@ -26,15 +26,13 @@ def logprob_record(cont: Continuation, reflection_ids: list[int]) -> dict:
     }
 
 
-class Critique:
+class Critique(EngineStage):
     """Callable class for ``map_batches``: one engine replica per actor."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.engine = Engine(cfg.engine)
-        self.weights = cfg.selfrag.weights()
+    stage = "critique"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Generate, score and select the candidates of the rows that retrieved."""
         cfg, engine = self.cfg, self.engine
         prompts, errors = column(batch, "prompt"), column(batch, "error")
         tasks = [effective_task(t, cfg) for t in column(batch, cfg.input.task_column)]
@@ -67,7 +65,7 @@ class Critique:
             if isinstance(cont, Exception):
                 cand["error"] = f"engine error: {cont}"
                 continue
-            scores = score_continuation(cont, engine.ids, self.weights)
+            scores = score_continuation(cont, engine.ids, cfg.selfrag.weights())
             cand.update(raw=cont.text, answer=clean_answer(cont.text), s_rel=scores.s_rel, s_sup=scores.s_sup,
                         s_use=scores.s_use, seq=scores.seq, final=scores.final)
             if cfg.output.keep_logprobs:
@@ -86,8 +84,3 @@ class Critique:
 
         return set_columns(batch, {"candidates": candidates, "answer": answers, "answer_raw": raws,
                                    "best_passage_id": best_ids, "error": errors})
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()

@@ -10,22 +10,21 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ..config import Config
-from ..engine import Engine, PromptTooLong
+from ..engine import PromptTooLong
 from ..selfrag.prompts import no_evidence_prompt
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import clean_answer
 from .columns import column, set_columns
-from .common import max_new_tokens, run_isolated
+from .common import EngineStage, max_new_tokens, run_isolated
 
 
-class FirstPass:
+class FirstPass(EngineStage):
     """Callable class for ``map_batches``: one engine replica per actor."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.engine = Engine(cfg.engine)
+    stage = "first_pass"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Decide retrieval for each valid row and answer those that need no evidence."""
         cfg, engine = self.cfg, self.engine
         n = batch.num_rows
         prompts, errors = column(batch, "prompt"), column(batch, "error")
@@ -71,8 +70,3 @@ class FirstPass:
             "retrieval_prob": probs, "retrieved": retrieved, "answer": answers,
             "answer_raw": raws, "candidates": candidates, "error": errors,
         })
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()

@@ -3,10 +3,13 @@ validate the question and format the Self-RAG prompt. A bad row gets ``error`` s
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 
 from ..config import InputConfig
 from ..io import read_table, shard_stem
+from ..metrics import Reporter
 from ..selfrag.prompts import format_prompt
 from .columns import OFFSET, OUTPUT_TYPES, SHARD, column, set_columns
 
@@ -60,5 +63,8 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
 
 def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
-    return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
-                             for shard in batch.column("shard").to_pylist()])
+    start = time.perf_counter()
+    out = pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
+                            for shard in batch.column("shard").to_pylist()])
+    Reporter("prepare").report(seconds=time.perf_counter() - start, rows=out.num_rows, batches=1)
+    return out

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+import time
+
 from ..config import Config
+from ..metrics import Reporter
 from ..retrieval.index import Retriever
 from .columns import column, set_columns
 
@@ -31,10 +34,18 @@ class Retrieve:
     """Callable class for ``map_batches``: loads encoder, index and passage store once."""
 
     def __init__(self, cfg: Config):
+        start = time.perf_counter()
         self.cfg = cfg
         self.retriever = Retriever(cfg.retrieval)
+        self.reporter = Reporter("retrieve")
+        self.reporter.report(init_seconds=time.perf_counter() - start)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.reporter.batch(batch.num_rows):
+            return self.process(batch)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Fill ``passages`` for the rows that retrieve."""
         cfg, k = self.cfg, self.cfg.selfrag.top_k
         passages = column(batch, "passages")
         questions = column(batch, cfg.input.question_column)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..io import join, shard_stem, write_parquet_atomic
+from ..metrics import Reporter
 from .columns import INTERNAL_TYPES, OFFSET, SHARD
 
 
@@ -18,7 +19,8 @@ def write_shard(group: pa.Table, output: str) -> pa.Table:
     shard = group.column(SHARD)[0].as_py()
     rows = group.sort_by(OFFSET).drop_columns(list(INTERNAL_TYPES))
     dest = join(output, f"{shard_stem(shard)}.parquet")
-    write_parquet_atomic(rows, dest)
+    with Reporter("write").batch(rows.num_rows):
+        write_parquet_atomic(rows, dest)
     errors = rows.column("error").is_valid()
     retrieved = pc.fill_null(rows.column("retrieved"), False)
     return pa.table({

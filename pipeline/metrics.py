@@ -1,0 +1,67 @@
+"""Per-stage metrics shared across Ray workers through one named actor.
+
+Stages report busy seconds, rows, generated tokens and start-up seconds; the job reads the
+totals at the end (they go into the run manifest and the benchmark). Reporting is a no-op
+when no metrics actor runs (e.g. a stage used outside the job).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import ray
+
+ACTOR_NAME = "selfrag-stage-metrics"
+
+
+@ray.remote(num_cpus=0)
+class StageMetrics:
+    """Sums per stage: seconds (busy in batches), rows, batches, generated_tokens; and
+    init_seconds (the slowest replica's start-up)."""
+
+    def __init__(self):
+        self.stats: dict[str, dict[str, float]] = {}
+
+    def add(self, stage: str, values: dict) -> None:
+        entry = self.stats.setdefault(stage, {})
+        for key, value in values.items():
+            if key == "init_seconds":
+                entry[key] = max(entry.get(key, 0.0), value)
+            else:
+                entry[key] = entry.get(key, 0) + value
+
+    def get(self) -> dict:
+        return self.stats
+
+
+def start_metrics():
+    """Create (or replace) the job's metrics actor and return its handle."""
+    try:
+        ray.kill(ray.get_actor(ACTOR_NAME))
+    except ValueError:
+        pass
+    return StageMetrics.options(name=ACTOR_NAME).remote()
+
+
+class Reporter:
+    """Reports one stage's metrics from inside a Ray worker."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        try:
+            self._actor = ray.get_actor(ACTOR_NAME)
+        except (ValueError, RuntimeError):
+            self._actor = None
+
+    def report(self, **values) -> None:
+        """Add values to this stage's totals (fire and forget)."""
+        if self._actor is not None:
+            self._actor.add.remote(self.stage, values)
+
+    @contextmanager
+    def batch(self, rows: int, **extra):
+        """Time a batch and report its seconds and rows (plus ``extra`` values set inside)."""
+        start = time.perf_counter()
+        yield extra
+        self.report(seconds=time.perf_counter() - start, rows=rows, batches=1, **extra)
