@@ -42,13 +42,19 @@ def run(cfg: Config) -> dict:
     print(f"annotating {len(shards)} shard(s) -> {cfg.output.path} (run {run_id})", flush=True)
 
     ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = cfg.ray.progress_bars
+    context.shuffle_strategy = ray.data.context.ShuffleStrategy(cfg.ray.shuffle_strategy)
     metrics = start_metrics()
     start = time.time()
     written = build_dataset(cfg, shards, schema, run_id).take_all()
     elapsed = time.time() - start
     stages = ray.get(metrics.get.remote())
     ray.kill(metrics)
+    for entry in stages.values():  # timeline relative to the start of the run
+        for key in ("first_start", "last_end"):
+            if key in entry:
+                entry[key] = round(entry[key] - start, 2)
 
     rows = sum(w["rows"] for w in written)
     summary = {

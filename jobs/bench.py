@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_seconds": summary["seconds"],
         "engine_startup_seconds": round(startup, 2),
         "stage_seconds": {name: round(s.get("seconds", 0.0), 2) for name, s in stages.items()},
+        "stage_timeline": {name: [s.get("first_start"), s.get("last_end")] for name, s in stages.items()},
         "stage_init_seconds": {name: round(s["init_seconds"], 2) for name, s in stages.items() if "init_seconds" in s},
         "bare_engine_tokens": bare["tokens"],
         "bare_engine_seconds": round(bare["seconds"], 2),

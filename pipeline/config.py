@@ -59,8 +59,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     seed: int = 0
-    #: Further keyword arguments passed to vllm.LLM as they are.
-    extra: Dict[str, Any] = field(default_factory=dict)
+    #: Further keyword arguments passed to vllm.LLM as they are. The CPU default raises
+    #: max_num_seqs from vLLM's CPU default of 256 so a critique batch runs in one wave.
+    extra: Dict[str, Any] = field(default_factory=lambda: {"max_num_seqs": 512})
     #: Environment variables set in each engine replica before vLLM is imported.
     env: Dict[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
@@ -119,14 +120,18 @@ class StageConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     batch_size: int = 16
+    #: Engine stages: environment variables for this stage's replicas, over ``engine.env``.
+    env: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class StagesConfig:
     prepare: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
-    first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
-    retrieve: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
-    critique: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16))
+    first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64))
+    retrieve: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64))
+    # On CPU the two engines are pinned to different cores (first pass: core 0 via engine.env).
+    critique: StageConfig = field(default_factory=lambda: StageConfig(
+        batch_size=128, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}))
     write: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
 
 
@@ -135,6 +140,9 @@ class RayConfig:
     #: Cluster address; null connects to RAY_ADDRESS when set (ray job submit), else starts a local Ray.
     address: Optional[str] = None
     progress_bars: bool = True
+    #: Ray Data shuffle behind the per-shard write (a value of ray.data.context.ShuffleStrategy);
+    #: the sort-based pull shuffle runs as plain tasks, with the least start-up cost.
+    shuffle_strategy: str = "sort_shuffle_pull_based"
 
 
 @dataclass

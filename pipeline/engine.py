@@ -25,9 +25,10 @@ class PromptTooLong(ValueError):
 class Engine:
     """One vLLM engine replica with the Self-RAG reflection-token ids looked up."""
 
-    def __init__(self, cfg: EngineConfig):
-        for key, value in cfg.env.items():
-            os.environ.setdefault(key, str(value))
+    def __init__(self, cfg: EngineConfig, env: dict | None = None):
+        """Start vLLM with ``cfg``; ``env`` (over ``cfg.env``) is set before vLLM is imported."""
+        for key, value in {**cfg.env, **(env or {})}.items():
+            os.environ[key] = str(value)
         from vllm import LLM  # imported here: the env above must be set first
 
         self.cfg = cfg

@@ -17,8 +17,8 @@ ACTOR_NAME = "selfrag-stage-metrics"
 
 @ray.remote(num_cpus=0)
 class StageMetrics:
-    """Sums per stage: seconds (busy in batches), rows, batches, generated_tokens; and
-    init_seconds (the slowest replica's start-up)."""
+    """Sums per stage: seconds (busy in batches), rows, batches, generated_tokens; the slowest
+    replica's start-up (init_seconds); first batch start and last batch end (epoch seconds)."""
 
     def __init__(self):
         self.stats: dict[str, dict[str, float]] = {}
@@ -26,8 +26,10 @@ class StageMetrics:
     def add(self, stage: str, values: dict) -> None:
         entry = self.stats.setdefault(stage, {})
         for key, value in values.items():
-            if key == "init_seconds":
-                entry[key] = max(entry.get(key, 0.0), value)
+            if key in ("init_seconds", "last_end"):
+                entry[key] = max(entry.get(key, value), value)
+            elif key == "first_start":
+                entry[key] = min(entry.get(key, value), value)
             else:
                 entry[key] = entry.get(key, 0) + value
 
@@ -62,6 +64,7 @@ class Reporter:
     @contextmanager
     def batch(self, rows: int, **extra):
         """Time a batch and report its seconds and rows (plus ``extra`` values set inside)."""
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         yield extra
-        self.report(seconds=time.perf_counter() - start, rows=rows, batches=1, **extra)
+        self.report(seconds=time.perf_counter() - start, rows=rows, batches=1, first_start=wall,
+                    last_end=time.time(), **extra)

@@ -23,9 +23,10 @@ def index_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("index") / "demo")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray shared by every in-process job run; shut down at the end of the session."""
+    """A local Ray shared by the in-process job runs of one test module, shut down after it
+    (so that tests which start their own cluster never meet it)."""
     import ray
 
     yield

@@ -67,3 +67,17 @@ def test_an_index_built_with_another_encoder_is_refused(built):
 def test_missing_index_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):
         read_meta(str(tmp_path / "none"))
+
+
+def test_ctxs_become_passages_and_the_query_includes_the_input():
+    from pipeline.stages.retrieve import ctxs_to_passages, retrieval_query
+
+    ctxs = [{"id": 7, "title": "T", "text": "x", "score": 2}, {"title": "U", "text": "y"}, {"id": "z"}]
+    assert ctxs_to_passages(ctxs, 2) == [
+        {"id": "7", "title": "T", "text": "x", "retrieval_score": 2.0},
+        {"id": None, "title": "U", "text": "y", "retrieval_score": None},
+    ]
+    with pytest.raises(AttributeError):
+        ctxs_to_passages(["not a passage"], 2)
+    assert retrieval_query("Who?", None) == "Who?"
+    assert retrieval_query("Answer the question.", "Who founded Velmora?") == "Answer the question. Who founded Velmora?"

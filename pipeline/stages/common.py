@@ -57,7 +57,7 @@ class EngineStage:
     def __init__(self, cfg: Config):
         start = time.perf_counter()
         self.cfg = cfg
-        self.engine = Engine(cfg.engine)
+        self.engine = Engine(cfg.engine, getattr(cfg.stages, self.stage).env)
         self.reporter = Reporter(self.stage)
         self.reporter.report(init_seconds=time.perf_counter() - start)
 

@@ -3,8 +3,6 @@ validate the question and format the Self-RAG prompt. A bad row gets ``error`` s
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 
 from ..config import InputConfig
@@ -63,8 +61,6 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
 
 def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
-    start = time.perf_counter()
-    out = pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
-                            for shard in batch.column("shard").to_pylist()])
-    Reporter("prepare").report(seconds=time.perf_counter() - start, rows=out.num_rows, batches=1)
-    return out
+    with Reporter("prepare").batch(batch.num_rows):
+        return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
+                                 for shard in batch.column("shard").to_pylist()])

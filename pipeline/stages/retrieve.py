@@ -6,14 +6,20 @@ searched in the FAISS index. Rows that need no evidence, or have an error, pass 
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 import time
+
+import pyarrow as pa
 
 from ..config import Config
 from ..metrics import Reporter
 from ..retrieval.index import Retriever
 from .columns import column, set_columns
+from .common import run_isolated
+
+
+def retrieval_query(question: str, input_text: str | None) -> str:
+    """The search query: the question, followed by the row's input text when it has one."""
+    return f"{question} {input_text}" if input_text else question
 
 
 def ctxs_to_passages(ctxs: list[dict], k: int) -> list[dict]:
@@ -45,19 +51,26 @@ class Retrieve:
             return self.process(batch)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        """Fill ``passages`` for the rows that retrieve."""
+        """Fill ``passages`` for the rows that retrieve; a row that fails gets its ``error``."""
         cfg, k = self.cfg, self.cfg.selfrag.top_k
-        passages = column(batch, "passages")
-        questions = column(batch, cfg.input.question_column)
+        passages, errors = column(batch, "passages"), column(batch, "error")
+        queries = [retrieval_query(q, x) for q, x in
+                   zip(column(batch, cfg.input.question_column), column(batch, cfg.input.input_column))]
         ctxs = column(batch, cfg.input.ctxs_column)
-        wanted = [i for i, (r, e) in enumerate(zip(column(batch, "retrieved"), column(batch, "error")))
-                  if r and e is None]
+        wanted = [i for i, r in enumerate(column(batch, "retrieved")) if r and errors[i] is None]
         to_search = []
         for i in wanted:
-            if ctxs[i]:
-                passages[i] = ctxs_to_passages(ctxs[i], k)
-            else:
+            if not ctxs[i]:
                 to_search.append(i)
-        for i, found in zip(to_search, self.retriever.search([questions[i] for i in to_search], k)):
-            passages[i] = found
-        return set_columns(batch, {"passages": passages})
+                continue
+            try:
+                passages[i] = ctxs_to_passages(ctxs[i], k)
+            except (AttributeError, TypeError, ValueError) as exc:
+                errors[i] = f"bad ctxs: {exc}"
+        found = run_isolated(lambda idx: self.retriever.search([queries[i] for i in idx], k), to_search)
+        for i, result in zip(to_search, found):
+            if isinstance(result, Exception):
+                errors[i] = f"retrieval error: {result}"
+            else:
+                passages[i] = result
+        return set_columns(batch, {"passages": passages, "error": errors})
