@@ -35,8 +35,8 @@ def build_dataset(cfg: Config, shards: list[str], schema: pa.Schema, run_id: str
     """The lazy dataset whose rows are one summary per written shard (``schema``: the inputs' unified schema)."""
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(prepare_shards, fn_kwargs={"cfg": cfg.input, "model": cfg.engine.model, "run_id": run_id, "schema": schema},
-                        **_task_args(st.prepare))
+    prepare_kwargs = {"cfg": cfg.input, "model": cfg.engine.model, "run_id": run_id, "schema": schema}
+    ds = ds.map_batches(prepare_shards, fn_kwargs=prepare_kwargs, **_task_args(st.prepare))
     if cfg.selfrag.mode == "always":
         ds = ds.map_batches(mark_all_for_retrieval, batch_format="pyarrow", num_cpus=st.prepare.num_cpus)
     else:
@@ -44,5 +44,7 @@ def build_dataset(cfg: Config, shards: list[str], schema: pa.Schema, run_id: str
     if cfg.selfrag.mode != "never":
         ds = ds.map_batches(Retrieve, **_actor_args(st.retrieve, cfg))
         ds = ds.map_batches(Critique, **_actor_args(st.critique, cfg))
-    return ds.groupby(SHARD, num_partitions=min(len(shards), 64)).map_groups(write_shard, fn_kwargs={"output": cfg.output.path},
-                                        batch_format="pyarrow", num_cpus=st.write.num_cpus)
+    # Each shard's rows meet in one group, so its file is written once, complete and in order.
+    by_shard = ds.groupby(SHARD, num_partitions=min(len(shards), 64))
+    return by_shard.map_groups(write_shard, fn_kwargs={"output": cfg.output.path},
+                               batch_format="pyarrow", num_cpus=st.write.num_cpus)
