@@ -21,25 +21,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.selfrag.prompts import TASK_INSTRUCTIONS
+from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.world import (
     Entity, World, attribute_spec, build_world, fact_sentence, passage_id)
 
 SOURCE = "synthetic-world"
-REFLECTION_TOKENS = [
-    "[No Retrieval]", "[Retrieval]", "[Continue to Use Evidence]",
-    "[Irrelevant]", "[Relevant]",
-    "[Fully supported]", "[Partially supported]", "[No support / Contradictory]",
-    "[Utility:1]", "[Utility:2]", "[Utility:3]", "[Utility:4]", "[Utility:5]",
-    "<paragraph>", "</paragraph>",
-]
+REFLECTION_TOKENS = list(ALL_REFLECTION_TOKENS)
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 VOCAB_SIZE = 2000  # BPE vocabulary including all special tokens
-TASK_INSTRUCTIONS = [  # SELF_RAG.md section 2; only used as tokenizer training text
-    "Is the following statement correct or not? Say true if it's correct; otherwise say "
-    "false. Don't capitalize or add periods, just say \"true\" or \"false\".",
-    "Given four answer candidates, A, B, C and D, choose the best answer choice. Please "
-    "answer with the capitalized alphabet only, without adding any extra phrase or period.",
-]
+# Only used as tokenizer training text.
+TASK_TEXTS = [TASK_INSTRUCTIONS["fever"], TASK_INSTRUCTIONS["arc_c"]]
 INITIALIZER_RANGE = 0.5  # large on purpose: peaked, prompt-dependent random predictions
 
 PASSAGE_TYPE = pa.struct([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -145,7 +137,7 @@ def training_text(world: World) -> list[str]:
     as a prompt with its answer, and the task instructions."""
     texts = [f"{p['title']}\n{p['text']}" for p in world.passages]
     texts += [prompt(q["instruction"]) + " ".join(q["answers"]) for q in world.all_questions]
-    texts += [prompt(TASK_INSTRUCTIONS[0], "x"), prompt(TASK_INSTRUCTIONS[1], "x")]
+    texts += [prompt(text, "x") for text in TASK_TEXTS]
     texts += ["A: B: C: D: true false"] + [str(n) for n in range(100)]
     return texts
 
