@@ -3,7 +3,9 @@
     python -m jobs.annotate [--config FILE ...] [key=value ...]
 
 Works locally (starts a local Ray) and as a ``ray job submit`` entrypoint (joins the cluster).
-Writes one Parquet file per input shard, ``config.yaml`` and ``manifest.json`` to ``output.path``.
+Writes one Parquet file per input shard, a success marker per shard (``_done/``),
+``_config.yaml`` and ``_manifest.json`` to ``output.path``. Shards already done are skipped
+unless ``output.overwrite=true``, so a killed run is resumed by running it again.
 """
 
 from __future__ import annotations
@@ -11,12 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
+from pipeline import io
 from pipeline.config import Config, ConfigError, config_hash, load_config, to_yaml
 from pipeline.io import InputError, join, write_text
-from pipeline.preflight import PreflightError, preflight
+from pipeline.manifest import build_manifest
+from pipeline.preflight import Plan, PreflightError, preflight
+
+CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
+
+
+class IncompleteRun(RuntimeError):
+    """Some shards were not written (their rows did not all come back)."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
@@ -30,67 +41,80 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return args.config, args.overrides
 
 
-def run(cfg: Config) -> dict:
-    """Run the pipeline (preflight first) and return the run summary."""
+def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
+    """Run the Ray Data pipeline over the shards still to do; returns (written shards, stage metrics)."""
     import ray
 
     from pipeline.dataflow import build_dataset
     from pipeline.metrics import start_metrics
 
-    shards, schema = preflight(cfg)
-    run_id = cfg.run_id or config_hash(cfg)
-    print(f"annotating {len(shards)} shard(s) -> {cfg.output.path} (run {run_id})", flush=True)
-
     ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
-    context.shuffle_strategy = ray.data.context.ShuffleStrategy(cfg.ray.shuffle_strategy)
     metrics = start_metrics()
     start = time.time()
-    written = build_dataset(cfg, shards, schema, run_id).take_all()
-    elapsed = time.time() - start
+    written = []
+    for summary in build_dataset(cfg, plan.todo, plan.schema, run_id).iter_rows():
+        written.append(summary)
+        print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
+              f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
+        if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
+            print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
+            os._exit(3)  # fault injection: die like a killed process, no cleanup
     stages = ray.get(metrics.get.remote())
     ray.kill(metrics)
     for entry in stages.values():  # timeline relative to the start of the run
         for key in ("first_start", "last_end"):
             if key in entry:
                 entry[key] = round(entry[key] - start, 2)
-
-    rows = sum(w["rows"] for w in written)
-    summary = {
-        "run_id": run_id, "output": cfg.output.path, "shards": len(written), "rows": rows,
-        "retrieved": sum(w["retrieved"] for w in written), "errors": sum(w["errors"] for w in written),
-        "seconds": round(elapsed, 2), "rows_per_s": round(rows / elapsed, 3) if elapsed else None,
-        "stages": stages,
-        "per_shard": sorted(written, key=lambda w: w["shard"]),
-    }
-    write_text(join(cfg.output.path, "config.yaml"), to_yaml(cfg))
-    write_text(join(cfg.output.path, "manifest.json"), json.dumps(summary, indent=2))
-    return summary
+    missing = sorted(set(plan.todo) - {w["shard"] for w in written})
+    if missing:
+        raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}")
+    return written, stages
 
 
-def print_summary(summary: dict) -> None:
+def run(cfg: Config) -> dict:
+    """Preflight, annotate the shards not done yet, write the manifest; returns the manifest."""
+    plan = preflight(cfg)
+    run_id = cfg.run_id or config_hash(cfg)
+    write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))
+    print(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
+          f"as unreadable -> {cfg.output.path} (run {run_id})", flush=True)
+    started = time.time()
+    written, stages = execute(cfg, plan, run_id) if plan.todo else ([], {})
+    manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
+    write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+    return manifest
+
+
+def print_summary(manifest: dict) -> None:
     """The short human summary printed at the end of a run."""
-    rows = summary["rows"] or 1
+    this_run = manifest["this_run"]
+    rows = this_run["rows"]
+    rate = f"{this_run['retrieved'] / rows:.1%}" if rows else "n/a"
     print(
-        f"\ndone: {summary['rows']} rows in {summary['shards']} shard(s), "
-        f"retrieval rate {summary['retrieved'] / rows:.1%}, {summary['errors']} error row(s), "
-        f"{summary['rows_per_s']} rows/s\noutput: {summary['output']}",
+        f"\ndone: {rows} rows in {this_run['shards']} shard(s), retrieval rate {rate}, "
+        f"{this_run['errors']} error row(s), {this_run['rows_per_s']} rows/s; "
+        f"{len(manifest['skipped_done'])} shard(s) skipped as already done, "
+        f"{len(manifest['skipped_bad'])} as unreadable\noutput: {manifest['output']}",
         flush=True,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entrypoint: returns the process exit code (2 for a refused config or input)."""
+    """Entrypoint: returns the process exit code (2: refused before any work; 1: incomplete run)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides = parse_args(argv)
     try:
         cfg = load_config(files, overrides)
-        summary = run(cfg)
+        manifest = run(cfg)
     except (ConfigError, InputError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    print_summary(summary)
+    except IncompleteRun as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print_summary(manifest)
     return 0
 
 

@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     write_queries(BENCH_DIR / "queries", args.rows, args.shards)
     cfg = load_config([], [f"input.paths=[{BENCH_DIR / 'queries'}]", f"output.path={BENCH_DIR / 'out'}",
-                           "ray.progress_bars=false", *args.overrides])
-    summary = run(cfg)
+                           "ray.progress_bars=false", "output.overwrite=true", *args.overrides])
+    manifest = run(cfg)
+    summary, stages = manifest["this_run"], manifest["stages"]
     rows = pa.concat_tables([pq.read_table(p) for p in sorted((BENCH_DIR / "out").glob("*.parquet"))]).to_pylist()
 
     import ray
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     ray.shutdown()  # give the bare engine the whole machine
     bare = bare_engine(cfg, *engine_workload(rows, cfg))
 
-    stages = summary["stages"]
     tokens = sum(s.get("generated_tokens", 0) for s in stages.values())
     startup = max(stages.get(s, {}).get("init_seconds", 0.0) for s in ("first_pass", "critique"))
     warm = max(summary["seconds"] - startup, 1e-9)

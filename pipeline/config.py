@@ -41,11 +41,40 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    #: Output directory, one Parquet file per input shard plus config.yaml.
+    #: Output directory (local or s3://): one Parquet file per input shard, a success marker
+    #: per shard in _done/, _config.yaml and _manifest.json.
     path: str = "outputs/demo"
+    #: Redo every shard; otherwise shards whose success marker exists are skipped (resume).
+    overwrite: bool = False
+    #: An input shard that is not valid Parquet: fail (refuse the job) or skip (listed in the manifest).
+    on_bad_shard: str = "fail"
     #: Also record, per candidate, the generated token ids and the reflection-token logprobs
     #: at every position (large; for auditing scores).
     keep_logprobs: bool = False
+
+
+@dataclass
+class StorageConfig:
+    """Object storage (s3:// paths, through s3fs). Credentials come only from the standard AWS
+    chain (environment, profile, instance role), never from here."""
+
+    #: S3-compatible endpoint (MinIO, Ceph, R2, ...); null: AWS.
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    #: Unsigned requests (public buckets).
+    anonymous: bool = False
+    #: Further s3fs.S3FileSystem keyword arguments (e.g. config_kwargs, requester_pays).
+    s3_options: Dict[str, Any] = field(default_factory=lambda: {
+        "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}}})
+    #: Local directory for copies of remote models and indexes (one per node, shared by replicas).
+    cache_dir: str = "/tmp/selfrag-cache"
+
+
+@dataclass
+class DebugConfig:
+    #: Fault injection for resume tests: the job process exits (code 3) right after this many
+    #: shards have been written. null: off.
+    exit_after_shards: Optional[int] = None
 
 
 @dataclass
@@ -154,6 +183,8 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     #: Run id recorded on every row; null derives it from the config hash.
     run_id: Optional[str] = None
 
@@ -177,6 +208,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.input.default_task is None or cfg.input.default_task in KNOWN_TASKS,
            "input.default_task", f"{cfg.input.default_task!r} is not one of {sorted(KNOWN_TASKS)}")
     _check(bool(cfg.output.path), "output.path", "must be set")
+    _check(cfg.output.on_bad_shard in ("fail", "skip"), "output.on_bad_shard",
+           f"{cfg.output.on_bad_shard!r} is not fail or skip")
     _check(cfg.engine.max_model_len > 0, "engine.max_model_len", "must be positive")
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
@@ -223,8 +256,11 @@ def to_yaml(cfg: Config) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """A short stable hash of the resolved config (ignoring the run id and Ray address)."""
+    """A short stable hash of the resolved config (ignoring the run id, where it runs, whether it
+    overwrites, and debug switches: none of them changes the annotations)."""
     data = OmegaConf.to_container(OmegaConf.structured(cfg))
-    data.pop("run_id", None)
+    for key in ("run_id", "debug"):
+        data.pop(key, None)
     data["ray"].pop("address", None)
+    data["output"].pop("overwrite", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

@@ -10,12 +10,12 @@ import pyarrow as pa
 import ray
 
 from .config import Config, StageConfig
-from .stages.columns import SHARD, column, set_columns
+from .stages.columns import column, set_columns
 from .stages.critique import Critique
 from .stages.first_pass import FirstPass
 from .stages.prepare import prepare_shards
 from .stages.retrieve import Retrieve
-from .stages.write import write_shard
+from .stages.write import ShardWriter
 
 
 def _task_args(stage: StageConfig) -> dict:
@@ -31,11 +31,15 @@ def mark_all_for_retrieval(batch: pa.Table) -> pa.Table:
     return set_columns(batch, {"retrieved": [e is None for e in column(batch, "error")]})
 
 
-def build_dataset(cfg: Config, shards: list[str], schema: pa.Schema, run_id: str) -> ray.data.Dataset:
-    """The lazy dataset whose rows are one summary per written shard (``schema``: the inputs' unified schema)."""
+def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str) -> ray.data.Dataset:
+    """The lazy dataset whose rows are one summary per written shard.
+
+    ``shards`` maps each shard to annotate to its row count; ``schema`` is the inputs' unified schema.
+    """
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    prepare_kwargs = {"cfg": cfg.input, "model": cfg.engine.model, "run_id": run_id, "schema": schema}
+    prepare_kwargs = {"cfg": cfg.input, "storage": cfg.storage, "model": cfg.engine.model,
+                      "run_id": run_id, "schema": schema}
     ds = ds.map_batches(prepare_shards, fn_kwargs=prepare_kwargs, **_task_args(st.prepare))
     if cfg.selfrag.mode == "always":
         ds = ds.map_batches(mark_all_for_retrieval, batch_format="pyarrow", num_cpus=st.prepare.num_cpus)
@@ -44,7 +48,6 @@ def build_dataset(cfg: Config, shards: list[str], schema: pa.Schema, run_id: str
     if cfg.selfrag.mode != "never":
         ds = ds.map_batches(Retrieve, **_actor_args(st.retrieve, cfg))
         ds = ds.map_batches(Critique, **_actor_args(st.critique, cfg))
-    # Each shard's rows meet in one group, so its file is written once, complete and in order.
-    by_shard = ds.groupby(SHARD, num_partitions=min(len(shards), 64))
-    return by_shard.map_groups(write_shard, fn_kwargs={"output": cfg.output.path},
-                               batch_format="pyarrow", num_cpus=st.write.num_cpus)
+    # One writer sees every row, so it can tell when a shard is complete and write it at once.
+    return ds.map_batches(ShardWriter, batch_format="pyarrow", concurrency=1, num_cpus=st.write.num_cpus,
+                          fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards})

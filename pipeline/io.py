@@ -1,30 +1,63 @@
-"""Paths and filesystems: input shard listing, Parquet reading and atomic writing over fsspec.
-
-Local paths and any fsspec URL (``s3://`` through s3fs) are accepted.
+"""Paths and filesystems: shard listing, Parquet reading, atomic writing, local copies of
+remote directories. Local paths and ``s3://`` URLs (s3fs, with the options of the job's
+``storage`` config) are accepted everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
+import shutil
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .config import StorageConfig
+
+_storage = StorageConfig()
 
 
 class InputError(ValueError):
     """An input that cannot be read; raised before any model is loaded."""
 
 
+def configure(storage: StorageConfig) -> None:
+    """Use these storage options for every s3:// path in this process (call once per worker)."""
+    global _storage
+    _storage = storage
+
+
+def is_remote(path: str) -> bool:
+    """Whether a path is a URL of a non-local filesystem."""
+    return "://" in path and not path.startswith("file://")
+
+
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a path or URL, and the path within it."""
+    if path.startswith(("s3://", "s3a://")):
+        options = dict(_storage.s3_options)
+        client_kwargs = dict(options.pop("client_kwargs", {}))
+        if _storage.region:
+            client_kwargs["region_name"] = _storage.region
+        fs = fsspec.filesystem("s3", anon=_storage.anonymous, endpoint_url=_storage.endpoint_url,
+                               client_kwargs=client_kwargs, **options)
+        return fs, fs._strip_protocol(path)
     return fsspec.core.url_to_fs(path)
 
 
 def _with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return path if _is_local(fs) else f"{protocol}://{path}"
+
+
+def with_protocol(path: str) -> str:
+    """A normalised form of a path or URL (absolute local path, or protocol://bucket/key)."""
+    fs, p = filesystem(path)
+    return _with_protocol(fs, p.rstrip("/"))
 
 
 def list_shards(paths: list[str]) -> list[str]:
@@ -56,12 +89,14 @@ def list_shards(paths: list[str]) -> list[str]:
     return shards
 
 
-def read_schema(shard: str) -> pa.Schema:
-    """The Arrow schema of a Parquet shard (footer only); InputError naming the shard if unreadable."""
+def read_footer(shard: str) -> tuple[pa.Schema, int]:
+    """A Parquet shard's Arrow schema and row count (footer only); InputError naming the shard
+    if it is not readable Parquet."""
     try:
         fs, path = filesystem(shard)
         with fs.open(path, "rb") as f:
-            return pq.read_schema(f)
+            parquet = pq.ParquetFile(f)
+            return parquet.schema_arrow, parquet.metadata.num_rows
     except Exception as exc:
         raise InputError(f"cannot read Parquet shard {shard}: {type(exc).__name__}: {exc}") from None
 
@@ -90,7 +125,7 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
     Readers never see a partial file at ``dest``.
     """
     fs, path = filesystem(dest)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    _make_parent(fs, path)
     tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
@@ -100,6 +135,92 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
 def write_text(dest: str, text: str) -> None:
     """Write a small text file (config, manifest)."""
     fs, path = filesystem(dest)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    _make_parent(fs, path)
     with fs.open(path, "w") as f:
         f.write(text)
+
+
+def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # Only local filesystems need directories; on object stores makedirs could create a bucket.
+    if _is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return protocol in ("file", "local")
+
+
+def check_writable(path: str) -> None:
+    """Raise (naming the path) unless an output location can be written: for s3://, the bucket
+    must exist (it is never created); locally, the nearest existing directory must be writable."""
+    fs, p = filesystem(path)
+    if _is_local(fs):
+        existing = Path(p).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise PermissionError(f"{existing} is not a writable directory")
+        return
+    bucket = p.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"bucket does not exist: {path.split('://', 1)[0]}://{bucket}")
+
+
+def exists(path: str) -> bool:
+    """Whether a file or directory exists at a local path or URL."""
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def read_text(path: str) -> str:
+    """A small text file's content."""
+    fs, p = filesystem(path)
+    with fs.open(p, "r") as f:
+        return f.read()
+
+
+def remove(path: str) -> None:
+    """Delete a file if it exists."""
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def localize(path: str) -> str:
+    """A local directory with the content of ``path``: the path itself when local, else a copy
+    in ``storage.cache_dir``, downloaded once per node (replicas on a node share it)."""
+    if not is_remote(path):
+        return path
+    dest = Path(_storage.cache_dir) / hashlib.sha256(path.encode()).hexdigest()[:16]
+    if (dest / ".complete").exists():
+        return str(dest)
+    fs, remote = filesystem(path)
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"not found: {path}")
+    tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    fs.get(remote.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+    (tmp / ".complete").write_text(path)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another replica finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def upload_dir(local: str, dest: str) -> None:
+    """Copy a local directory's files to ``dest`` (a URL or local path)."""
+    fs, remote = filesystem(dest)
+    for name in sorted(os.listdir(local)):
+        fs.put(os.path.join(local, name), posixpath.join(remote, name))
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (a corpus fingerprint)."""
+    fs, p = filesystem(path)
+    digest = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,38 +1,79 @@
-"""Checks run before any model is loaded: inputs readable, columns present, model and index usable.
+"""Checks run before any model is loaded, and the run plan they produce.
 
-Each failure raises with one clear message naming the path, column or key.
+Inputs readable and agreeing on columns, output location writable and not inside an input,
+model tokenizer and retrieval index usable; shards already done (resume) or unreadable
+(``on_bad_shard: skip``) are set aside. Each failure raises with one clear message naming the
+path, column or key.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
+import tempfile
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
+from . import io
 from .config import Config
-from .io import InputError, list_shards, read_schema, shard_stem
+from .io import InputError, list_shards, read_footer, shard_stem
 from .retrieval.index import build_flat_index, check_compatible, index_exists, read_meta
 from .selfrag.tokens import ReflectionIds
 from .stages.columns import ALL_TYPES
 
 log = logging.getLogger(__name__)
 
+DONE_DIR = "_done"
+
 
 class PreflightError(ValueError):
     """The job cannot start; nothing has been loaded or written."""
 
 
-def check_inputs(cfg: Config) -> tuple[list[str], pa.Schema]:
-    """The input shards and their unified schema, after checking each one's schema for the
-    required column, for columns that would collide with the output's, and for agreement."""
+@dataclass
+class Plan:
+    """What a run will do."""
+
+    #: Shards to annotate now, with their row counts.
+    todo: dict[str, int]
+    #: The unified schema of all readable shards.
+    schema: pa.Schema
+    #: Shards whose success marker exists (skipped unless overwrite): their marker contents.
+    done: list[dict] = field(default_factory=list)
+    #: Unreadable shards skipped under ``on_bad_shard: skip``: {shard, error}.
+    bad: list[dict] = field(default_factory=list)
+    #: Row count of every readable shard (to do or done).
+    rows_in: dict[str, int] = field(default_factory=dict)
+
+
+def marker_path(output: str, shard: str) -> str:
+    """The success marker of a shard's output: written only after its data file is complete."""
+    return io.join(output, DONE_DIR, f"{shard_stem(shard)}.json")
+
+
+def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
+    """Readable shards with their row counts, their unified schema, and the bad shards set aside.
+
+    Checks each shard for the required column, for columns that would collide with the
+    output's, and for column types that agree across shards.
+    """
     shards = list_shards(cfg.input.paths)
     stems = [shard_stem(s) for s in shards]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise InputError(f"input shards share file names {dup}; their outputs would collide")
-    schemas = {}
+    rows, schemas, bad = {}, {}, []
     for shard in shards:
-        schemas[shard] = read_schema(shard)
+        try:
+            schemas[shard], rows[shard] = read_footer(shard)
+        except InputError as exc:
+            if cfg.output.on_bad_shard != "skip":
+                raise InputError(f"{exc} (set output.on_bad_shard=skip to go on without it)") from None
+            log.warning("skipping bad shard: %s", exc)
+            bad.append({"shard": shard, "error": str(exc)})
+            continue
         names = schemas[shard].names
         if cfg.input.question_column not in names:
             raise InputError(f"shard {shard} has no question column '{cfg.input.question_column}' "
@@ -40,12 +81,15 @@ def check_inputs(cfg: Config) -> tuple[list[str], pa.Schema]:
         clash = sorted(set(names) & set(ALL_TYPES))
         if clash:
             raise InputError(f"shard {shard} has columns {clash} that the output adds; rename them")
+    if not schemas:
+        raise InputError("no readable input shard")
     schema = check_compatible_schemas(schemas)
     if any(cfg.input.id_column not in s.names for s in schemas.values()):
         # shards without ids get derived string ids, so the id column is text everywhere
-        schema = schema.set(schema.get_field_index(cfg.input.id_column), pa.field(cfg.input.id_column, pa.string())) \
-            if cfg.input.id_column in schema.names else schema.insert(0, pa.field(cfg.input.id_column, pa.string()))
-    return shards, schema
+        id_field = pa.field(cfg.input.id_column, pa.string())
+        index = schema.get_field_index(cfg.input.id_column)
+        schema = schema.set(index, id_field) if index >= 0 else schema.insert(0, id_field)
+    return rows, schema, bad
 
 
 def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
@@ -68,12 +112,50 @@ def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
     return pa.schema([pa.field(name, typ) for name, (_, typ) in seen.items()])
 
 
+def _input_root(path: str) -> str:
+    """The location an input path covers: its directory part before any glob character."""
+    for i, ch in enumerate(path):
+        if ch in "*?[":
+            return posixpath.dirname(path[:i])
+    return path
+
+
+def check_output(cfg: Config) -> None:
+    """The output location is not an input location (or inside one), and can be written."""
+    output = io.with_protocol(cfg.output.path)
+    for given in cfg.input.paths:
+        root = io.with_protocol(_input_root(given))
+        if output == root or output.startswith(root.rstrip("/") + "/"):
+            raise PreflightError(f"output.path {cfg.output.path} is inside the input location {given}; "
+                                 "choose an output outside the inputs")
+    try:
+        io.check_writable(cfg.output.path)
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, bucket: one message
+        raise PreflightError(f"cannot write to output location {cfg.output.path}: {type(exc).__name__}: {exc}") from None
+
+
+def split_done(cfg: Config, rows: dict[str, int]) -> tuple[dict[str, int], list[dict]]:
+    """(shards to annotate, markers of shards already done). With ``overwrite`` every shard is
+    redone and its old marker removed first, so a killed overwrite run never looks complete."""
+    todo, done = {}, []
+    for shard, n in rows.items():
+        marker = marker_path(cfg.output.path, shard)
+        if cfg.output.overwrite:
+            io.remove(marker)
+            todo[shard] = n
+        elif io.exists(marker):
+            done.append(json.loads(io.read_text(marker)))
+        else:
+            todo[shard] = n
+    return todo, done
+
+
 def check_model(cfg: Config) -> None:
     """The model's tokenizer loads and knows the 15 reflection tokens."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.engine.model)
+        tok = AutoTokenizer.from_pretrained(io.localize(cfg.engine.model))
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one message
         raise PreflightError(f"cannot load the model's tokenizer from {cfg.engine.model!r}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -91,10 +173,14 @@ def ensure_index(cfg: Config) -> None:
     if not index_exists(r.index_dir):
         if not r.build_if_missing:
             raise PreflightError(f"no retrieval index at {r.index_dir}; build it or set retrieval.build_if_missing=true")
-        log.info("building the retrieval index from %s into %s (first run)", r.corpus, r.index_dir)
         print(f"building retrieval index from {r.corpus} -> {r.index_dir} (first run)", flush=True)
         try:
-            build_flat_index(r)
+            if io.is_remote(r.index_dir):
+                with tempfile.TemporaryDirectory() as local:
+                    build_flat_index(replace(r, index_dir=local))
+                    io.upload_dir(local, r.index_dir)
+            else:
+                build_flat_index(r)
         except FileNotFoundError as exc:
             raise PreflightError(f"cannot build the retrieval index: corpus not found: {r.corpus}") from exc
     try:
@@ -103,9 +189,13 @@ def ensure_index(cfg: Config) -> None:
         raise PreflightError(str(exc)) from None
 
 
-def preflight(cfg: Config) -> tuple[list[str], pa.Schema]:
-    """All checks, in order; returns the input shards and their unified schema."""
-    shards, schema = check_inputs(cfg)
-    check_model(cfg)
-    ensure_index(cfg)
-    return shards, schema
+def preflight(cfg: Config) -> Plan:
+    """All checks, in order; returns the run plan. Loads no model (only the tokenizer)."""
+    io.configure(cfg.storage)
+    rows, schema, bad = check_inputs(cfg)
+    check_output(cfg)
+    todo, done = split_done(cfg, rows)
+    if todo:
+        check_model(cfg)
+        ensure_index(cfg)
+    return Plan(todo=todo, schema=schema, done=done, bad=bad, rows_in=rows)

@@ -34,7 +34,8 @@ def ray_session():
 
 
 def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) -> tuple[dict, pa.Table]:
-    """Run ``jobs.annotate`` in this process; returns its summary and all output rows."""
+    """Run ``jobs.annotate`` in this process; returns this run's summary (the manifest's
+    ``this_run``) and all output rows."""
     from jobs.annotate import run
     from pipeline.config import load_config
 
@@ -42,7 +43,7 @@ def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) ->
         f"input.paths=[{','.join(inputs)}]", f"output.path={output}", f"retrieval.index_dir={index_dir}",
         "ray.progress_bars=false", *overrides,
     ])
-    summary = run(cfg)
+    summary = run(cfg)["this_run"]
     table = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("*.parquet"))],
                              promote_options="permissive")
     return summary, table

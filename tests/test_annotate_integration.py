@@ -5,6 +5,7 @@ One job run per retrieval mode; the adaptive run also carries a shard of bad row
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -161,9 +162,14 @@ def test_recorded_scores_equal_pure_scoring_of_engine_logprobs(adaptive, reflect
 
 def test_resolved_config_and_manifest_are_written(adaptive):
     _, summary, _, out = adaptive
-    config = (out / "config.yaml").read_text()
+    config = (out / "_config.yaml").read_text()
     assert "top_k: 5" in config and "keep_logprobs: true" in config
-    assert '"rows": %d' % summary["rows"] in (out / "manifest.json").read_text()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["this_run"] == summary and manifest["totals"]["rows_out"] == summary["rows"]
+    assert {e["shard"] for e in manifest["shards"]} == {str(p) for p in out.parent.glob("in/*.parquet")}
+    assert all(e["status"] == "written" and e["rows_in"] == e["rows"] for e in manifest["shards"])
+    assert sorted(p.name for p in (out / "_done").iterdir()) == sorted(
+        p.stem + ".json" for p in out.parent.glob("in/*.parquet"))
 
 
 def test_never_mode_answers_everything_without_evidence(tmp_path, index_dir, ray_session):

@@ -53,4 +53,4 @@ def test_annotate_runs_under_ray_job_submit(cluster, tmp_path):
     expected = [r for p in sorted(DEMO_QUERIES.glob("*.parquet")) for r in pq.read_table(p).column("id").to_pylist()]
     assert sorted(r["id"] for r in rows) == sorted(expected)
     assert all(r["error"] is None and r["answer"] is not None for r in rows)
-    assert (out / "config.yaml").exists() and (out / "manifest.json").exists()
+    assert (out / "_config.yaml").exists() and (out / "_manifest.json").exists()

@@ -92,3 +92,13 @@ def test_cli_exit_code_and_message(tmp_path):
     assert proc.returncode == 2
     assert "error: config key 'selfrag.mode': 'sometimes' is not one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_inside_an_input_location(capsys, tmp_path):
+    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
+    inside = tmp_path / "annotated"
+    code = main([f"input.paths={tmp_path}", f"output.path={inside}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"output.path {inside} is inside the input location {tmp_path}" in err
+    assert main([f"input.paths={tmp_path}/*.parquet", f"output.path={tmp_path}"]) == 2
+    assert "is inside the input location" in capsys.readouterr().err

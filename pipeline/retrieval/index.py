@@ -8,7 +8,6 @@ passage count, corpus fingerprint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
+from .. import io
 from ..config import RetrievalConfig
 from .encoder import Encoder
 
@@ -35,8 +34,8 @@ def passage_texts(table: pa.Table) -> list[str]:
 
 
 def index_exists(index_dir: str) -> bool:
-    """Whether a complete index directory is present."""
-    return all((Path(index_dir) / f).exists() for f in (INDEX_FILE, PASSAGES_FILE, META_FILE))
+    """Whether a complete index directory is present (local or s3://)."""
+    return all(io.exists(io.join(index_dir, f)) for f in (INDEX_FILE, PASSAGES_FILE, META_FILE))
 
 
 def build_flat_index(cfg: RetrievalConfig) -> dict:
@@ -44,7 +43,7 @@ def build_flat_index(cfg: RetrievalConfig) -> dict:
     import faiss
 
     start = time.time()
-    corpus = pq.read_table(cfg.corpus, columns=["id", "title", "text"])
+    corpus = io.read_table(cfg.corpus).select(["id", "title", "text"])
     corpus = corpus.set_column(0, "id", corpus.column("id").cast(pa.string()))
     encoder = Encoder(cfg)
     vectors = encoder.encode(passage_texts(corpus))
@@ -58,7 +57,7 @@ def build_flat_index(cfg: RetrievalConfig) -> dict:
     meta = {
         "encoder": cfg.encoder, "pooling": cfg.pooling, "normalize": cfg.normalize, "dim": encoder.dim,
         "metric": "inner_product", "factory": "Flat", "passages": corpus.num_rows,
-        "corpus": cfg.corpus, "corpus_sha256": hashlib.sha256(Path(cfg.corpus).read_bytes()).hexdigest(),
+        "corpus": cfg.corpus, "corpus_sha256": io.sha256(cfg.corpus),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out)
@@ -67,10 +66,10 @@ def build_flat_index(cfg: RetrievalConfig) -> dict:
 
 def read_meta(index_dir: str) -> dict:
     """The index's metadata; FileNotFoundError naming the path when there is no index."""
-    path = Path(index_dir) / META_FILE
-    if not path.exists():
+    path = io.join(index_dir, META_FILE)
+    if not io.exists(path):
         raise FileNotFoundError(f"no retrieval index at {index_dir} (missing {META_FILE})")
-    return json.loads(path.read_text())
+    return json.loads(io.read_text(path))
 
 
 def check_compatible(meta: dict, cfg: RetrievalConfig, dim: int | None = None) -> None:
@@ -104,12 +103,13 @@ class Retriever:
     def __init__(self, cfg: RetrievalConfig):
         import faiss
 
-        meta = read_meta(cfg.index_dir)
+        local = Path(io.localize(cfg.index_dir))  # remote: copied once per node
+        meta = read_meta(str(local))
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)
-        self.index = faiss.read_index(str(Path(cfg.index_dir) / INDEX_FILE), faiss.IO_FLAG_MMAP)
-        self.store = PassageStore(Path(cfg.index_dir) / PASSAGES_FILE)
+        self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP)
+        self.store = PassageStore(local / PASSAGES_FILE)
 
     def search(self, queries: list[str], k: int) -> list[list[dict]]:
         """Top-k passages per query, each with its ``retrieval_score`` (inner product)."""

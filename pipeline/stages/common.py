@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Callable, Sequence, TypeVar
 
 import pyarrow as pa
 
+from .. import io
 from ..config import Config
 from ..engine import Engine
 from ..metrics import Reporter
@@ -57,7 +59,9 @@ class EngineStage:
     def __init__(self, cfg: Config):
         start = time.perf_counter()
         self.cfg = cfg
-        self.engine = Engine(cfg.engine, getattr(cfg.stages, self.stage).env)
+        io.configure(cfg.storage)
+        engine_cfg = replace(cfg.engine, model=io.localize(cfg.engine.model))  # remote: copied once per node
+        self.engine = Engine(engine_cfg, getattr(cfg.stages, self.stage).env)
         self.reporter = Reporter(self.stage)
         self.reporter.report(init_seconds=time.perf_counter() - start)
 

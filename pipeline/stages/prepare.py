@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..config import InputConfig
-from ..io import read_table, shard_stem
+from ..config import InputConfig, StorageConfig
+from ..io import configure, read_table, shard_stem
 from ..metrics import Reporter
 from ..selfrag.prompts import format_prompt
 from .columns import OFFSET, OUTPUT_TYPES, SHARD, column, set_columns
@@ -59,8 +59,10 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     return set_columns(table, values)
 
 
-def prepare_shards(batch: pa.Table, cfg: InputConfig, model: str, run_id: str, schema: pa.Schema) -> pa.Table:
+def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, model: str, run_id: str,
+                   schema: pa.Schema) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
+    configure(storage)
     with Reporter("prepare").batch(batch.num_rows):
         return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
                                  for shard in batch.column("shard").to_pylist()])

@@ -10,6 +10,7 @@ import time
 
 import pyarrow as pa
 
+from .. import io
 from ..config import Config
 from ..metrics import Reporter
 from ..retrieval.index import Retriever
@@ -42,6 +43,7 @@ class Retrieve:
     def __init__(self, cfg: Config):
         start = time.perf_counter()
         self.cfg = cfg
+        io.configure(cfg.storage)
         self.retriever = Retriever(cfg.retrieval)
         self.reporter = Reporter("retrieve")
         self.reporter.report(init_seconds=time.perf_counter() - start)

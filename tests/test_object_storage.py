@@ -1,0 +1,182 @@
+"""s3:// in and out against a real S3 server on 127.0.0.1 (moto in server mode), resume after a
+kill, and the safety refusals. Jobs run as subprocesses, as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from conftest import DEMO_QUERIES, REPO
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+SECRET = f"s3cr3t-{uuid.uuid4().hex}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free port; the AWS chain's environment variables point at fake keys
+    (the secret is unique, so the tests can look for it in everything the job writes or prints)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.3)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIATESTKEY", AWS_SECRET_ACCESS_KEY=SECRET,
+               AWS_DEFAULT_REGION="us-east-1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    fs = s3fs.S3FileSystem(key="AKIATESTKEY", secret=SECRET, client_kwargs={"endpoint_url": endpoint})
+    for bucket in ("inputs", "outputs", "assets"):
+        fs.mkdir(bucket)
+    yield endpoint, env, fs
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def annotate(env, endpoint, tmp_path, *overrides, timeout=900) -> subprocess.CompletedProcess:
+    """Run the job as a subprocess against the S3 server."""
+    cmd = [sys.executable, "-m", "jobs.annotate", f"storage.endpoint_url={endpoint}",
+           f"storage.cache_dir={tmp_path / 'cache'}", "ray.progress_bars=false", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def upload_shards(fs, prefix: str, shards: dict[str, pa.Table]) -> None:
+    for name, table in shards.items():
+        with fs.open(f"{prefix}/{name}", "wb") as f:
+            pq.write_table(table, f)
+
+
+def demo_rows() -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(DEMO_QUERIES.glob("*.parquet"))])
+
+
+def output_rows(fs, prefix: str) -> list[dict]:
+    fs.invalidate_cache()  # the job wrote with another client; drop this one's listings
+    rows = []
+    for path in sorted(fs.glob(f"{prefix}/*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
+    endpoint, env, fs = s3
+    demo = demo_rows()
+    upload_shards(fs, "inputs/rt", {"part-a.parquet": demo.slice(0, 20), "part-b.parquet": demo.slice(20)})
+    with fs.open("inputs/rt/broken.parquet", "wb") as f:
+        f.write(b"this is not parquet")
+    fs.put(str(REPO / "models" / "tiny-selfrag") + "/", "assets/models/tiny-selfrag/", recursive=True)
+
+    proc = annotate(env, endpoint, tmp_path, "input.paths=s3://inputs/rt/", "output.path=s3://outputs/rt",
+                    "engine.model=s3://assets/models/tiny-selfrag", "retrieval.index_dir=s3://assets/index/demo",
+                    "output.on_bad_shard=skip")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+
+    rows = output_rows(fs, "outputs/rt")
+    assert sorted(r["id"] for r in rows) == sorted(demo.column("id").to_pylist())
+    assert all(r["error"] is None for r in rows)
+    assert any(r["retrieved"] for r in rows) and all(len(r["passages"]) == 5 for r in rows if r["retrieved"])
+    assert sorted(fs.ls("outputs/rt/_done")) == ["outputs/rt/_done/part-a.json", "outputs/rt/_done/part-b.json"]
+    assert fs.exists("assets/index/demo/index.faiss")  # built on first run and stored in s3
+
+    manifest = json.loads(fs.cat("outputs/rt/_manifest.json"))
+    assert manifest["totals"]["rows_out"] == manifest["totals"]["rows_in"] == 40
+    assert [b["shard"] for b in manifest["skipped_bad"]] == ["s3://inputs/rt/broken.parquet"]
+    assert "cannot read Parquet shard s3://inputs/rt/broken.parquet" in manifest["skipped_bad"][0]["error"]
+    assert manifest["packages"]["ray"] == "2.60.0" and manifest["config_hash"]
+
+    # The secret appears in nothing the job wrote or printed.
+    assert SECRET not in log
+    for path in fs.find("outputs/rt"):
+        assert SECRET.encode() not in fs.cat(path), path
+    for path in (tmp_path / "cache").rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes()
+
+
+def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path):
+    endpoint, env, fs = s3
+    demo = demo_rows()
+    shards = {f"part-{i}.parquet": demo.slice(5 * i, 5) for i in range(8)}
+    upload_shards(fs, "inputs/resume", shards)
+    common = ["input.paths=s3://inputs/resume/", "output.path=s3://outputs/resume", "selfrag.mode=never",
+              "stages.first_pass.batch_size=2", f"retrieval.index_dir={tmp_path / 'index'}"]
+
+    killed = annotate(env, endpoint, tmp_path, *common, "debug.exit_after_shards=1")
+    assert killed.returncode == 3, (killed.stdout + killed.stderr)[-4000:]
+    fs.invalidate_cache()
+    done_after_kill = fs.ls("outputs/resume/_done")
+    assert 1 <= len(done_after_kill) < 8
+    for path in fs.glob("outputs/resume/*.parquet"):  # whatever a reader would pick up is complete
+        name = path.rsplit("/", 1)[1]
+        with fs.open(path, "rb") as f:
+            assert pq.read_table(f).num_rows == shards[name].num_rows
+
+    resumed = annotate(env, endpoint, tmp_path, *common)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    rows = output_rows(fs, "outputs/resume")
+    assert sorted(r["id"] for r in rows) == sorted(demo.column("id").to_pylist())
+    manifest = json.loads(fs.cat("outputs/resume/_manifest.json"))
+    assert len(manifest["skipped_done"]) == len(done_after_kill)
+    assert manifest["this_run"]["shards"] == 8 - len(done_after_kill)
+    assert manifest["totals"] == {"shards": 8, "rows_in": 40, "rows_out": 40, "errors": 0, "retrieved": 0}
+
+    again = annotate(env, endpoint, tmp_path, *common)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "0 shard(s) to annotate, 8 already done" in again.stdout
+    assert "Loading safetensors" not in again.stdout + again.stderr  # no engine was started
+    manifest = json.loads(fs.cat("outputs/resume/_manifest.json"))
+    assert manifest["this_run"]["shards"] == 0 and manifest["stages"] == {}
+    assert len(manifest["skipped_done"]) == 8
+
+
+def test_missing_bucket_is_refused_naming_it(s3, tmp_path):
+    endpoint, env, fs = s3
+    upload_shards(fs, "inputs/one", {"q.parquet": demo_rows().slice(0, 2)})
+    proc = annotate(env, endpoint, tmp_path, "input.paths=s3://inputs/one/", "output.path=s3://no-such-bucket/out",
+                    timeout=120)
+    assert proc.returncode == 2
+    assert "error: cannot write to output location s3://no-such-bucket/out" in proc.stderr
+    assert "bucket does not exist: s3://no-such-bucket" in proc.stderr
+    assert not fs.exists("no-such-bucket")  # never created
+    missing_in = annotate(env, endpoint, tmp_path, "input.paths=s3://nothing-here/q/", "output.path=s3://outputs/x",
+                          timeout=120)
+    assert missing_in.returncode == 2 and "input path does not exist: s3://nothing-here/q/" in missing_in.stderr
+    assert SECRET not in proc.stdout + proc.stderr + missing_in.stdout + missing_in.stderr
+
+
+def test_unreachable_endpoint_is_one_clear_error(s3, tmp_path):
+    _, env, _ = s3
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = annotate(env, dead, tmp_path, "input.paths=s3://inputs/one/", "output.path=s3://outputs/x",
+                    "storage.s3_options.config_kwargs.retries.max_attempts=1", timeout=300)
+    assert proc.returncode == 2
+    assert "error: cannot list input path s3://inputs/one/" in proc.stderr
+    assert "Traceback" not in proc.stderr and SECRET not in proc.stdout + proc.stderr
