@@ -169,9 +169,6 @@ class RayConfig:
     #: Cluster address; null connects to RAY_ADDRESS when set (ray job submit), else starts a local Ray.
     address: Optional[str] = None
     progress_bars: bool = True
-    #: Ray Data shuffle behind the per-shard write (a value of ray.data.context.ShuffleStrategy);
-    #: the sort-based pull shuffle runs as plain tasks, with the least start-up cost.
-    shuffle_strategy: str = "sort_shuffle_pull_based"
 
 
 @dataclass
