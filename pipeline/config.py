@@ -137,8 +137,20 @@ class RetrievalConfig:
     corpus: str = "data/demo/corpus.parquet"
     #: Directory holding index.faiss, passages.arrow and meta.json.
     index_dir: str = "outputs/index/demo"
-    #: Build the index from the corpus on first run when index_dir has none.
+    #: Build the index from the corpus on first run when index_dir has none (in the driver;
+    #: for large corpora use ``python -m jobs.build_index``).
     build_if_missing: bool = True
+    #: FAISS index factory string, inner-product metric: Flat (exact), e.g. IVF4096,PQ64 or HNSW32.
+    factory: str = "Flat"
+    #: Trainable indexes (IVF, PQ): vectors used for training (the first ones of the corpus).
+    train_size: int = 100000
+    #: Vectors added to the index per chunk: the build's memory is bounded by this, not the corpus.
+    add_chunk_size: int = 16384
+    #: Search-time parameters, applied when the index has them (IVF: nprobe; HNSW: efSearch).
+    nprobe: int = 32
+    ef_search: int = 128
+    #: Move the index to the GPUs of the replica (needs faiss-gpu and retrieve num_gpus > 0).
+    use_gpu: bool = False
 
 
 @dataclass
@@ -162,6 +174,8 @@ class StagesConfig:
     critique: StageConfig = field(default_factory=lambda: StageConfig(
         batch_size=128, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}))
     write: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
+    #: jobs.build_index: the passage-embedding actor pool.
+    embed: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=1.0, batch_size=256))
 
 
 @dataclass
@@ -211,7 +225,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
     _check(cfg.retrieval.pooling in ("mean", "cls"), "retrieval.pooling", f"{cfg.retrieval.pooling!r} is not mean or cls")
-    for name in ("prepare", "first_pass", "retrieve", "critique", "write"):
+    _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1, "retrieval",
+           "train_size and add_chunk_size must be at least 1")
+    for name in ("prepare", "first_pass", "retrieve", "critique", "write", "embed"):
         stage: StageConfig = getattr(cfg.stages, name)
         _check(stage.replicas >= 1, f"stages.{name}.replicas", "must be at least 1")
         _check(stage.batch_size >= 1, f"stages.{name}.batch_size", "must be at least 1")

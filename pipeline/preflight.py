@@ -12,14 +12,14 @@ import json
 import logging
 import posixpath
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from . import io
 from .config import Config
 from .io import InputError, list_shards, read_footer, shard_stem
-from .retrieval.index import build_flat_index, check_compatible, index_exists, read_meta
+from .retrieval.index import build_index_in_process, check_compatible, index_exists, read_meta
 from .selfrag.tokens import ReflectionIds
 from .stages.columns import ALL_TYPES
 
@@ -177,10 +177,10 @@ def ensure_index(cfg: Config) -> None:
         try:
             if io.is_remote(r.index_dir):
                 with tempfile.TemporaryDirectory() as local:
-                    build_flat_index(replace(r, index_dir=local))
+                    build_index_in_process(r, local)
                     io.upload_dir(local, r.index_dir)
             else:
-                build_flat_index(r)
+                build_index_in_process(r, r.index_dir)
         except FileNotFoundError as exc:
             raise PreflightError(f"cannot build the retrieval index: corpus not found: {r.corpus}") from exc
     try:

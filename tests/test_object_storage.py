@@ -180,3 +180,34 @@ def test_unreachable_endpoint_is_one_clear_error(s3, tmp_path):
     assert proc.returncode == 2
     assert "error: cannot list input path s3://inputs/one/" in proc.stderr
     assert "Traceback" not in proc.stderr and SECRET not in proc.stdout + proc.stderr
+
+
+def test_index_build_job_round_trip_through_s3(s3, tmp_path):
+    endpoint, env, fs = s3
+    from pipeline import io
+    from pipeline.config import RetrievalConfig, StorageConfig
+    from pipeline.retrieval.corpus import read_corpus
+    from pipeline.retrieval.index import Retriever, passage_texts
+
+    rows = read_corpus(str(REPO / "data" / "demo" / "corpus.parquet")).slice(0, 60).to_pylist()
+    fs.pipe("assets/corpus/psgs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    cmd = [sys.executable, "-m", "jobs.build_index", f"storage.endpoint_url={endpoint}",
+           "retrieval.corpus=s3://assets/corpus/psgs.jsonl", "retrieval.index_dir=s3://assets/index/built",
+           "ray.progress_bars=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("assets/index/built")) == ["index.faiss", "meta.json", "passages.arrow"]
+
+    # load it back through the local cache, with this process's storage options
+    old = dict(os.environ)
+    os.environ.update(AWS_ACCESS_KEY_ID="AKIATESTKEY", AWS_SECRET_ACCESS_KEY=SECRET)
+    try:
+        io.configure(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
+        retriever = Retriever(RetrievalConfig(index_dir="s3://assets/index/built"))
+        found = retriever.search([passage_texts(read_corpus(str(REPO / "data" / "demo" / "corpus.parquet")))[7]], k=3)
+        assert found[0][0]["id"] == rows[7]["id"]
+    finally:
+        io.configure(StorageConfig())
+        os.environ.clear()
+        os.environ.update(old)

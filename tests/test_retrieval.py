@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from pipeline.config import RetrievalConfig
 from pipeline.retrieval.index import (
-    Retriever, build_flat_index, check_compatible, index_exists, passage_texts, read_meta,
+    Retriever, build_index_in_process, check_compatible, index_exists, passage_texts, read_meta,
 )
 
 CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
@@ -16,7 +16,7 @@ CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cfg = RetrievalConfig(corpus=CORPUS, index_dir=str(tmp_path_factory.mktemp("idx") / "demo"))
-    meta = build_flat_index(cfg)
+    meta = build_index_in_process(cfg, cfg.index_dir)
     return cfg, meta, Retriever(cfg)
 
 

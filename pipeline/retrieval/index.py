@@ -19,11 +19,13 @@ import pyarrow.ipc as ipc
 
 from .. import io
 from ..config import RetrievalConfig
+from .corpus import read_corpus
 from .encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, PASSAGES_FILE, META_FILE = "index.faiss", "passages.arrow", "meta.json"
+PASSAGE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
 
 def passage_texts(table: pa.Table) -> list[str]:
@@ -38,30 +40,102 @@ def index_exists(index_dir: str) -> bool:
     return all(io.exists(io.join(index_dir, f)) for f in (INDEX_FILE, PASSAGES_FILE, META_FILE))
 
 
-def build_flat_index(cfg: RetrievalConfig) -> dict:
-    """Embed ``cfg.corpus`` and write an exact inner-product index to ``cfg.index_dir``."""
+class IndexBuilder:
+    """Builds an index directory from chunks of (passages, vectors) given in corpus order.
+
+    Row i of the passage store is vector i of the index. A trainable index buffers the first
+    ``train_size`` vectors, trains on them, then adds chunk by chunk, so memory is bounded by
+    the training sample and the chunk size, never by the corpus.
+    """
+
+    def __init__(self, cfg: RetrievalConfig, dim: int, out_dir: str):
+        import faiss
+
+        self.cfg, self.dim, self.out = cfg, dim, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        self.store = ipc.new_file(self.out / PASSAGES_FILE, PASSAGE_SCHEMA)
+        self.pending: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, passages: pa.Table, vectors: np.ndarray) -> None:
+        """Append passages (id, title, text) and their vectors (n x dim, float32)."""
+        if vectors.shape != (passages.num_rows, self.dim):
+            raise ValueError(f"got {vectors.shape} vectors for {passages.num_rows} passages of dimension {self.dim}")
+        self.store.write_table(passages.select(list(PASSAGE_SCHEMA.names)).cast(PASSAGE_SCHEMA))
+        self.count += passages.num_rows
+        if self.index.is_trained:
+            self._add(vectors)
+            return
+        self.pending.append(np.ascontiguousarray(vectors, dtype=np.float32))
+        if sum(len(v) for v in self.pending) >= self.cfg.train_size:
+            self._train_and_flush()
+
+    def _add(self, vectors: np.ndarray) -> None:
+        for start in range(0, len(vectors), self.cfg.add_chunk_size):
+            self.index.add(np.ascontiguousarray(vectors[start:start + self.cfg.add_chunk_size], dtype=np.float32))
+
+    def _train_and_flush(self) -> None:
+        sample = np.concatenate(self.pending)
+        log.info("training %s on %d vectors", self.cfg.factory, len(sample))
+        try:
+            self.index.train(sample[: self.cfg.train_size])
+        except RuntimeError as exc:
+            raise ValueError(f"cannot train index {self.cfg.factory!r} on {min(len(sample), self.cfg.train_size)} "
+                             f"vectors (raise retrieval.train_size or use a smaller factory): "
+                             f"{str(exc).splitlines()[-1]}") from None
+        self.pending = []
+        self._add(sample)
+
+    def close(self, extra_meta: dict | None = None) -> dict:
+        """Train if still needed, write the index and the metadata; returns the metadata."""
+        import faiss
+
+        if not self.index.is_trained:
+            self._train_and_flush()
+        self.store.close()
+        faiss.write_index(self.index, str(self.out / INDEX_FILE))
+        meta = {
+            "encoder": self.cfg.encoder, "pooling": self.cfg.pooling, "normalize": self.cfg.normalize,
+            "dim": self.dim, "metric": "inner_product", "factory": self.cfg.factory,
+            "passages": self.count, **(extra_meta or {}),
+        }
+        if self.index.ntotal != self.count:
+            raise RuntimeError(f"index holds {self.index.ntotal} vectors for {self.count} passages")
+        (self.out / META_FILE).write_text(json.dumps(meta, indent=2))
+        return meta
+
+
+def corpus_fingerprint(path: str) -> dict:
+    """Where the corpus came from and the SHA-256 of its bytes."""
+    return {"corpus": path, "corpus_sha256": io.sha256(path)}
+
+
+def build_index_in_process(cfg: RetrievalConfig, out_dir: str) -> dict:
+    """Embed ``cfg.corpus`` in this process and build the index into the local ``out_dir``
+    (small corpora: the embedded default; large ones use ``jobs.build_index``)."""
+    start = time.time()
+    corpus = read_corpus(cfg.corpus)
+    encoder = Encoder(cfg)
+    builder = IndexBuilder(cfg, encoder.dim, out_dir)
+    for chunk in corpus.to_batches(max_chunksize=cfg.add_chunk_size):
+        chunk = pa.Table.from_batches([chunk])
+        builder.add(chunk, encoder.encode(passage_texts(chunk)))
+    meta = builder.close(corpus_fingerprint(cfg.corpus))
+    log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out_dir)
+    return meta
+
+
+def set_search_params(index, nprobe: int, ef_search: int) -> None:
+    """Apply nprobe / efSearch where the index has them (IVF / HNSW); ignore them elsewhere."""
     import faiss
 
-    start = time.time()
-    corpus = io.read_table(cfg.corpus).select(["id", "title", "text"])
-    corpus = corpus.set_column(0, "id", corpus.column("id").cast(pa.string()))
-    encoder = Encoder(cfg)
-    vectors = encoder.encode(passage_texts(corpus))
-    index = faiss.IndexFlatIP(encoder.dim)
-    index.add(vectors)
-    out = Path(cfg.index_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out / INDEX_FILE))
-    with ipc.new_file(out / PASSAGES_FILE, corpus.schema) as writer:
-        writer.write_table(corpus)
-    meta = {
-        "encoder": cfg.encoder, "pooling": cfg.pooling, "normalize": cfg.normalize, "dim": encoder.dim,
-        "metric": "inner_product", "factory": "Flat", "passages": corpus.num_rows,
-        "corpus": cfg.corpus, "corpus_sha256": io.sha256(cfg.corpus),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out)
-    return meta
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass
 
 
 def read_meta(index_dir: str) -> dict:
@@ -109,6 +183,12 @@ class Retriever:
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)
         self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP)
+        set_search_params(self.index, cfg.nprobe, cfg.ef_search)
+        if cfg.use_gpu:
+            if faiss.get_num_gpus() == 0:
+                raise RuntimeError("retrieval.use_gpu=true but FAISS sees no GPU (install faiss-gpu, "
+                                   "give the retrieve stage num_gpus)")
+            self.index = faiss.index_cpu_to_all_gpus(self.index)
         self.store = PassageStore(local / PASSAGES_FILE)
 
     def search(self, queries: list[str], k: int) -> list[list[dict]]:
