@@ -21,7 +21,7 @@ from pipeline import io
 from pipeline.config import Config, ConfigError, config_hash, load_config, to_yaml
 from pipeline.io import InputError, join, write_text
 from pipeline.manifest import build_manifest
-from pipeline.preflight import Plan, PreflightError, preflight
+from pipeline.preflight import Plan, PreflightError, marker_path, preflight
 
 CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
 
@@ -41,6 +41,16 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return args.config, args.overrides
 
 
+def write_empty_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict:
+    """A shard without rows gets its (empty) output file and marker directly: no row would
+    ever reach the writer to complete it."""
+    from pipeline.stages.prepare import prepare_table
+    from pipeline.stages.write import write_shard
+
+    rows = prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id, plan.schema)
+    return write_shard(rows, shard, cfg.output.path, config_hash(cfg))
+
+
 def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     """Run the Ray Data pipeline over the shards still to do; returns (written shards, stage metrics)."""
     import ray
@@ -48,13 +58,16 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     from pipeline.dataflow import build_dataset
     from pipeline.metrics import start_metrics
 
+    written = [write_empty_shard(cfg, plan, shard, run_id) for shard, n in plan.todo.items() if n == 0]
+    todo = {shard: n for shard, n in plan.todo.items() if n > 0}
+    if not todo:
+        return written, {}
     ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
     start = time.time()
-    written = []
-    for summary in build_dataset(cfg, plan.todo, plan.schema, run_id).iter_rows():
+    for summary in build_dataset(cfg, todo, plan.schema, run_id).iter_rows():
         written.append(summary)
         print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
               f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
@@ -77,6 +90,9 @@ def run(cfg: Config) -> dict:
     """Preflight, annotate the shards not done yet, write the manifest; returns the manifest."""
     plan = preflight(cfg)
     run_id = cfg.run_id or config_hash(cfg)
+    if cfg.output.overwrite:  # only now that every check passed: old markers go before any new work
+        for shard in plan.todo:
+            io.remove(marker_path(cfg.output.path, shard))
     write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))
     print(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
           f"as unreadable -> {cfg.output.path} (run {run_id})", flush=True)

@@ -62,8 +62,9 @@ def engine_workload(rows: list[dict], cfg: Config) -> tuple[list[str], list[str]
             continue
         budget = max_new_tokens(r.get(cfg.input.task_column), cfg)
         if r["retrieved"]:
-            prompts += [evidence_prompt(r["prompt"], p["title"], p["text"]) for p in r["passages"]]
-            budgets += [budget] * len(r["passages"])
+            generated = [p for p, c in zip(r["passages"], r["candidates"]) if c["error"] is None]
+            prompts += [evidence_prompt(r["prompt"], p["title"], p["text"]) for p in generated]
+            budgets += [budget] * len(generated)
         else:
             prompts.append(no_evidence_prompt(r["prompt"]))
             budgets.append(budget)

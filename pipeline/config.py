@@ -225,6 +225,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
     _check(cfg.retrieval.pooling in ("mean", "cls"), "retrieval.pooling", f"{cfg.retrieval.pooling!r} is not mean or cls")
+    secret_like = _secret_keys(cfg.storage.s3_options)
+    _check(not secret_like, "storage.s3_options",
+           f"credentials ({secret_like}) do not belong in config; use the AWS chain (environment, profile, role)")
     _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1, "retrieval",
            "train_size and add_chunk_size must be at least 1")
     for name in ("prepare", "first_pass", "retrieve", "critique", "write", "embed"):
@@ -232,6 +235,18 @@ def validate(cfg: Config) -> None:
         _check(stage.replicas >= 1, f"stages.{name}.replicas", "must be at least 1")
         _check(stage.batch_size >= 1, f"stages.{name}.batch_size", "must be at least 1")
         _check(stage.num_cpus >= 0 and stage.num_gpus >= 0, f"stages.{name}", "resources must be >= 0")
+
+
+def _secret_keys(options: Any, prefix: str = "") -> list[str]:
+    """Keys of a nested options dict that look like credentials."""
+    found = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            name = str(key).lower()
+            if name in ("key", "secret", "token", "password") or name.startswith("aws_") or "secret" in name:
+                found.append(prefix + str(key))
+            found += _secret_keys(value, f"{prefix}{key}.")
+    return found
 
 
 def _error_message(exc: OmegaConfBaseException) -> str:

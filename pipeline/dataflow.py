@@ -28,7 +28,7 @@ def _actor_args(stage: StageConfig, cfg: Config) -> dict:
 
 def mark_all_for_retrieval(batch: pa.Table) -> pa.Table:
     """``always`` mode: every valid row retrieves; no first pass is needed."""
-    return set_columns(batch, {"retrieved": [e is None for e in column(batch, "error")]})
+    return set_columns(batch, {"retrieved": [True if e is None else None for e in column(batch, "error")]})
 
 
 def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str) -> ray.data.Dataset:

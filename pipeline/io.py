@@ -133,11 +133,13 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
 
 
 def write_text(dest: str, text: str) -> None:
-    """Write a small text file (config, manifest)."""
+    """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
     fs, path = filesystem(dest)
     _make_parent(fs, path)
-    with fs.open(path, "w") as f:
+    tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with fs.open(tmp, "w") as f:
         f.write(text)
+    fs.mv(tmp, path)
 
 
 def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from . import io
-from .config import Config
+from .config import Config, config_hash
 from .io import InputError, list_shards, read_footer, shard_stem
 from .retrieval.index import build_index_in_process, check_compatible, index_exists, read_meta
 from .selfrag.tokens import ReflectionIds
@@ -134,19 +134,31 @@ def check_output(cfg: Config) -> None:
         raise PreflightError(f"cannot write to output location {cfg.output.path}: {type(exc).__name__}: {exc}") from None
 
 
+def read_marker(path: str) -> dict | None:
+    """A shard's success marker, or None when absent or unreadable (then the shard is redone)."""
+    try:
+        return json.loads(io.read_text(path)) if io.exists(path) else None
+    except (ValueError, OSError):
+        return None
+
+
 def split_done(cfg: Config, rows: dict[str, int]) -> tuple[dict[str, int], list[dict]]:
     """(shards to annotate, markers of shards already done). With ``overwrite`` every shard is
-    redone and its old marker removed first, so a killed overwrite run never looks complete."""
-    todo, done = {}, []
+    redone. Refuses to resume into an output written with another config."""
+    if cfg.output.overwrite:
+        return dict(rows), []
+    todo, done, current = {}, [], config_hash(cfg)
     for shard, n in rows.items():
-        marker = marker_path(cfg.output.path, shard)
-        if cfg.output.overwrite:
-            io.remove(marker)
+        marker = read_marker(marker_path(cfg.output.path, shard))
+        if marker is None:
             todo[shard] = n
-        elif io.exists(marker):
-            done.append(json.loads(io.read_text(marker)))
+        elif marker.get("config_hash") != current:
+            raise PreflightError(
+                f"{cfg.output.path} holds shard outputs written with another config "
+                f"({marker.get('config_hash')}, this run: {current}); use another output.path "
+                "or output.overwrite=true")
         else:
-            todo[shard] = n
+            done.append(marker)
     return todo, done
 
 

@@ -1,5 +1,6 @@
 """Bad configs and unreadable inputs are refused with one clear message, before any model loads."""
 
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,45 @@ def test_output_inside_an_input_location(capsys, tmp_path):
     assert code == 2 and f"output.path {inside} is inside the input location {tmp_path}" in err
     assert main([f"input.paths={tmp_path}/*.parquet", f"output.path={tmp_path}"]) == 2
     assert "is inside the input location" in capsys.readouterr().err
+
+
+def test_an_empty_shard_is_written_and_marked_without_any_model(capsys, tmp_path):
+    pq.write_table(pa.table({"instruction": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    out = tmp_path / "out"
+    code = main([f"input.paths={tmp_path / 'empty.parquet'}", f"output.path={out}", "selfrag.mode=never"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert pq.read_table(out / "empty.parquet").num_rows == 0
+    assert "answer" in pq.read_table(out / "empty.parquet").column_names
+    assert (out / "_done" / "empty.json").exists()
+    assert "Loading safetensors" not in captured.out + captured.err
+
+
+def _marker(out, stem, config_hash):
+    (out / "_done").mkdir(parents=True)
+    (out / "_done" / f"{stem}.json").write_text(json.dumps(
+        {"shard": stem, "output": "x", "rows": 1, "errors": 0, "retrieved": 0, "written_at": 0.0,
+         "config_hash": config_hash}))
+
+
+def test_resuming_into_an_output_of_another_config_is_refused(capsys, tmp_path):
+    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
+    out = tmp_path / "out"
+    _marker(out, "q", "0123456789ab")
+    code = main([f"input.paths={tmp_path / 'q.parquet'}", f"output.path={out}"])
+    assert code == 2
+    assert "holds shard outputs written with another config (0123456789ab" in capsys.readouterr().err
+
+
+def test_a_refused_overwrite_run_keeps_the_old_markers(capsys, tmp_path):
+    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
+    out = tmp_path / "out"
+    _marker(out, "q", "0123456789ab")
+    code = main([f"input.paths={tmp_path / 'q.parquet'}", f"output.path={out}", "output.overwrite=true",
+                 f"engine.model={tmp_path / 'no-model'}"])
+    assert code == 2 and "cannot load the model's tokenizer" in capsys.readouterr().err
+    assert (out / "_done" / "q.json").exists()
+
+
+def test_credentials_in_config_are_refused(capsys, out):
+    assert "do not belong in config" in refuse(capsys, out, "storage.s3_options.secret=abc")

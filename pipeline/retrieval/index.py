@@ -182,7 +182,8 @@ class Retriever:
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)
-        self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP)
+        # MMAP_IFC also maps flat codes (Flat, HNSW storage): replicas on a node share the pages
+        self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
         set_search_params(self.index, cfg.nprobe, cfg.ef_search)
         if cfg.use_gpu:
             if faiss.get_num_gpus() == 0:

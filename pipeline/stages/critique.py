@@ -35,7 +35,8 @@ class Critique(EngineStage):
         """Generate, score and select the candidates of the rows that retrieved."""
         cfg, engine = self.cfg, self.engine
         prompts, errors = column(batch, "prompt"), column(batch, "error")
-        tasks = [effective_task(t, cfg) for t in column(batch, cfg.input.task_column)]
+        tasks = [effective_task(t, cfg) if e is None else None
+                 for t, e in zip(column(batch, cfg.input.task_column), errors)]
         passages, candidates = column(batch, "passages"), column(batch, "candidates")
         answers, raws, best_ids = column(batch, "answer"), column(batch, "answer_raw"), column(batch, "best_passage_id")
 

@@ -28,7 +28,8 @@ class FirstPass(EngineStage):
         cfg, engine = self.cfg, self.engine
         n = batch.num_rows
         prompts, errors = column(batch, "prompt"), column(batch, "error")
-        budgets = [max_new_tokens(t, cfg) for t in column(batch, cfg.input.task_column)]
+        budgets = [max_new_tokens(t, cfg) if e is None else 0
+                   for t, e in zip(column(batch, cfg.input.task_column), errors)]
         probs, retrieved = [None] * n, [None] * n
         answers, raws, candidates = [None] * n, [None] * n, [None] * n
 

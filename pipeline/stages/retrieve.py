@@ -31,7 +31,8 @@ def ctxs_to_passages(ctxs: list[dict], k: int) -> list[dict]:
         score = ctx.get("score", ctx.get("retrieval_score"))
         passages.append({
             "id": None if ctx.get("id") is None else str(ctx.get("id")),
-            "title": ctx.get("title"), "text": ctx.get("text"),
+            "title": None if ctx.get("title") is None else str(ctx.get("title")),
+            "text": None if ctx.get("text") is None else str(ctx.get("text")),
             "retrieval_score": None if score is None else float(score),
         })
     return passages

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import io
-from ..config import Config
+from ..config import Config, config_hash
 from ..metrics import Reporter
 from ..preflight import marker_path
 from .columns import INTERNAL_TYPES, OFFSET, SHARD
@@ -36,13 +36,14 @@ def shard_summary(shard: str, dest: str, rows: pa.Table) -> dict:
             "retrieved": retrieved, "written_at": time.time()}
 
 
-def write_shard(rows: pa.Table, shard: str, output: str) -> dict:
-    """Write one shard's rows (sorted back into input order), then its marker; return its summary."""
+def write_shard(rows: pa.Table, shard: str, output: str, config_hash: str) -> dict:
+    """Write one shard's rows (sorted back into input order), then its marker (which records the
+    config hash, so a resume into the same output with another config is refused); return its summary."""
     rows = rows.sort_by(OFFSET).drop_columns(list(INTERNAL_TYPES))
     dest = io.join(output, f"{io.shard_stem(shard)}.parquet")
     io.write_parquet_atomic(rows, dest)
     summary = shard_summary(shard, dest, rows)
-    io.write_text(marker_path(output, shard), json.dumps(summary))
+    io.write_text(marker_path(output, shard), json.dumps({**summary, "config_hash": config_hash}))
     return summary
 
 
@@ -52,7 +53,7 @@ class ShardWriter:
 
     def __init__(self, cfg: Config, expected_rows: dict[str, int]):
         io.configure(cfg.storage)
-        self.output = cfg.output.path
+        self.output, self.config_hash = cfg.output.path, config_hash(cfg)
         self.expected = dict(expected_rows)
         self.pending: dict[str, list[pa.Table]] = defaultdict(list)
         self.received: dict[str, int] = defaultdict(int)
@@ -67,5 +68,6 @@ class ShardWriter:
                 self.pending[shard].append(part)
                 self.received[shard] += part.num_rows
                 if self.received[shard] == self.expected[shard]:
-                    written.append(write_shard(pa.concat_tables(self.pending.pop(shard)), shard, self.output))
+                    written.append(write_shard(pa.concat_tables(self.pending.pop(shard)), shard, self.output,
+                                               self.config_hash))
         return pa.Table.from_pylist(written, schema=SUMMARY_SCHEMA)
