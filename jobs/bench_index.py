@@ -1,0 +1,147 @@
+"""Benchmark of the index build and of search at corpus scale.
+
+    python -m jobs.bench_index [--passages 200000] [--queries 1000]
+
+1. Generates a synthetic corpus of short encyclopedia-style passages (invented names).
+2. Runs the index-build job (Ray Data embedding pool, exact Flat index): embedding throughput,
+   build time, and the driver's peak memory.
+3. Builds IVF-PQ and HNSW indexes from the same vectors (each in a fresh process, to measure
+   its peak memory), and measures batched search throughput and recall@10 against Flat on
+   encoded questions about the corpus.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUT = Path("outputs/bench_index")
+SYLLABLES = "ka lo ri ven tor mel sa du qui nor fa ze bri tal os mun pe gra li vo".split()
+KINDS = ["river", "city", "company", "mountain", "language", "painter", "island", "festival"]
+WORDS = "north south old great small famous ancient modern long quiet bright".split()
+APPROX = {"IVF-PQ": ("IVF1024,PQ48", {"nprobe": 32}), "IVF-PQ+refine": ("IVF1024,PQ48,RFlat", {"nprobe": 32, "k_factor": 4}),
+          "HNSW": ("HNSW32", {"efSearch": 128})}
+
+
+def name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> list[str]:
+    """n passages of about 20 words; returns one question per passage (for search queries)."""
+    rng = random.Random(seed)
+    ids, titles, texts, questions = [], [], [], []
+    for i in range(n):
+        title, kind, other = name(rng), rng.choice(KINDS), name(rng)
+        texts.append(f"{title} is a {rng.choice(WORDS)} {kind} near {other}. It was founded in "
+                     f"{rng.randint(1000, 2000)} by {name(rng)}, and people there speak {name(rng)}.")
+        ids.append(f"p{i:07d}"), titles.append(title)
+        questions.append(f"Which {kind} lies near {other}?")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "title": titles, "text": texts}), path)
+    return questions
+
+
+def _build(factory: str, vectors_path: str, train_size: int, queue) -> None:
+    import faiss
+
+    vectors = np.load(vectors_path, mmap_mode="r")
+    start = time.time()
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(vectors[:train_size]))
+    for i in range(0, len(vectors), 16384):
+        index.add(np.ascontiguousarray(vectors[i:i + 16384]))
+    seconds = time.time() - start
+    faiss.write_index(index, str(OUT / f"{factory.replace(',', '_')}.faiss"))
+    queue.put({"build_seconds": round(seconds, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+
+
+def build_in_child(factory: str, vectors_path: str, train_size: int) -> dict:
+    """Build and save one index in a fresh process; its build time and peak memory."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_build, args=(factory, vectors_path, train_size, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def search(index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, float]:
+    """(ids, queries per second) of one batched search."""
+    start = time.time()
+    _, ids = index.search(queries, k)
+    return ids, len(queries) / (time.time() - start)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passages", type=int, default=200_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args(argv)
+
+    import faiss
+
+    from jobs.build_index import build
+    from pipeline.config import load_config
+    from pipeline.retrieval.encoder import Encoder
+
+    corpus = OUT / "corpus.parquet"
+    questions = write_corpus(corpus, args.passages)
+    cfg = load_config([], [f"retrieval.corpus={corpus}", f"retrieval.index_dir={OUT / 'flat'}",
+                           "retrieval.factory=Flat", "ray.progress_bars=false"])
+    start = time.time()
+    meta = build(cfg)
+    embed_seconds = time.time() - start
+    driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    flat = faiss.read_index(str(OUT / "flat" / "index.faiss"))
+    vectors_path = str(OUT / "vectors.npy")
+    np.save(vectors_path, flat.reconstruct_n(0, flat.ntotal))
+    queries = Encoder(cfg.retrieval).encode(random.Random(1).sample(questions, args.queries))
+    exact, flat_qps = search(flat, queries)
+
+    result = {
+        "passages": meta["passages"], "dim": meta["dim"], "encoder": meta["encoder"],
+        "embed_and_flat_build_seconds": round(embed_seconds, 1),
+        "embedding_passages_per_s": round(meta["passages"] / embed_seconds, 1),
+        "flat_build_driver_peak_rss_mb": round(driver_peak_mb),
+        "flat_search_qps": round(flat_qps, 1), "indexes": {},
+    }
+    space = faiss.ParameterSpace()
+    for label, (factory, params) in APPROX.items():
+        built = build_in_child(factory, vectors_path, train_size=min(100_000, args.passages))
+        index = faiss.read_index(str(OUT / f"{factory.replace(',', '_')}.faiss"))
+        for key, value in params.items():
+            space.set_index_parameter(index, key, value)
+        ids, qps = search(index, queries)
+        result["indexes"][label] = {
+            "factory": factory, **params, **built, "search_qps": round(qps, 1),
+            "speedup_vs_flat": round(qps / flat_qps, 1), "recall_at_10": round(recall_at_k(ids, exact), 4),
+        }
+    print("\nindex benchmark figures:")
+    for key, value in result.items():
+        print(f"  {key:32s} {value}")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
