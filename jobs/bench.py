@@ -127,11 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_ratio": round((tokens / warm) / (bare["tokens"] / bare["seconds"]), 3),
         "engine_ratio_end_to_end": round((bare["seconds"] + bare["startup_seconds"]) / summary["seconds"], 3),
     }
-    print("\nbenchmark figures:")
-    for key, value in result.items():
-        print(f"  {key:28s} {value}")
-    print(json.dumps(result), flush=True)
+    print_figures("benchmark figures", result)
     return result
+
+
+def print_figures(title: str, result: dict) -> None:
+    """A benchmark's figures, one per line, then the same as one JSON object on the last line."""
+    print(f"\n{title}:")
+    for key, value in result.items():
+        print(f"  {key:32s} {value}")
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

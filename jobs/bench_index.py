@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import faiss
 
+    from jobs.bench import print_figures
     from jobs.build_index import build
     from pipeline.config import load_config
     from pipeline.retrieval.encoder import Encoder
@@ -139,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             "factory": factory, **params, **built, "search_qps": round(qps, 1),
             "speedup_vs_flat": round(qps / flat_qps, 1), "recall_at_10": round(recall_at_k(ids, exact), 4),
         }
-    print("\nindex benchmark figures:")
-    for key, value in result.items():
-        print(f"  {key:32s} {value}")
-    print(json.dumps(result), flush=True)
+    print_figures("index benchmark figures", result)
     return result
 
 
