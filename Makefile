@@ -3,13 +3,14 @@
 #   make test   run the test suite
 #   make bench  throughput benchmark (prints figures; last line is JSON)
 #   make bench-index  index build and search benchmark on 200k generated passages (about 20 min here)
+#   make eval   evaluate the committed model on the synthetic world's held-out split (last line is JSON)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-index clean
+.PHONY: install demo test bench bench-index eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ bench: install
 
 bench-index: install
 	$(PY) -m jobs.bench_index
+
+eval: install
+	$(PY) -m jobs.evaluate --synthetic --config conf/demo.yaml --workdir outputs/eval
 
 clean:
 	rm -rf outputs

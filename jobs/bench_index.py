@@ -29,7 +29,8 @@ OUT = Path("outputs/bench_index")
 SYLLABLES = "ka lo ri ven tor mel sa du qui nor fa ze bri tal os mun pe gra li vo".split()
 KINDS = ["river", "city", "company", "mountain", "language", "painter", "island", "festival"]
 WORDS = "north south old great small famous ancient modern long quiet bright".split()
-APPROX = {"IVF-PQ": ("IVF1024,PQ48", {"nprobe": 32}), "IVF-PQ96": ("IVF1024,PQ96", {"nprobe": 32}),
+APPROX = {"IVF-PQ": ("IVF1024,PQ48", {"nprobe": 32}),
+          "IVF-PQ+refine": ("IVF1024,PQ48,RFlat", {"nprobe": 16, "k_factor_rf": 8}),
           "HNSW": ("HNSW32", {"efSearch": 128})}
 
 
@@ -52,10 +53,42 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> list[str]:
     return questions
 
 
-def _build(factory: str, vectors_path: str, train_size: int, queue) -> None:
+class PeakMemory:
+    """Samples, in a thread, the largest unique memory (USS: not counting shared pages such as
+    Ray's object store) of any process whose command line contains ``marker``."""
+
+    def __init__(self, marker: str, every_s: float = 0.5):
+        import threading
+
+        self.marker, self.every_s, self.peak_mb = marker, every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            for proc in psutil.process_iter(["cmdline"]):
+                if self.marker in " ".join(proc.info["cmdline"] or []):
+                    try:
+                        self.peak_mb = max(self.peak_mb, proc.memory_full_info().uss / 2**20)
+                    except psutil.Error:
+                        pass
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in MiB."""
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_mb)
+
+
+def _build(out: Path, factory: str, vectors_path: str, train_size: int, queue) -> None:
     import faiss
+    import psutil
 
     vectors = np.load(vectors_path, mmap_mode="r")
+    baseline_mb = psutil.Process().memory_info().rss / 2**20
     start = time.time()
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -63,16 +96,18 @@ def _build(factory: str, vectors_path: str, train_size: int, queue) -> None:
     for i in range(0, len(vectors), 16384):
         index.add(np.ascontiguousarray(vectors[i:i + 16384]))
     seconds = time.time() - start
-    faiss.write_index(index, str(OUT / f"{factory.replace(',', '_')}.faiss"))
-    queue.put({"build_seconds": round(seconds, 1),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+    faiss.write_index(index, str(out / f"{factory.replace(',', '_')}.faiss"))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"build_seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb),
+               "build_peak_minus_baseline_mb": round(peak_mb - baseline_mb)})
 
 
-def build_in_child(factory: str, vectors_path: str, train_size: int) -> dict:
-    """Build and save one index in a fresh process; its build time and peak memory."""
+def build_in_child(out: Path, factory: str, vectors_path: str, train_size: int) -> dict:
+    """Build and save one index in a fresh process; its build time, peak memory, and peak
+    minus the memory the process held before building (interpreter, FAISS, mapped vectors)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_build, args=(factory, vectors_path, train_size, queue))
+    proc = ctx.Process(target=_build, args=(out, factory, vectors_path, train_size, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -95,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=200_000)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--embed-threads", type=int, default=2, help="torch threads of the embedding replica")
+    parser.add_argument("--out", type=Path, default=OUT, help="working directory (corpus, indexes, vectors)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the corpus, Flat index and vectors of the previous run (skip embedding)")
     args = parser.parse_args(argv)
@@ -106,33 +143,38 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.config import load_config
     from pipeline.retrieval.encoder import Encoder
 
-    corpus = OUT / "corpus.parquet"
+    out = args.out
+    corpus = out / "corpus.parquet"
     questions = write_corpus(corpus, args.passages)
-    cfg = load_config([], [f"retrieval.corpus={corpus}", f"retrieval.index_dir={OUT / 'flat'}",
-                           "retrieval.factory=Flat", "ray.progress_bars=false"])
-    vectors_path = str(OUT / "vectors.npy")
+    cfg = load_config([], [f"retrieval.corpus={corpus}", f"retrieval.index_dir={out / 'flat'}",
+                           "retrieval.factory=Flat", "ray.progress_bars=false",
+                           f"retrieval.threads={args.embed_threads}"])
+    vectors_path = str(out / "vectors.npy")
     if not args.reuse:
         start = time.time()
+        actor_memory = PeakMemory("EmbedPassages")
         meta = build(cfg)
         embed_seconds = time.time() - start
         embedding = {
             "passages": meta["passages"], "dim": meta["dim"], "encoder": meta["encoder"],
+            "embed_threads": args.embed_threads,
             "embed_and_flat_build_seconds": round(embed_seconds, 1),
             "embedding_passages_per_s": round(meta["passages"] / embed_seconds, 1),
             "flat_build_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "embedding_actor_peak_uss_mb": actor_memory.stop(),
         }
-        flat = faiss.read_index(str(OUT / "flat" / "index.faiss"))
+        flat = faiss.read_index(str(out / "flat" / "index.faiss"))
         np.save(vectors_path, flat.reconstruct_n(0, flat.ntotal))
-        (OUT / "embedding.json").write_text(json.dumps(embedding))
-    embedding = json.loads((OUT / "embedding.json").read_text())
-    flat = faiss.read_index(str(OUT / "flat" / "index.faiss"))
+        (out / "embedding.json").write_text(json.dumps(embedding))
+    embedding = json.loads((out / "embedding.json").read_text())
+    flat = faiss.read_index(str(out / "flat" / "index.faiss"))
     queries = Encoder(cfg.retrieval).encode(random.Random(1).sample(questions, args.queries))
     exact, flat_qps = search(flat, queries)
     result = {**embedding, "flat_search_qps": round(flat_qps, 1), "indexes": {}}
     space = faiss.ParameterSpace()
     for label, (factory, params) in APPROX.items():
-        built = build_in_child(factory, vectors_path, train_size=min(100_000, args.passages))
-        index = faiss.read_index(str(OUT / f"{factory.replace(',', '_')}.faiss"))
+        built = build_in_child(out, factory, vectors_path, train_size=min(100_000, args.passages))
+        index = faiss.read_index(str(out / f"{factory.replace(',', '_')}.faiss"))
         for key, value in params.items():
             space.set_index_parameter(index, key, value)
         ids, qps = search(index, queries)

@@ -98,6 +98,29 @@ class EngineConfig:
 
 
 @dataclass
+class LongFormConfig:
+    """Long-form tree decoding (SELF_RAG.md section 4) for the rows of some tasks."""
+
+    #: Use tree decoding at all.
+    enabled: bool = True
+    #: Tasks whose rows are decoded long-form ("*": every row).
+    tasks: List[str] = field(default_factory=lambda: ["asqa", "factscore"])
+    #: Children kept per depth, across all parents (the paper's B).
+    beam_width: int = 2
+    #: The reference scripts' T: segments are generated at depths 1 .. max_depth-1.
+    max_depth: int = 7
+    #: New-token budget of each segment's generation.
+    segment_tokens: int = 100
+    #: In-segment re-decision threshold; null: selfrag.threshold.
+    threshold: Optional[float] = None
+    #: Retrieve again for each segment with query = question + previous segment (the paper);
+    #: false reuses the root's passages at every depth (the reference scripts).
+    retrieve_per_segment: bool = True
+    #: Drop segments judged [No support / Contradictory] from the answer.
+    ignore_cont: bool = False
+
+
+@dataclass
 class SelfRagConfig:
     #: adaptive (the model decides), always or never retrieve.
     mode: str = "adaptive"
@@ -114,6 +137,7 @@ class SelfRagConfig:
     #: New-token budgets for free-form and closed-set (fever, arc_c) tasks.
     max_new_tokens: int = 100
     max_new_tokens_closed: int = 50
+    long_form: LongFormConfig = field(default_factory=LongFormConfig)
 
     def weights(self) -> ScoreWeights:
         """The final-score weights as the algorithm takes them."""
@@ -149,6 +173,10 @@ class RetrievalConfig:
     #: Search-time parameters, applied when the index has them (IVF: nprobe; HNSW: efSearch).
     nprobe: int = 32
     ef_search: int = 128
+    #: Refine indexes (e.g. IVF1024,PQ48,RFlat): re-rank k_factor * k approximate hits exactly.
+    k_factor: float = 8.0
+    #: Torch threads per encoder replica; 0 keeps the runtime's default (Ray: the replica's num_cpus).
+    threads: int = 0
     #: Move the index to the GPUs of the replica (needs faiss-gpu and retrieve num_gpus > 0).
     use_gpu: bool = False
 
@@ -214,6 +242,13 @@ def validate(cfg: Config) -> None:
     _check(s.top_k >= 1, "selfrag.top_k", "must be at least 1")
     _check(s.max_new_tokens >= 1, "selfrag.max_new_tokens", "must be at least 1")
     _check(s.max_new_tokens_closed >= 1, "selfrag.max_new_tokens_closed", "must be at least 1")
+    lf = s.long_form
+    _check(lf.beam_width >= 1, "selfrag.long_form.beam_width", "must be at least 1")
+    _check(lf.max_depth >= 2, "selfrag.long_form.max_depth", "must be at least 2 (segments at depths 1..max_depth-1)")
+    _check(lf.segment_tokens >= 1, "selfrag.long_form.segment_tokens", "must be at least 1")
+    _check(lf.threshold is None or 0.0 <= lf.threshold <= 1.0, "selfrag.long_form.threshold", "is outside [0, 1]")
+    unknown = [t for t in lf.tasks if t != "*" and t not in KNOWN_TASKS]
+    _check(not unknown, "selfrag.long_form.tasks", f"{unknown} not in {sorted(KNOWN_TASKS)} (or '*')")
     _check(bool(cfg.input.paths), "input.paths", "no input given")
     _check(bool(cfg.input.question_column), "input.question_column", "must name a column")
     _check(cfg.input.default_task is None or cfg.input.default_task in KNOWN_TASKS,

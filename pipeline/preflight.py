@@ -177,8 +177,36 @@ def check_model(cfg: Config) -> None:
         raise PreflightError(f"model {cfg.engine.model!r}: {exc}") from None
 
 
+def index_is_stale(cfg: Config) -> str | None:
+    """Why an existing index no longer matches ``retrieval.corpus`` (its SHA-256 differs from
+    the one ``meta.json`` records), or None. Only checked with ``build_if_missing`` (small
+    corpora built in the driver); indexes built by ``jobs.build_index`` are the user's to manage."""
+    r = cfg.retrieval
+    if not r.build_if_missing or not io.exists(r.corpus):
+        return None
+    recorded = read_meta(r.index_dir).get("corpus_sha256")
+    current = io.sha256(r.corpus)
+    if recorded in (None, current):
+        return None
+    return f"it was built from another version of {r.corpus} (SHA-256 {recorded[:12]}, now {current[:12]})"
+
+
+def build_index(r) -> None:
+    """Build the index of ``r.corpus`` into ``r.index_dir`` in this process (local or s3://)."""
+    try:
+        if io.is_remote(r.index_dir):
+            with tempfile.TemporaryDirectory() as local:
+                build_index_in_process(r, local)
+                io.upload_dir(local, r.index_dir)
+        else:
+            build_index_in_process(r, r.index_dir)  # overwrites the files of a stale index
+    except FileNotFoundError as exc:
+        raise PreflightError(f"cannot build the retrieval index: corpus not found: {r.corpus}") from exc
+
+
 def ensure_index(cfg: Config) -> None:
-    """The retrieval index exists (built from the corpus on first run if allowed) and matches the encoder."""
+    """The retrieval index exists (built from the corpus on first run, or rebuilt when the
+    corpus changed, if allowed) and matches the encoder."""
     if cfg.selfrag.mode == "never":
         return
     r = cfg.retrieval
@@ -186,15 +214,10 @@ def ensure_index(cfg: Config) -> None:
         if not r.build_if_missing:
             raise PreflightError(f"no retrieval index at {r.index_dir}; build it or set retrieval.build_if_missing=true")
         print(f"building retrieval index from {r.corpus} -> {r.index_dir} (first run)", flush=True)
-        try:
-            if io.is_remote(r.index_dir):
-                with tempfile.TemporaryDirectory() as local:
-                    build_index_in_process(r, local)
-                    io.upload_dir(local, r.index_dir)
-            else:
-                build_index_in_process(r, r.index_dir)
-        except FileNotFoundError as exc:
-            raise PreflightError(f"cannot build the retrieval index: corpus not found: {r.corpus}") from exc
+        build_index(r)
+    elif (stale := index_is_stale(cfg)) is not None:
+        print(f"rebuilding retrieval index at {r.index_dir}: {stale}", flush=True)
+        build_index(r)
     try:
         check_compatible(read_meta(r.index_dir), r)
     except ValueError as exc:

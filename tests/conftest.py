@@ -33,6 +33,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def reflection_ids():
+    """Reflection-token ids of the embedded default model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pipeline.selfrag.tokens import ReflectionIds
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny-selfrag")
+    return ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id)
+
+
 def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) -> tuple[dict, pa.Table]:
     """Run ``jobs.annotate`` in this process; returns this run's summary (the manifest's
     ``this_run``) and all output rows."""

@@ -13,12 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
-from conftest import REPO, copy_demo_queries, run_job
+from conftest import copy_demo_queries, run_job
 from pipeline.selfrag.scoring import Continuation, ScoreWeights, score_continuation
 from pipeline.selfrag.selection import clean_answer, select_answer
-from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS, ReflectionIds
+from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +47,6 @@ def input_ids(paths: list[str]) -> list[str]:
         stem = Path(p).stem
         ids += t.column("id").to_pylist() if "id" in t.column_names else [f"{stem}:{i}" for i in range(t.num_rows)]
     return ids
-
-
-@pytest.fixture(scope="module")
-def reflection_ids() -> ReflectionIds:
-    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny-selfrag")
-    return ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id)
 
 
 @pytest.fixture(scope="module")

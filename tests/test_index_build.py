@@ -35,7 +35,8 @@ def test_corpus_formats_read_the_same_passages(tmp_path):
         corpus_format("x.csv")
 
 
-@pytest.mark.parametrize("factory, top1_at_least", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF8,PQ16x4", 0.7)])
+@pytest.mark.parametrize("factory, top1_at_least", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF8,PQ16x4", 0.7),
+                                                          ("IVF8,PQ16x4,RFlat", 0.95)])
 def test_trained_and_chunked_builds_load_and_answer(tmp_path, factory, top1_at_least):
     # tiny chunks and a small training sample exercise buffering, training and chunked adds
     cfg = RetrievalConfig(corpus=CORPUS, index_dir=str(tmp_path / "idx"), factory=factory,

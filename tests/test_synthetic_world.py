@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import make_demo_assets
-from pipeline.synthetic.world import build_world
+from pipeline.synthetic.world import build_world, lexicon, random_entity
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_COLUMNS = ["id", "instruction", "input", "task", "answers", "ctxs", "source"]
@@ -61,6 +62,24 @@ def test_names_unique_invented_and_not_english(world):
         assert word.lower() not in ENGLISH, word
 
 
+def test_worlds_share_the_lexicon_but_not_the_facts():
+    # every world draws names and values from the one lexicon (so the tokenizer knows them)
+    words = set(lexicon().words())
+    for seed in (0, 5):
+        assert set(build_world(seed=seed).invented_words()) <= words
+    a, b = build_world(seed=0), build_world(seed=5)
+    facts = lambda w: {(e.name, k, v) for e in w.entities for k, v in e.attributes.items()}
+    assert len(facts(a) & facts(b)) < 0.05 * len(facts(a))
+
+
+def test_random_entities_are_fresh_and_well_formed():
+    rng = random.Random(0)
+    entities = [random_entity(rng, f"x{i}") for i in range(200)]
+    assert len({(e.name, tuple(e.attributes.items())) for e in entities}) == 200
+    for e in entities:
+        assert e.name in lexicon().names and 3 <= len(e.attributes) <= 4
+
+
 def test_gold_answer_follows_a_cue_word_in_gold_passage(world):
     for q in world.questions(kind="knowledge"):
         text = world.passage_by_id(q["gold_passage_id"])["text"]
@@ -107,7 +126,7 @@ def read_queries(data_dir: Path) -> list[dict]:
 
 
 def test_demo_data_writer(tmp_path, world):
-    make_demo_assets.main(["--out-data", str(tmp_path / "demo"), "--skip-model"])
+    make_demo_assets.main(["--out-data", str(tmp_path / "demo")])
     corpus = pq.read_table(tmp_path / "demo" / "corpus.parquet")
     assert corpus.column_names == ["id", "title", "text"]
     assert corpus.num_rows == 300
@@ -138,33 +157,7 @@ def test_demo_data_writer(tmp_path, world):
 
 def test_committed_demo_data_matches_the_generator(tmp_path):
     committed = REPO / "data" / "demo"
-    make_demo_assets.main(["--out-data", str(tmp_path), "--skip-model"])
+    make_demo_assets.main(["--out-data", str(tmp_path)])
     assert read_queries(tmp_path) == read_queries(committed)
     fresh = pq.read_table(tmp_path / "corpus.parquet")
     assert fresh.equals(pq.read_table(committed / "corpus.parquet"))
-
-
-def test_tiny_model_assets(tmp_path):
-    import transformers
-
-    out = tmp_path / "model"
-    make_demo_assets.main(["--out-data", str(tmp_path / "demo"), "--out-model", str(out)])
-    names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json", "README.md"} <= names
-    assert sum(p.stat().st_size for p in out.iterdir()) < 5_000_000
-
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    ids = [tok.convert_tokens_to_ids(t) for t in make_demo_assets.REFLECTION_TOKENS]
-    assert len(set(ids)) == 15 and tok.unk_token_id not in ids
-    enc = tok("### Response:\n[Retrieval]<paragraph>X\nY</paragraph>").input_ids
-    assert enc[0] == tok.bos_token_id
-    assert tok.convert_tokens_to_ids("[Retrieval]") in enc
-    text = "".join(make_demo_assets.REFLECTION_TOKENS)
-    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
-
-    config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] >= len(tok) and config["vocab_size"] % 8 == 0
-    assert config["hidden_size"] // config["num_attention_heads"] == 64
-    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)

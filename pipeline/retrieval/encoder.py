@@ -40,6 +40,8 @@ class Encoder:
         path = resolve_encoder_path(cfg.encoder)
         self.cfg = cfg
         self.torch = torch
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(cfg.device).eval()
         self.dim = int(self.model.config.hidden_size)

@@ -126,12 +126,14 @@ def build_index_in_process(cfg: RetrievalConfig, out_dir: str) -> dict:
     return meta
 
 
-def set_search_params(index, nprobe: int, ef_search: int) -> None:
-    """Apply nprobe / efSearch where the index has them (IVF / HNSW); ignore them elsewhere."""
+def set_search_params(index, nprobe: int, ef_search: int, k_factor: float = 1.0) -> None:
+    """Apply nprobe / efSearch / the refine k_factor where the index has them (IVF / HNSW /
+    IndexRefine); ignore them elsewhere."""
     import faiss
 
     space = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+    # ParameterSpace names the IndexRefine factor "k_factor_rf" ("k_factor" is IVFPQR's)
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", k_factor)):
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError:
@@ -184,7 +186,7 @@ class Retriever:
         check_compatible(meta, cfg, self.encoder.dim)
         # MMAP_IFC also maps flat codes (Flat, HNSW storage): replicas on a node share the pages
         self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
-        set_search_params(self.index, cfg.nprobe, cfg.ef_search)
+        set_search_params(self.index, cfg.nprobe, cfg.ef_search, cfg.k_factor)
         if cfg.use_gpu:
             if faiss.get_num_gpus() == 0:
                 raise RuntimeError("retrieval.use_gpu=true but FAISS sees no GPU (install faiss-gpu, "

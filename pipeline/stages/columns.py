@@ -28,6 +28,15 @@ CANDIDATE_TYPE = pa.struct([
     ("reflection_logprobs", pa.list_(pa.list_(F64))),
 ])
 
+SEGMENT_TYPE = pa.struct([
+    ("text", pa.string()), ("raw", pa.string()), ("passage_id", pa.string()), ("citation", pa.int32()),
+    ("s_rel", F64), ("s_sup", F64), ("s_use", F64), ("score", F64), ("path_score", F64), ("depth", pa.int32()),
+    # Only with output.keep_logprobs: the whole generation the segment was cut from.
+    ("token_ids", pa.list_(pa.int32())),
+    ("cumulative_logprob", F64),
+    ("reflection_logprobs", pa.list_(pa.list_(F64))),
+])
+
 #: Output columns added to every input row, in output order.
 OUTPUT_TYPES: dict[str, pa.DataType] = {
     "prompt": pa.string(),
@@ -37,7 +46,17 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "candidates": pa.list_(CANDIDATE_TYPE),
     "answer": pa.string(),
     "answer_raw": pa.string(),
+    # Only with output.keep_logprobs: token ids of the generation behind the answer (the first
+    # pass's, or the chosen candidate's), e.g. to check it ends with a utility token and </s>.
+    "answer_token_ids": pa.list_(pa.int32()),
     "best_passage_id": pa.string(),
+    # Long-form rows decoded as a tree: the chosen path's segments, each kept segment's
+    # citation number (null: none), the cited passages (``[n]`` is docs[n-1]), and why a
+    # path stopped early (e.g. a context that would exceed the model's window).
+    "segments": pa.list_(SEGMENT_TYPE),
+    "citations": pa.list_(pa.int32()),
+    "docs": pa.list_(PASSAGE_TYPE),
+    "stop_reason": pa.string(),
     "error": pa.string(),
     "model": pa.string(),
     "run_id": pa.string(),

@@ -31,7 +31,7 @@ class FirstPass(EngineStage):
         budgets = [max_new_tokens(t, cfg) if e is None else 0
                    for t, e in zip(column(batch, cfg.input.task_column), errors)]
         probs, retrieved = [None] * n, [None] * n
-        answers, raws, candidates = [None] * n, [None] * n, [None] * n
+        answers, raws, candidates, token_ids = [None] * n, [None] * n, [None] * n, [None] * n
 
         active = []
         for i in range(n):
@@ -66,8 +66,10 @@ class FirstPass(EngineStage):
                 errors[i] = f"engine error: {cont}"
                 continue
             raws[i], answers[i], candidates[i] = cont.text, clean_answer(cont.text), []
+            if cfg.output.keep_logprobs:
+                token_ids[i] = cont.token_ids
 
         return set_columns(batch, {
             "retrieval_prob": probs, "retrieved": retrieved, "answer": answers,
-            "answer_raw": raws, "candidates": candidates, "error": errors,
+            "answer_raw": raws, "answer_token_ids": token_ids, "candidates": candidates, "error": errors,
         })

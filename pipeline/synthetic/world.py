@@ -1,27 +1,34 @@
 """A deterministic synthetic knowledge world: invented entities, passages and questions.
 
-Everything is generated from ``random.Random(seed)`` with the standard library only, so
-the same seed always gives the same world. Names and attribute values are invented,
-pronounceable words (``Velmora``, ``Dorsk``) or small numbers, so a model can only answer
-a knowledge question by reading the entity's passage, never from prior knowledge.
+Two layers, both generated with ``random.Random`` and the standard library only:
 
-Each fact sentence puts a cue word right before its value ("The capital of Velmora is
-Dorsk.", "People in Velmora speak Quenic."), which makes the value easy to copy.
+- the **lexicon** (fixed, from ``LEXICON_SEED``): every invented word that can ever appear,
+  i.e. 1,000 entity names and typed value pools (cities, languages, goods, ...), plus years
+  and lengths. The tiny model's tokenizer makes each of these words one token, so copying
+  an answer out of a passage is copying one token;
+- a **world** (from ``seed``): entities drawn from the lexicon with random attribute values,
+  one passage each, and questions about them. The same seed always gives the same world.
+  Training draws a fresh random entity for every example (``random_entity``), so knowing a
+  fact can only come from reading its passage, never from memorising.
 
-Question wordings are split into ``train`` and ``heldout`` templates: held-out questions
-use wordings that no train question uses.
+Every fact sentence reads "The {noun} of {entity} is {value}.", and knowledge questions name
+the same noun ("What is the capital of Velmora?"). Question wordings (frames) are split:
+held-out questions use frames that no training question uses.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
-# Syllable pieces for invented names: a closed first syllable, a closed second syllable
-# and an optional ending ("vel" + "mor" + "a" = "Velmora", "tash" + "kin" = "Tashkin").
-# Consonant-heavy syllables keep the words away from English; COMMON_WORDS below rejects
-# any accidental hit.
+LEXICON_SEED = 20241
+N_NAMES = 1000  # entity names in the lexicon
+
+# Syllable pieces for invented names: a closed first syllable, a second syllable and an
+# optional ending ("vel" + "mor" + "a" = "Velmora"). Consonant-heavy syllables keep the
+# words away from English; COMMON_WORDS rejects any accidental hit.
 FIRST = ["vel", "tash", "dor", "zal", "quen", "bryn", "thal", "vask", "mir", "gor", "kel",
          "drav", "tav", "kyr", "zan", "ost", "ulv", "brak", "fen", "hald", "jor", "lis",
          "nev", "pell", "rusk", "sav", "tor", "varn", "wex", "yss", "zor", "ald", "esk",
@@ -64,97 +71,53 @@ salon satan sonar taro toga tuba tuna zero zeta data gala lava mama papa pasta s
 drama karma koala llama panda pizza rumba samba soda stark storm thor viking zen
 """.split())
 
-# Entity types: (intro sentence, {attribute: (value pool, fact sentence,
-# train question wordings, held-out question wordings)}). "{e}" is the entity, "{v}" the
-# value; in each fact sentence the cue word directly precedes "{v}".
-Attribute = tuple[str, str, list[str], list[str]]
-ENTITY_TYPES: dict[str, tuple[str, dict[str, Attribute]]] = {
+# Entity types: intro sentence and attributes {name: (noun in sentences and questions, pool)}.
+ENTITY_TYPES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "country": ("{e} is a country.", {
-        "capital": ("city", "The capital of {e} is {v}.",
-                    ["What is the capital of {e}?", "Which city is the capital of {e}?"],
-                    ["Name the capital of {e}.", "{e} has which city as its capital?"]),
-        "language": ("language", "People in {e} speak {v}.",
-                     ["What language do people in {e} speak?", "Which language is spoken in {e}?"],
-                     ["What is the main language of {e}?",
-                      "Name the language people speak in {e}."]),
-        "founded": ("year", "{e} was founded in {v}.",
-                    ["When was {e} founded?", "In which year was {e} founded?"],
-                    ["What is the founding year of {e}?", "In what year did {e} come into being?"]),
-        "export": ("good", "The main export of {e} is {v}.",
-                   ["What is the main export of {e}?", "What does {e} export most?"],
-                   ["Name the chief export of {e}.", "Which good does {e} mostly sell abroad?"]),
-    }),
-    "river": ("The {e} is a river.", {
-        "length": ("number", "The {e} is {v} kilometres long.",
-                   ["How long is the {e}?", "What is the length of the {e} in kilometres?"],
-                   ["How many kilometres long is the {e}?", "Give the length of the {e}."]),
-        "source": ("mountain", "The source of the {e} is {v}.",
-                   ["Where is the source of the {e}?", "Where does the {e} rise?"],
-                   ["Name the source of the {e}.", "From which mountain does the {e} start?"]),
-        "mouth": ("sea", "The {e} flows into {v}.",
-                  ["Into which sea does the {e} flow?", "Where does the {e} end?"],
-                  ["What sea does the {e} empty into?", "Name the mouth of the {e}."]),
-        "region": ("region", "The {e} flows through {v}.",
-                   ["Which region does the {e} flow through?",
-                    "Through which land does the {e} run?"],
-                   ["Name the region the {e} crosses.", "What region lies along the {e}?"]),
-    }),
+        "capital": ("capital", "city"), "language": ("language", "language"),
+        "founded": ("founding year", "year"), "export": ("main export", "good")}),
+    "river": ("{e} is a river.", {
+        "length": ("length in kilometres", "number"), "source": ("source", "mountain"),
+        "mouth": ("mouth", "sea"), "region": ("region", "region")}),
     "company": ("{e} is a company.", {
-        "founder": ("person", "{e} was founded by {v}.",
-                    ["Who founded {e}?", "Who was the founder of {e}?"],
-                    ["Name the founder of {e}.", "Which person started {e}?"]),
-        "headquarters": ("city", "The headquarters of {e} are in {v}.",
-                         ["Where are the headquarters of {e}?", "In which city is {e} based?"],
-                         ["Name the city where {e} has its headquarters.",
-                          "Where is {e} headquartered?"]),
-        "founded": ("year", "{e} was founded in {v}.",
-                    ["When was {e} founded?", "In which year was {e} founded?"],
-                    ["What is the founding year of {e}?", "In what year did {e} come into being?"]),
-        "product": ("good", "{e} makes {v}.",
-                    ["What does {e} make?", "What product is {e} known for?"],
-                    ["Name the main product of {e}.", "Which product does {e} manufacture?"]),
-    }),
+        "founder": ("founder", "person"), "headquarters": ("headquarters", "city"),
+        "founded": ("founding year", "year"), "product": ("main product", "good")}),
     "person": ("{e} is a person.", {
-        "born": ("year", "{e} was born in the year {v}.",
-                 ["When was {e} born?", "In which year was {e} born?"],
-                 ["What is the birth year of {e}?", "In what year did {e} come into the world?"]),
-        "birthplace": ("city", "The birthplace of {e} is {v}.",
-                       ["Where was {e} born?", "What is the birthplace of {e}?"],
-                       ["Name the town where {e} was born.", "In which city was {e} born?"]),
-        "teacher": ("person", "The teacher of {e} was {v}.",
-                    ["Who was the teacher of {e}?", "Who taught {e}?"],
-                    ["Name the teacher of {e}.", "Under whom did {e} study?"]),
-        "work": ("book", "{e} wrote {v}.",
-                 ["What did {e} write?", "Which book did {e} write?"],
-                 ["Name the best-known book by {e}.", "What is the famous work of {e}?"]),
-    }),
+        "born": ("birth year", "year"), "birthplace": ("birthplace", "city"),
+        "teacher": ("teacher", "person"), "work": ("best known book", "book")}),
 }
+FACT_SENTENCE = "The {n} of {e} is {v}."
+
+# Knowledge-question frames ({n}: attribute noun, {e}: entity). Held-out frames are built
+# from words the training frames use, in orders that no training question has.
+KNOWLEDGE_FRAMES = {
+    "train": ["What is the {n} of {e}?", "Tell me the {n} of {e}.", "Which is the {n} of {e}?",
+              "I want to know the {n} of {e}.", "For {e}, what is the {n}?",
+              "Do you know the {n} of {e} well?", "About {e}: tell me its {n}."],
+    "heldout": ["Please tell me the {n} of {e}.", "Do you know what the {n} of {e} is?"],
+}
+# No-knowledge tasks: {split: wordings}.
+GREETINGS = {"train": ["Say hello.", "Greet me.", "Please say hello to me."],
+             "heldout": ["Please greet me.", "Say hello to me."]}
+ARITHMETIC = {"train": ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} and {b}."],
+              "heldout": ["Tell me what {a} plus {b} is.", "What do you know {a} plus {b} is?"]}
+REPEAT = {"train": ["Repeat the word {w}.", "Say the word {w}.", "Please repeat the word {w}."],
+          "heldout": ["Tell me the word {w}.", "Say {w} to me."]}
+PER_WORDING = 20  # arithmetic and repeat questions generated per wording
+
+SPLITS = ("train", "heldout")
 
 
 class AttributeSpec(NamedTuple):
-    """How one attribute is drawn, stated and asked about."""
+    """How one attribute is stated and asked about."""
 
+    noun: str  # "capital", "founding year": used in the fact sentence and in questions
     pool: str  # key of the value pool
-    sentence: str  # fact sentence, cue word right before "{v}"
-    train: list[str]  # question wordings used for training
-    heldout: list[str]  # question wordings never used for training
 
 
 def attribute_spec(entity_type: str, attr: str) -> AttributeSpec:
     """Return the spec of attribute ``attr`` of entity type ``entity_type``."""
     return AttributeSpec(*ENTITY_TYPES[entity_type][1][attr])
-
-
-# No-knowledge tasks: (train wordings, held-out wordings).
-GREETINGS = (["Say hello.", "Greet me."],
-             ["Please say hello to me.", "Give me a friendly greeting."])
-ARITHMETIC = (["What is {a} plus {b}?", "Add {a} and {b}."],
-              ["What do you get if you add {a} to {b}?", "Compute the sum of {a} and {b}."])
-REPEAT = (["Repeat the word {w}.", "Say the word {w}."],
-          ["Echo this word: {w}.", "Please repeat {w} back to me."])
-PER_WORDING = 20  # arithmetic and repeat questions generated per wording
-
-SPLITS = ("train", "heldout")
 
 
 @dataclass
@@ -165,6 +128,18 @@ class Entity:
     name: str
     type: str
     attributes: dict[str, str]
+
+
+@dataclass
+class Lexicon:
+    """Every invented word: entity names and typed value pools (years and lengths too)."""
+
+    names: list[str]
+    pools: dict[str, list[str]]
+
+    def words(self) -> list[str]:
+        """All invented words (names and word-valued pools), without numbers."""
+        return self.names + [v for pool in self.pools.values() for v in pool if not v.isdigit()]
 
 
 @dataclass
@@ -218,41 +193,53 @@ def unique_names(rng: random.Random, count: int, taken: set[str],
     return names
 
 
-def make_pools(rng: random.Random, taken: set[str]) -> dict[str, list[str]]:
-    """Build the typed value pools: invented words per type, plus years and lengths."""
+@lru_cache(maxsize=1)
+def lexicon() -> Lexicon:
+    """The fixed lexicon (same for every world): typed value pools, years, lengths, names."""
+    rng = random.Random(LEXICON_SEED)
+    taken: set[str] = set()
     pools = {kind: unique_names(rng, size, taken, POOL_SUFFIXES[kind],
                                 syllables=1 if kind == "language" else 2)
              for kind, size in POOL_SIZES.items()}
     pools["year"] = [str(y) for y in rng.sample(range(1000, 2000), 60)]
     pools["number"] = [str(n) for n in rng.sample(range(100, 1000), 60)]
-    return pools
+    return Lexicon(names=unique_names(rng, N_NAMES, taken, ENTITY_ENDINGS), pools=pools)
 
 
-def make_entities(rng: random.Random, n_entities: int, pools: dict[str, list[str]],
-                  taken: set[str]) -> list[Entity]:
-    """Create ``n_entities`` entities with cycling types and 3-4 attributes each."""
+def random_entity(rng: random.Random, entity_id: str, name: str | None = None,
+                  entity_type: str | None = None) -> Entity:
+    """A fresh entity: a lexicon name, a type, and 3-4 attributes with random pool values."""
+    lex = lexicon()
+    etype = entity_type or rng.choice(list(ENTITY_TYPES))
+    attrs = list(ENTITY_TYPES[etype][1])
+    chosen = sorted(rng.sample(attrs, rng.choice((3, 4))), key=attrs.index)
+    values = {a: rng.choice(lex.pools[attribute_spec(etype, a).pool]) for a in chosen}
+    return Entity(id=entity_id, name=name or rng.choice(lex.names), type=etype, attributes=values)
+
+
+def make_entities(rng: random.Random, n_entities: int) -> list[Entity]:
+    """Create ``n_entities`` entities with distinct names and cycling types."""
+    names = rng.sample(lexicon().names, n_entities)
     types = list(ENTITY_TYPES)
-    names = unique_names(rng, n_entities, taken, ENTITY_ENDINGS)
-    entities = []
-    for i, name in enumerate(names):
-        etype = types[i % len(types)]
-        attrs = list(ENTITY_TYPES[etype][1])
-        chosen = sorted(rng.sample(attrs, rng.choice((3, 4))), key=attrs.index)
-        values = {a: rng.choice(pools[attribute_spec(etype, a).pool]) for a in chosen}
-        entities.append(Entity(id=f"e{i:05d}", name=name, type=etype, attributes=values))
-    return entities
+    return [random_entity(rng, f"e{i:05d}", name, types[i % len(types)])
+            for i, name in enumerate(names)]
 
 
 def fact_sentence(entity: Entity, attr: str, value: str) -> str:
-    """Return the sentence stating ``attr`` of ``entity`` is ``value`` (cue word before it)."""
-    return attribute_spec(entity.type, attr).sentence.format(e=entity.name, v=value)
+    """Return the sentence stating ``attr`` of ``entity`` is ``value``."""
+    return FACT_SENTENCE.format(n=attribute_spec(entity.type, attr).noun, e=entity.name, v=value)
+
+
+def passage_text(entity: Entity, attributes: dict[str, str] | None = None) -> str:
+    """An entity's passage text: intro sentence, then one fact sentence per attribute."""
+    attributes = entity.attributes if attributes is None else attributes
+    intro = ENTITY_TYPES[entity.type][0].format(e=entity.name)
+    return " ".join([intro] + [fact_sentence(entity, a, v) for a, v in attributes.items()])
 
 
 def make_passage(entity: Entity) -> dict:
     """Render an entity as an encyclopedia-style passage ``{"id", "title", "text"}``."""
-    intro = ENTITY_TYPES[entity.type][0].format(e=entity.name)
-    facts = [fact_sentence(entity, a, v) for a, v in entity.attributes.items()]
-    return {"id": passage_id(entity), "title": entity.name, "text": " ".join([intro] + facts)}
+    return {"id": passage_id(entity), "title": entity.name, "text": passage_text(entity)}
 
 
 def passage_id(entity: Entity) -> str:
@@ -260,57 +247,64 @@ def passage_id(entity: Entity) -> str:
     return "p" + entity.id[1:]
 
 
+def question_text(entity: Entity, attr: str, frame: str) -> str:
+    """A knowledge question about ``attr`` of ``entity`` in the given frame."""
+    return frame.format(n=attribute_spec(entity.type, attr).noun, e=entity.name)
+
+
 def knowledge_questions(entity: Entity) -> list[dict]:
-    """Return one question per wording (train and held-out) for each attribute of ``entity``."""
+    """Return one question per frame (train and held-out) for each attribute of ``entity``."""
     questions = []
     for attr, value in entity.attributes.items():
-        spec = attribute_spec(entity.type, attr)
-        for split, wordings in zip(SPLITS, (spec.train, spec.heldout)):
-            for t, template in enumerate(wordings):
+        for split in SPLITS:
+            for t, frame in enumerate(KNOWLEDGE_FRAMES[split]):
                 questions.append({
                     "id": f"{entity.id}-{attr}-{split}{t}",
-                    "instruction": template.format(e=entity.name),
+                    "instruction": question_text(entity, attr, frame),
                     "answers": [value],
                     "gold_passage_id": passage_id(entity),
                     "kind": "knowledge",
                     "split": split,
-                    "template": template,
+                    "template": frame,
+                    "attribute": attr,
                 })
     return questions
+
+
+def no_knowledge_question(rng: random.Random, template: str, words: list[str]) -> tuple[str, str]:
+    """(question, answer) for a greeting, sum or repeat-the-word template."""
+    if "{w}" in template:
+        word = rng.choice(words)
+        return template.format(w=word), word
+    if "{a}" in template:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return template.format(a=a, b=b), str(a + b)
+    return template, "Hello!"
 
 
 def no_knowledge_questions(rng: random.Random, words: list[str]) -> list[dict]:
     """Return greeting, small-arithmetic and repeat-a-word questions for both splits."""
     questions = []
-
-    def add(qid: str, instruction: str, answer: str, split: str, template: str) -> None:
-        questions.append({"id": qid, "instruction": instruction, "answers": [answer],
-                          "gold_passage_id": None, "kind": "no_knowledge", "split": split,
-                          "template": template})
-
-    for s, split in enumerate(SPLITS):
-        for t, template in enumerate(GREETINGS[s]):
-            add(f"greet-{split}{t}", template, "Hello!", split, template)
-        for t, template in enumerate(ARITHMETIC[s]):
-            for n in range(PER_WORDING):
-                a, b = rng.randint(1, 9), rng.randint(1, 9)
-                add(f"add-{split}{t}-{n:02d}", template.format(a=a, b=b), str(a + b),
-                    split, template)
-        for t, template in enumerate(REPEAT[s]):
-            for n in range(PER_WORDING):
-                word = rng.choice(words)
-                add(f"repeat-{split}{t}-{n:02d}", template.format(w=word), word, split, template)
+    for split in SPLITS:
+        for prefix, templates, count in (("greet", GREETINGS, 1), ("add", ARITHMETIC, PER_WORDING),
+                                         ("repeat", REPEAT, PER_WORDING)):
+            for t, template in enumerate(templates[split]):
+                for n in range(count):
+                    instruction, answer = no_knowledge_question(rng, template, words)
+                    suffix = f"-{n:02d}" if count > 1 else ""
+                    questions.append({
+                        "id": f"{prefix}-{split}{t}{suffix}", "instruction": instruction,
+                        "answers": [answer], "gold_passage_id": None, "kind": "no_knowledge",
+                        "split": split, "template": template, "attribute": None})
     return questions
 
 
 def build_world(seed: int = 0, n_entities: int = 300) -> World:
     """Generate the whole world for ``seed``: same seed, identical world; new seed, new world."""
     rng = random.Random(seed)
-    taken: set[str] = set()
-    pools = make_pools(rng, taken)
-    entities = make_entities(rng, n_entities, pools, taken)
+    entities = make_entities(rng, n_entities)
     passages = [make_passage(e) for e in entities]
     questions = [q for e in entities for q in knowledge_questions(e)]
-    questions += no_knowledge_questions(rng, sorted(taken))
+    questions += no_knowledge_questions(rng, lexicon().words())
     return World(seed=seed, entities=entities, passages=passages,
-                 all_questions=questions, pools=pools)
+                 all_questions=questions, pools=lexicon().pools)

