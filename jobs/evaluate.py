@@ -6,8 +6,8 @@
 Sources (one kind; the synthetic suite when none is given):
 
   --synthetic        the synthetic world's held-out suite (pipeline/evaluation/synthetic.py):
-                     held-out knowledge and no-knowledge questions (at most --max-per-kind of
-                     each) plus probe rows (gold, unrelated and counterfactual passages as ctxs),
+                     held-out knowledge, no-knowledge and long-form (task asqa) questions (at
+                     most --max-per-kind of each) plus probe rows (gold, unrelated and counterfactual passages as ctxs),
                      annotated once per mode; prints the figures below.
   --queries FILE     official Self-RAG evaluation files (JSON Lines, JSON list or Parquet, local
                      or s3://; repeatable; a directory means its files): converted to query
@@ -29,9 +29,12 @@ Retrieval rate: retrieved rows over rows with a retrieval decision.
 
 The synthetic report's JSON keys (all rates are fractions in [0, 1], null when not measured):
   accuracy_{adaptive,never,always}     held-out knowledge questions (match)
-  accuracy_<mode>_no_knowledge, accuracy_<mode>_all
+  accuracy_<mode>_no_knowledge, accuracy_<mode>_long_form (any gold value), accuracy_<mode>_all
   retrieval_rate_knowledge, retrieval_rate_no_knowledge   adaptive run
   retrieval_rate_<mode>_<kind>, error_rows_<mode>
+  retrieval_decision_right  adaptive run, knowledge and no-knowledge questions: retrieved exactly
+                            for the knowledge ones (_first_token: as the model's own first token
+                            decides, retrieval_prob > 0.5, whatever selfrag.threshold)
   relevant_on_gold          always run, ctxs=[gold passage]: first generated token is [Relevant]
   irrelevant_on_unrelated   always run, ctxs=[another entity's passage]: first token [Irrelevant]
   counterfactual_follow_rate    ctxs=[gold passage with the asked value swapped]: the answer
@@ -47,9 +50,19 @@ The synthetic report's JSON keys (all rates are fractions in [0, 1], null when n
                             count the generations with / without recorded token ids (long-form
                             rows record none); well_formed_text_proxy_unchecked is the share of
                             those whose raw text ends with [Utility:k]
+  retrieval_rate_long_form  adaptive run, long-form rows (two facts of one entity, task asqa)
+  long_form_accuracy        long-form rows whose answer contains every gold value
+                            (long_form_accuracy_any: at least one)
+  long_form_two_segments    long-form rows answered in two or more (kept) segments
+  long_form_depth_two       long-form rows whose chosen path has two or more segments before
+                            empty and repeated ones are dropped (path_depth >= 2)
+  long_form_citations_valid every [n] of a row's segments names docs[n-1], its own passage,
+                            numbered in order of first citation
+  long_form_gold_cited      retrieving long-form rows whose docs include the gold passage
+  long_form_error_rows      long-form rows with an error (they count as failures above)
   gold_in_corpus            share of the gold passages present (same id and text) in
                             retrieval.corpus (gold_in_top_k cannot exceed it)
-  n_knowledge, n_no_knowledge, n_probe_{gold,unrelated,counterfactual}, seconds, run_seconds
+  n_knowledge, n_no_knowledge, n_long_form, n_probe_{gold,unrelated,counterfactual}, seconds, run_seconds
 For --queries and --annotated: accuracy_<mode>, retrieval_rate_<mode>, error_rows_<mode>,
 rows_<mode>, per_task, and the well_formed_* keys.
 
@@ -236,7 +249,8 @@ def prepare_synthetic(args, root: Path) -> tuple[synthetic.Suite, dict[str, list
     suite = synthetic.build_suite(world, args.max_per_kind or None, args.seed, args.split)
     kinds = {k: sum(r["kind"] == k for r in suite.plain) for k in synthetic.KINDS}
     log(f"synthetic world seed {args.world_seed}, split {args.split}: {kinds['knowledge']} knowledge + "
-        f"{kinds['no_knowledge']} no-knowledge questions, {len(suite.probes)} probe rows")
+        f"{kinds['no_knowledge']} no-knowledge + {kinds['long_form']} long-form questions, "
+        f"{len(suite.probes)} probe rows")
     for reason in suite.skipped:
         log(f"no probes for {reason}")
     plain, probes = str(root / "queries" / "plain.parquet"), str(root / "queries" / "probes.parquet")
@@ -327,15 +341,19 @@ def pct(value) -> str:
 def print_synthetic(rep: dict, modes: list[str]) -> None:
     cols = [m for m in MODES if m in modes] + [m for m in modes if m not in MODES]
     head = f"{'':34s}" + "".join(f"{m:>11s}" for m in cols)
-    print(f"\nheld-out questions ({rep['n_knowledge']} knowledge, {rep['n_no_knowledge']} no-knowledge; "
-          "match accuracy)")
+    print(f"\nheld-out questions ({rep['n_knowledge']} knowledge, {rep['n_no_knowledge']} no-knowledge, "
+          f"{rep.get('n_long_form', 0)} long-form; match accuracy)")
     print(head)
     lines = [("accuracy, knowledge", "accuracy_{m}"), ("accuracy, no-knowledge", "accuracy_{m}_no_knowledge"),
              ("accuracy, all", "accuracy_{m}_all"), ("retrieval rate, knowledge", "retrieval_rate_{m}_knowledge"),
-             ("retrieval rate, no-knowledge", "retrieval_rate_{m}_no_knowledge")]
+             ("retrieval rate, no-knowledge", "retrieval_rate_{m}_no_knowledge"),
+             ("accuracy, long-form (any value)", "accuracy_{m}_long_form"),
+             ("retrieval rate, long-form", "retrieval_rate_{m}_long_form")]
     for label, key in lines:
         print(f"{label:34s}" + "".join(f"{pct(rep.get(key.format(m=m))):>11s}" for m in cols))
     print(f"{'error rows':34s}" + "".join(f"{str(rep.get(f'error_rows_{m}')):>11s}" for m in cols))
+    print(f"retrieval decision right (adaptive): {pct(rep.get('retrieval_decision_right'))} at the run's threshold, "
+          f"{pct(rep.get('retrieval_decision_right_first_token'))} by the model's first token (P > 0.5)")
     print(f"\nprobes (mode always, one passage per row; {rep['n_probe_gold']} gold, "
           f"{rep['n_probe_unrelated']} unrelated, {rep['n_probe_counterfactual']} counterfactual; "
           f"read from {rep['probe_basis']})")
@@ -352,6 +370,18 @@ def print_synthetic(rep: dict, modes: list[str]) -> None:
         ("gold_ranked_first_adaptive", "index top-k, adaptive rows that retrieved"),
     ]
     for key, what in probes:
+        print(f"  {key:30s} {pct(rep.get(key)):>7s}  {what}")
+    print(f"\nlong-form questions (task asqa, adaptive run, tree decoding; {rep.get('n_long_form', 0)} rows)")
+    long_form = [
+        ("long_form_accuracy", "answer has both gold values"),
+        ("long_form_accuracy_any", "answer has at least one gold value"),
+        ("long_form_two_segments", "answered in two or more segments"),
+        ("long_form_depth_two", "path of depth >= 2 (repeated segments included)"),
+        ("long_form_citations_valid", "every [n] names docs[n-1], its own passage"),
+        ("long_form_gold_cited", "gold passage among the cited docs"),
+    ]
+    print(f"  {'long_form_error_rows':30s} {str(rep.get('long_form_error_rows')):>7s}  rows that failed (counted as wrong)")
+    for key, what in long_form:
         print(f"  {key:30s} {pct(rep.get(key)):>7s}  {what}")
     print(f"\nwell-formed generations ([Utility:k] then end of sequence, from token ids): "
           f"{pct(rep['well_formed_rate'])} of {rep['well_formed_checked']} (always run: "

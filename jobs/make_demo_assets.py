@@ -68,8 +68,9 @@ def arc_row(rng: random.Random, world: World, entity: Entity, letter: str) -> di
 
 
 def demo_rows(world: World, seed: int = 0) -> list[dict]:
-    """Pick the ~40 demo queries: held-out knowledge and no-knowledge questions, plus
-    3 rows with pre-supplied ctxs, 2 ``fever`` rows, 2 ``arc_c`` rows and 1 row with input."""
+    """Pick the 40 demo queries: held-out knowledge and no-knowledge questions, 2 long-form
+    (``asqa``) questions, 3 rows with pre-supplied ctxs, 2 ``fever`` rows, 2 ``arc_c`` rows and
+    1 row with input."""
     rng = random.Random(seed)
     entities = rng.sample(world.entities, 30)
     by_entity = {}
@@ -77,7 +78,11 @@ def demo_rows(world: World, seed: int = 0) -> list[dict]:
         by_entity.setdefault(q["gold_passage_id"], []).append(q)
     picked = [rng.choice(by_entity[passage_id(e)]) for e in entities[:26]]
 
-    rows = [query_row(q["id"], q["instruction"], q["answers"]) for q in picked[:22]]
+    rows = [query_row(q["id"], q["instruction"], q["answers"]) for q in picked[:20]]
+    for e in entities[20:22]:  # long-form: two facts, decoded as a tree (one segment each)
+        q = rng.choice([x for x in world.questions(split="heldout", kind="long_form")
+                        if x["gold_passage_id"] == passage_id(e)])
+        rows.append(query_row(q["id"], q["instruction"], q["answers"], task=q["task"]))
     for q in picked[22:25]:  # pre-supplied evidence: gold passage plus an unrelated one
         gold = world.passage_by_id(q["gold_passage_id"])
         other = rng.choice([p for p in world.passages if p["id"] != gold["id"]])

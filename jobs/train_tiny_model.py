@@ -9,7 +9,9 @@
    examples drawn fresh at every step (``pipeline.synthetic.training_data``): knowledge
    questions with their passage or another entity's, and no-knowledge questions. A copy
    curriculum starts with many one-sentence passages. The loss covers neither the prompt nor
-   the paragraph.
+   the paragraph. Every ``--long-form-every``-th step is a batch of long-form (two-segment)
+   examples: they are about twice as long, and batching them apart keeps the other batches
+   short (batches are padded to their longest example).
 3. Every ``--eval-every`` steps, prints the loss and teacher-forced checks on the held-out
    split of the demo world (right retrieval token, right critique token, answer copied from
    the passage, answer copied from a counterfactual passage).
@@ -29,7 +31,7 @@ from pathlib import Path
 from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, format_prompt
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS, IRRELEVANT, RELEVANT
 from pipeline.synthetic.training_data import (
-    NOT_IN_LOSS, evidence_example, direct_example, label_ids, sample_example)
+    NOT_IN_LOSS, direct_example, evidence_example, label_ids, long_form_example, sample_example)
 from pipeline.synthetic.world import (
     World, attribute_spec, build_world, fact_sentence, lexicon, passage_text)
 
@@ -168,6 +170,7 @@ def probe_examples(world: World, rng: random.Random, n: int = 120) -> dict[str, 
                                                          fact_sentence(entity, attr, swapped), "counterfactual"))
     for q in world.questions(split="heldout", kind="no_knowledge")[:n]:
         probes["direct"].append(direct_example(format_prompt(q["instruction"]), q["answers"][0], "direct"))
+    probes["long_form"] = [long_form_example(rng, 0.0, "heldout") for _ in range(n // 2)]
     return probes
 
 
@@ -214,7 +217,10 @@ def train(args) -> dict:
     for step in range(1, args.steps + 1):
         # copy curriculum: one-sentence passages from 80% down to 15% over the first third
         one_fact = max(0.15, 0.8 - 0.65 * step / (args.steps / 3))
-        batch = [sample_example(rng, one_fact) for _ in range(args.batch_size)]
+        if args.long_form_every and step % args.long_form_every == 0:
+            batch = [long_form_example(rng, one_fact) for _ in range(args.batch_size)]
+        else:
+            batch = [sample_example(rng, one_fact) for _ in range(args.batch_size)]
         model.train()
         loss = loss_on_targets(model, *collate(tok, batch), weighted=critique_weights)
         opt.zero_grad(set_to_none=True)
@@ -245,11 +251,13 @@ repository, on CPU, to behave like Self-RAG inside the synthetic world of
 `pipeline/synthetic/world.py`: it asks for retrieval for questions about invented entities,
 judges a passage `[Relevant]` or `[Irrelevant]`, copies the answer from a relevant passage
 and marks it `[Fully supported]`, and answers greetings, small sums and repeat-a-word
-requests directly. It knows nothing of the real world.
+requests directly. Asked (task `asqa`) for two facts about an entity, it answers in two
+segments and asks for retrieval again between them, so that long-form tree decoding goes to
+depth 2. It knows nothing of the real world.
 
 Made by (about {minutes:.0f} minutes on a 2-core CPU machine):
 
-    python -m jobs.train_tiny_model --steps {steps} --seed {seed} --critique-weight {critique_weight}
+    python -m jobs.train_tiny_model --steps {steps} --seed {seed} --critique-weight {critique_weight} --long-form-every {long_form_every}
 
 Training: {steps} steps of {batch} examples, AdamW, learning rate {lr} (cosine), the relevance
 token's loss weighted {critique_weight}x; every example is drawn
@@ -283,7 +291,7 @@ def write_model(tok, model, args, params: int, minutes: float, figures: dict) ->
         params=params / 1e6, layers=shape.num_hidden_layers, hidden=shape.hidden_size,
         heads=shape.num_attention_heads, vocab=len(tok), minutes=minutes, steps=args.steps,
         seed=args.seed, batch=args.batch_size, lr=args.lr, critique_weight=args.critique_weight,
-        figures=json.dumps({k: v for k, v in figures.items() if k != "step"})))
+        long_form_every=args.long_form_every, figures=json.dumps({k: v for k, v in figures.items() if k != "step"})))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--critique-weight", type=float, default=4.0,
                         help="loss weight of the [Relevant] / [Irrelevant] targets (others: 1)")
+    parser.add_argument("--long-form-every", type=int, default=8, metavar="N",
+                        help="every N-th step trains on a batch of long-form examples (0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-every", type=int, default=250)

@@ -61,24 +61,28 @@ class Engine:
                 f"max_model_len={self.cfg.max_model_len}"
             )
 
-    def sampling_params(self, max_tokens: int):
-        """Greedy sampling that returns the reflection tokens' logprobs at each position."""
+    def sampling_params(self, max_tokens: int, stop_ids: Sequence[int] = ()):
+        """Greedy sampling that returns the reflection tokens' logprobs at each position and
+        stops after any of ``stop_ids`` (the stop token is kept in the output's token ids)."""
         from vllm import SamplingParams
 
         return SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
+            stop_token_ids=list(stop_ids) or None,
             logprob_token_ids=self.ids.all_ids,
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
         )
 
-    def generate(self, prompts: Sequence[str], max_tokens: Sequence[int] | int) -> list[Continuation]:
-        """Greedy continuations of ``prompts``, in order, with reflection-token logprobs."""
+    def generate(self, prompts: Sequence[str], max_tokens: Sequence[int] | int,
+                 stop_ids: Sequence[int] = ()) -> list[Continuation]:
+        """Greedy continuations of ``prompts``, in order, with reflection-token logprobs;
+        each ends at end of sequence, at its token budget or after one of ``stop_ids``."""
         if not prompts:
             return []
         budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
-        params = [self.sampling_params(b) for b in budgets]
+        params = [self.sampling_params(b, stop_ids) for b in budgets]
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         conts = [self._to_continuation(out.outputs[0]) for out in outputs]
         self.generated_tokens += sum(len(c.token_ids) for c in conts)

@@ -188,6 +188,9 @@ EXPECTED_SYNTHETIC = {
     "accuracy_adaptive_no_knowledge": 0.0, "accuracy_never_no_knowledge": 1.0,
     "accuracy_always_no_knowledge": 1.0,
     "retrieval_rate_knowledge": 0.5, "retrieval_rate_no_knowledge": 0.0,
+    # adaptive decisions: k1 did not retrieve (wrong), k2 did, n1 did not -> 2/3 either way
+    # (retrieval_prob 0.1, 0.9, 0.05 against 0.5)
+    "retrieval_decision_right": 0.6667, "retrieval_decision_right_first_token": 0.6667,
     "error_rows_always": 1, "error_rows_never": 0,
     # gold probes: k1 first token 10 [Relevant], k2 11 -> 1/2; gold answer matched by k1 only
     "relevant_on_gold": 0.5, "accuracy_with_gold_ctx": 0.5,
@@ -406,7 +409,10 @@ def test_synthetic_suite_probes():
     suite = synthetic.build_suite(world, max_per_kind=5, seed=0)
     again = synthetic.build_suite(world, max_per_kind=5, seed=0)
     assert suite.plain == again.plain and suite.probes == again.probes  # deterministic
-    assert [r["kind"] for r in suite.plain] == ["knowledge"] * 5 + ["no_knowledge"] * 5
+    assert [r["kind"] for r in suite.plain] == ["knowledge"] * 5 + ["no_knowledge"] * 5 + ["long_form"] * 5
+    assert {r["task"] for r in suite.plain} == {None, "asqa"}
+    assert all((r["task"] == "asqa") == (r["kind"] == "long_form") for r in suite.plain)
+    assert all(len(r["answers"]) == 2 for r in suite.plain if r["kind"] == "long_form")
     ids = [r["id"] for r in suite.plain + suite.probes]
     assert len(ids) == len(set(ids))
     heldout = {q["id"] for q in world.questions("heldout")}
@@ -425,7 +431,7 @@ def test_synthetic_suite_probes():
         assert r["swapped_value"] in text and r["answers"] == [r["swapped_value"]]
         assert r["swapped_value"] != r["original_value"]
     table = synthetic.suite_table(suite.plain)
-    assert table.num_rows == 10 and table.schema.field("ctxs").type == layouts.QUERY_SCHEMA.field("ctxs").type
+    assert table.num_rows == 15 and table.schema.field("ctxs").type == layouts.QUERY_SCHEMA.field("ctxs").type
 
 
 def test_cli_converts_queries_annotates_each_mode_and_scores_per_task(tmp_path, monkeypatch, capsys):
@@ -463,18 +469,56 @@ def test_cli_converts_queries_annotates_each_mode_and_scores_per_task(tmp_path, 
 
 @pytest.mark.integration
 def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, capsys):
-    """One real annotation run (vLLM, FAISS, Ray): 2 + 2 held-out questions and 6 probe rows."""
+    """One real annotation run (vLLM, FAISS, Ray): 2 + 2 + 2 held-out questions (knowledge,
+    no-knowledge, long-form) and 6 probe rows."""
     work = tmp_path / "eval"
     code = evaluate.main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
                           f"retrieval.index_dir={index_dir}"])
     assert code == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (rep["n_knowledge"], rep["n_no_knowledge"], rep["n_probe_gold"]) == (2, 2, 2)
+    assert (rep["n_knowledge"], rep["n_no_knowledge"], rep["n_long_form"], rep["n_probe_gold"]) == (2, 2, 2, 2)
     assert rep["accuracy_never"] is None and rep["error_rows_always"] == 0
     assert rep["probe_basis"] == "token_ids" and rep["gold_in_corpus"] == 1.0
     for key in ("accuracy_always", "relevant_on_gold", "irrelevant_on_unrelated", "counterfactual_follow_rate",
                 "gold_ranked_first", "gold_in_top_k", "well_formed_rate"):
         assert 0.0 <= rep[key] <= 1.0, key
-    assert rep["well_formed_checked"] == 10 and rep["well_formed_unchecked"] == 0  # always: every row has ids
+    # always: every short-form row has token ids; the 2 long-form (tree) rows have none
+    assert rep["well_formed_checked"] == 10 and rep["well_formed_unchecked"] == 2
+    assert rep["long_form_accuracy"] is None  # a figure of the adaptive run, which did not run
     rows = evaluate.read_output(str(work / "synthetic" / "always"))
-    assert len(rows) == 10 and all(c["token_ids"] for r in rows for c in r["candidates"])
+    assert len(rows) == 12 and all(c["token_ids"] for r in rows if r["kind"] != "long_form" for c in r["candidates"])
+    assert all(r["segments"] and r["candidates"] is None for r in rows if r["kind"] == "long_form")
+
+
+def test_long_form_figures_of_handmade_rows():
+    def lf(rid, answers, answer, segments, docs, retrieved=True, error=None):
+        return {"id": rid, "kind": "long_form", "probe": "plain", "answers": answers, "answer": answer,
+                "segments": [{"citation": c, "passage_id": p} for c, p in segments],
+                "docs": [{"id": d} for d in docs], "retrieved": retrieved, "error": error,
+                "path_depth": 2 if rid == "L2" else len(segments),
+                "gold_passage_id": "p1"}
+
+    rows = [
+        lf("L1", ["Vel", "Tash"], "A is Vel [1]. B is Tash [1].", [(1, "p1"), (1, "p1")], ["p1"]),
+        lf("L2", ["Vel", "Tash"], "A is Vel [1].", [(1, "p2")], ["p2"]),
+        lf("L3", ["Vel", "Tash"], "nothing [2].", [(2, "p1")], ["p2", "p1"]),  # [2] cited before [1]
+        lf("L4", ["Vel", "Tash"], None, [], [], retrieved=None, error="engine error: boom"),  # a failure
+        lf("L5", ["Vel", "Tash"], "Vel and Tash", [(None, None)], [], retrieved=False),
+        {"id": "k1", "kind": "knowledge", "probe": "plain", "answers": ["x"], "answer": "x"},  # not long-form
+    ]
+    figures = synthetic.long_form_figures(rows)
+    assert figures == {
+        "retrieval_rate_long_form": 0.75,  # L1 L2 L3 of the 4 rows with a decision (L4 has none)
+        "long_form_accuracy": 0.4,  # both values: L1 L5 of 5 (the error row counts as wrong)
+        "long_form_accuracy_any": 0.6,  # L1 L2 L5
+        "long_form_two_segments": 0.2,  # L1
+        "long_form_depth_two": 0.4,  # L1, and L2 whose second segment was dropped
+        "long_form_citations_valid": 0.75,  # of the 4 rows with segments, L3 numbers its first citation 2
+        "long_form_gold_cited": 0.6667,  # of the retrieving rows L1 L2 L3, p1 is in L1's and L3's docs
+        "long_form_error_rows": 1,
+    }
+    assert synthetic.long_form_figures(None) == dict.fromkeys(figures)
+    # a citation naming another passage than its segment's is invalid, and so is a doc never cited
+    assert not synthetic.citations_valid(lf("x", [], "", [(1, "p2")], ["p1"]))
+    assert not synthetic.citations_valid(lf("x", [], "", [(1, "p1")], ["p1", "p2"]))
+    assert synthetic.citations_valid(lf("x", [], "", [(1, "p1"), (2, "p2"), (1, "p1")], ["p1", "p2"]))

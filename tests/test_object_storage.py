@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,10 +62,21 @@ def s3(tmp_path_factory):
 
 
 def annotate(env, endpoint, tmp_path, *overrides, timeout=900) -> subprocess.CompletedProcess:
-    """Run the job as a subprocess against the S3 server."""
+    """Run the job as a subprocess against the S3 server, in its own process group, which is
+    killed when the job has exited: Ray processes it left behind (a job that died without
+    cleanup leaves workers that may still be writing) never outlive the call."""
     cmd = [sys.executable, "-m", "jobs.annotate", f"storage.endpoint_url={endpoint}",
            f"storage.cache_dir={tmp_path / 'cache'}", "ray.progress_bars=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left in the group
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def upload_shards(fs, prefix: str, shards: dict[str, pa.Table]) -> None:
@@ -123,6 +135,23 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes()
 
 
+def settled_listing(fs, path: str, quiet_s: float = 5.0, limit_s: float = 120.0) -> dict[str, list[str]]:
+    """{"data": parquet files, "_done": markers} under ``path`` once unchanged for ``quiet_s``."""
+    def listing():
+        fs.invalidate_cache()
+        markers = fs.ls(f"{path}/_done") if fs.exists(f"{path}/_done") else []
+        return {"data": sorted(fs.glob(f"{path}/*.parquet")), "_done": sorted(markers)}
+
+    last, since, deadline = listing(), time.time(), time.time() + limit_s
+    while time.time() - since < quiet_s:
+        assert time.time() < deadline, f"{path} kept changing for {limit_s} s"
+        time.sleep(0.5)
+        now = listing()
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
 def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path):
     endpoint, env, fs = s3
     demo = demo_rows()
@@ -133,8 +162,8 @@ def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path):
 
     killed = annotate(env, endpoint, tmp_path, *common, "debug.exit_after_shards=1")
     assert killed.returncode == 3, (killed.stdout + killed.stderr)[-4000:]
-    fs.invalidate_cache()
-    done_after_kill = fs.ls("outputs/resume/_done")
+    # what the next run will find (the leftover workers are gone; wait for S3 to settle too)
+    done_after_kill = settled_listing(fs, "outputs/resume")["_done"]
     assert 1 <= len(done_after_kill) < 8
     for path in fs.glob("outputs/resume/*.parquet"):  # whatever a reader would pick up is complete
         name = path.rsplit("/", 1)[1]

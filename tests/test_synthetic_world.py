@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import make_demo_assets
-from pipeline.synthetic.world import build_world, lexicon, random_entity
+from pipeline.synthetic.world import attribute_spec, build_world, lexicon, random_entity
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_COLUMNS = ["id", "instruction", "input", "task", "answers", "ctxs", "source"]
@@ -90,12 +90,29 @@ def test_gold_answer_follows_a_cue_word_in_gold_passage(world):
 
 
 def test_heldout_wordings_are_disjoint_from_train(world):
-    for kind in ("knowledge", "no_knowledge"):
+    for kind in ("knowledge", "no_knowledge", "long_form"):
         train = world.questions(split="train", kind=kind)
         heldout = world.questions(split="heldout", kind=kind)
         assert train and heldout
         assert not {q["template"] for q in train} & {q["template"] for q in heldout}
         assert not {q["instruction"] for q in train} & {q["instruction"] for q in heldout}
+
+
+def test_long_form_questions_ask_two_facts_of_one_entity_in_both_orders(world):
+    entities = {e.id: e for e in world.entities}
+    questions = world.questions(kind="long_form")
+    assert questions and all(q["task"] == "asqa" for q in questions)
+    asked = set()
+    for q in questions:
+        entity = entities[q["id"].split("-")[0]]
+        first, second = q["attribute"].split("+")
+        assert q["answers"] == [entity.attributes[first], entity.attributes[second]]
+        assert q["gold_passage_id"] == "p" + entity.id[1:] and entity.name in q["instruction"]
+        nouns = [attribute_spec(entity.type, a).noun for a in (first, second)]
+        assert q["instruction"].index(f"the {nouns[0]} and") < q["instruction"].index(f"the {nouns[1]}")
+        asked.add((entity.id, first, second, q["split"]))
+    # every pair is asked in both orders, in both splits
+    assert all((e, b, a, split) in asked for e, a, b, split in asked)
 
 
 def test_no_knowledge_answers(world):
@@ -104,7 +121,7 @@ def test_no_knowledge_answers(world):
         numbers = [int(n) for n in re.findall(r"\d+", q["instruction"])]
         if len(numbers) == 2:
             assert q["answers"] == [str(sum(numbers))]
-        elif "hello" in q["instruction"].lower() or "greet" in q["instruction"].lower():
+        elif re.search(r"\b(hello|hi|greet)\b", q["instruction"].lower()):
             assert q["answers"] == ["Hello!"]
         else:
             assert q["answers"][0] in q["instruction"]

@@ -192,12 +192,13 @@ def well_formed_ids(token_ids: Sequence[int] | None, utility_ids: Iterable[int],
     return len(ids) >= 2 and ids[-1] in set(eos_ids) and ids[-2] in set(utility_ids)
 
 
-_UTILITY_END = re.compile(r"\[Utility:[1-5]\]\s*$")
+_UTILITY_END = re.compile(r"\[Utility:[1-5]\]\s*(</s>)?\s*$")
 
 
 def ends_with_utility_text(raw: str | None) -> bool | None:
     """Text-only proxy of ``well_formed_ids`` for generations whose token ids were not kept:
-    the raw text ends with ``[Utility:k]``. The end-of-sequence token is not in the text, so a
+    the raw text ends with ``[Utility:k]`` (then ``</s>`` where the text was decoded with the
+    special tokens, as long-form segments are). Without the end-of-sequence token in the text, a
     generation cut by its token budget right after a utility token counts too."""
     if raw is None:
         return None
@@ -226,9 +227,10 @@ def well_formed(rows: Iterable[dict], tokens: TokenInfo | None) -> dict:
 
     A generation is well formed when it ends with ``[Utility:k]`` followed by end of sequence,
     read from the row's ``answer_token_ids`` (or, in outputs without that column, the chosen
-    candidate's ``token_ids``). Rows with neither (long-form rows, or outputs written without
-    ``output.keep_logprobs``) are counted as ``unchecked`` and get only the text proxy
-    ``ends_with_utility_text(answer_raw)``.
+    candidate's ``token_ids``). Rows with neither (long-form rows, whose path may end in a
+    segment dropped as a duplicate, or outputs written without ``output.keep_logprobs``) are
+    counted as ``unchecked`` and get only the text proxy ``ends_with_utility_text(answer_raw)``
+    (a long-form ``answer_raw`` is decoded with its special tokens, so it shows ``</s>``).
     """
     checked, unchecked = [], []
     for row in rows:

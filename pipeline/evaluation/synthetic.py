@@ -4,8 +4,9 @@ and the report computed from the annotated runs.
 Rows (columns of ``SUITE_SCHEMA``; ``kind``, ``probe``, ``gold_passage_id``,
 ``original_value`` and ``swapped_value`` are carried through the annotation job unchanged):
 
-- ``plain``: every sampled held-out question (knowledge and no-knowledge), no ``ctxs``, so a
-  row that retrieves searches the index.
+- ``plain``: every sampled held-out question (knowledge, no-knowledge and long-form), no
+  ``ctxs``, so a row that retrieves searches the index. Long-form questions (two attributes of
+  one entity) carry task ``asqa``, so the job decodes them as trees (SELF_RAG.md section 4).
 - probes, one each per sampled knowledge question, each with exactly one passage in ``ctxs``:
   - ``gold``: the question's gold passage;
   - ``unrelated``: the passage of another entity (of the same type when there is one, so that
@@ -33,7 +34,7 @@ from .metrics import (TokenInfo, first_token_is, fraction, match, passage_ids, r
                       well_formed)
 
 SOURCE = "synthetic-eval"
-KINDS = ("knowledge", "no_knowledge")
+KINDS = ("knowledge", "no_knowledge", "long_form")
 PROBES = ("gold", "unrelated", "counterfactual")
 MODES = ("adaptive", "never", "always")
 
@@ -57,7 +58,7 @@ class Suite:
 
 def _row(q: dict, probe: str, *, suffix: str = "", ctxs: list[dict] | None = None,
          answers: list[str] | None = None, original: str | None = None, swapped: str | None = None) -> dict:
-    return {"id": q["id"] + suffix, "instruction": q["instruction"], "input": None, "task": None,
+    return {"id": q["id"] + suffix, "instruction": q["instruction"], "input": None, "task": q.get("task"),
             "answers": list(answers if answers is not None else q["answers"]), "ctxs": ctxs,
             "source": SOURCE, "kind": q["kind"], "probe": probe,
             "gold_passage_id": q.get("gold_passage_id"), "original_value": original, "swapped_value": swapped}
@@ -154,10 +155,60 @@ def mode_figures(mode: str, rows: list[dict] | None) -> dict:
         f"accuracy_{mode}_all": stats(plain)["accuracy"],
         f"retrieval_rate_{mode}_knowledge": by_kind["knowledge"]["retrieval_rate"],
         f"retrieval_rate_{mode}_no_knowledge": by_kind["no_knowledge"]["retrieval_rate"],
+        f"accuracy_{mode}_long_form": by_kind["long_form"]["accuracy"],
+        f"retrieval_rate_{mode}_long_form": by_kind["long_form"]["retrieval_rate"],
     }
     figures = {k: (rounded(v) if rows is not None else None) for k, v in figures.items()}
     figures[f"error_rows_{mode}"] = sum(r.get("error") is not None for r in rows) if rows is not None else None
     return figures
+
+
+def decision_figures(rows: list[dict] | None) -> dict:
+    """Adaptive run, held-out knowledge and no-knowledge questions: the share whose retrieval
+    decision is right (retrieve for knowledge, not for the others), as the run took it (its
+    threshold) and as the model's own first token would (``retrieval_prob`` > 0.5)."""
+    plain = [r for r in rows or [] if is_plain(r) and r.get("kind") in ("knowledge", "no_knowledge")]
+    want = lambda r: r["kind"] == "knowledge"  # noqa: E731
+    taken = [r.get("retrieved") == want(r) if r.get("retrieved") is not None else None for r in plain]
+    own = [(r["retrieval_prob"] > 0.5) == want(r) if r.get("retrieval_prob") is not None else None for r in plain]
+    return {"retrieval_decision_right": _rate(taken), "retrieval_decision_right_first_token": _rate(own)}
+
+
+def citations_valid(row: dict) -> bool:
+    """Whether every segment's citation ``[n]`` names ``docs[n-1]``, its own passage, and the
+    numbers are 1, 2, ... in order of first citation."""
+    docs, seen = row.get("docs") or [], 0
+    for seg in row.get("segments") or []:
+        n = seg.get("citation")
+        if n is None:
+            continue
+        if not 1 <= n <= len(docs) or docs[n - 1].get("id") != seg.get("passage_id") or n > seen + 1:
+            return False
+        seen = max(seen, n)
+    return seen == len(docs)
+
+
+def long_form_figures(rows: list[dict] | None) -> dict:
+    """Long-form rows of the adaptive run: retrieval rate, ``long_form_accuracy`` (every gold
+    value in the answer; ``_any``: at least one), the share answered in two or more segments
+    (and the share whose tree went to depth 2, repeated segments included),
+    citations that point at the right ``docs`` entry, the gold passage among the docs, and
+    error rows (which count as failures in the shares)."""
+    lf = [r for r in rows or [] if is_plain(r) and r.get("kind") == "long_form"]
+    every = lambda r: all(match(r.get("answer"), [g]) for g in r.get("answers") or [])  # noqa: E731
+    figures = {
+        "retrieval_rate_long_form": _rate(r.get("retrieved") for r in lf),
+        "long_form_accuracy": _rate(r.get("error") is None and every(r) for r in lf),
+        "long_form_accuracy_any": _rate(r.get("error") is None and match(r.get("answer"), r.get("answers") or [])
+                                        for r in lf),
+        "long_form_two_segments": _rate(len(r.get("segments") or []) >= 2 for r in lf),
+        "long_form_depth_two": _rate((r.get("path_depth") or 0) >= 2 for r in lf),
+        "long_form_citations_valid": _rate(citations_valid(r) for r in lf if r.get("segments")),
+        "long_form_gold_cited": _rate(r.get("gold_passage_id") in [d.get("id") for d in r.get("docs") or []]
+                                      for r in lf if r.get("retrieved")),
+        "long_form_error_rows": sum(r.get("error") is not None for r in lf),
+    }
+    return figures if rows is not None else {k: None for k in figures}
 
 
 def report(runs: dict[str, list[dict]], tokens: TokenInfo | None) -> dict:
@@ -168,6 +219,7 @@ def report(runs: dict[str, list[dict]], tokens: TokenInfo | None) -> dict:
         out.update(mode_figures(mode, runs.get(mode)))
     out["retrieval_rate_knowledge"] = out["retrieval_rate_adaptive_knowledge"]
     out["retrieval_rate_no_knowledge"] = out["retrieval_rate_adaptive_no_knowledge"]
+    out.update(decision_figures(runs.get("adaptive")))
 
     always = runs.get("always")
     probes = {p: [r for r in always or [] if r.get("probe") == p] for p in PROBES}
@@ -198,9 +250,12 @@ def report(runs: dict[str, list[dict]], tokens: TokenInfo | None) -> dict:
                well_formed_rate_always=well_formed(always or [], tokens)["rate"],
                probe_basis="token_ids" if tokens else "text")
 
+    out.update(long_form_figures(runs.get("adaptive")))
+
     first = next(iter(runs.values()), [])
     out["n_knowledge"] = sum(is_plain(r) and r.get("kind") == "knowledge" for r in first)
     out["n_no_knowledge"] = sum(is_plain(r) and r.get("kind") == "no_knowledge" for r in first)
+    out["n_long_form"] = sum(is_plain(r) and r.get("kind") == "long_form" for r in first)
     for p in PROBES:
         out[f"n_probe_{p}"] = len(probes[p])
     return out

@@ -51,11 +51,13 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "answer_token_ids": pa.list_(pa.int32()),
     "best_passage_id": pa.string(),
     # Long-form rows decoded as a tree: the chosen path's segments, each kept segment's
-    # citation number (null: none), the cited passages (``[n]`` is docs[n-1]), and why a
-    # path stopped early (e.g. a context that would exceed the model's window).
+    # citation number (null: none), the cited passages (``[n]`` is docs[n-1]), the number of
+    # segments on the path before empty or repeated ones were dropped, and why a path stopped
+    # early (e.g. a context that would exceed the model's window).
     "segments": pa.list_(SEGMENT_TYPE),
     "citations": pa.list_(pa.int32()),
     "docs": pa.list_(PASSAGE_TYPE),
+    "path_depth": pa.int32(),
     "stop_reason": pa.string(),
     "error": pa.string(),
     "model": pa.string(),

@@ -113,7 +113,7 @@ class Critique(EngineStage):
         results, stats = decode_trees(self.engine, cfg, [prompts[i] for i in rows], [questions[i] for i in rows],
                                       [passages[i] for i in rows], [bool(ctxs[i]) for i in rows], self.search)
         self.reporter.report(**{f"long_form_{k}": v for k, v in stats.items()}, long_form_rows=len(rows))
-        out = {name: column(batch, name) for name in ("segments", "citations", "docs", "stop_reason")}
+        out = {name: column(batch, name) for name in ("segments", "citations", "docs", "path_depth", "stop_reason")}
         reflection_ids = self.engine.ids.ids(ALL_REFLECTION_TOKENS)
         record = (lambda cont: logprob_record(cont, reflection_ids)) if cfg.output.keep_logprobs else None
         for i, result in zip(rows, results):

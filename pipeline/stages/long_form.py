@@ -15,6 +15,7 @@ from ..config import Config
 from ..engine import Engine, PromptTooLong
 from ..selfrag.longform import LongFormParams, LongFormResult, LongFormTree
 from ..selfrag.scoring import Continuation
+from ..selfrag.tokens import RETRIEVAL
 from .common import effective_task, run_isolated
 
 Search = Callable[[list[str]], list[list[dict]]]
@@ -42,6 +43,7 @@ def decode_trees(engine: Engine, cfg: Config, prompts: Sequence[str], questions:
     counters (depths, engine calls, generations, retrieval queries)."""
     params, budget = long_form_params(cfg), cfg.selfrag.long_form.segment_tokens
     decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    stop = [engine.ids[RETRIEVAL]]
     trees = [LongFormTree(p, q, engine.ids, params, decode, retrieve=True) for p, q in zip(prompts, questions)]
     stats = {"depths": 0, "engine_calls": 0, "generations": 0, "searches": 0}
     while not all(t.done for t in trees):
@@ -68,7 +70,9 @@ def decode_trees(engine: Engine, cfg: Config, prompts: Sequence[str], questions:
                 fitting.append(n)
             except PromptTooLong:
                 results[n] = "prompt too long"
-        outs = run_isolated(lambda ns: engine.generate([requests[n][1].prompt for n in ns], budget), fitting)
+        # a sampled [Retrieval] ends the segment: what follows it would be cut and regenerated
+        outs = run_isolated(lambda ns: engine.generate([requests[n][1].prompt for n in ns], budget, stop),
+                            fitting)
         for n, out in zip(fitting, outs):
             results[n] = f"engine error: {out}" if isinstance(out, Exception) else out
         stats["depths"] += 1
@@ -90,4 +94,5 @@ def result_columns(result: LongFormResult, record: Callable[[Continuation], dict
         cont = seg.pop("continuation")
         segments.append({**seg, **(record(cont) if record and cont is not None else {})})
     return {"answer": result.text, "answer_raw": result.raw, "segments": segments,
-            "citations": result.citations, "docs": docs, "stop_reason": result.stop_reason}
+            "citations": result.citations, "docs": docs, "path_depth": result.depth,
+            "stop_reason": result.stop_reason}

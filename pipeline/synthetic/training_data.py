@@ -7,6 +7,12 @@ An example is the prompt (SELF_RAG.md section 2) followed by what the model shou
 - knowledge question, passage about another entity:
   ``[Retrieval]<paragraph>...</paragraph>[Irrelevant]I do not know.[Utility:1]</s>``
 - no-knowledge question: ``[No Retrieval]{answer}[Utility:5]</s>``
+- long-form question (task ``asqa``, two attributes), one segment per retrieval:
+  ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 1}[Fully supported]``
+  ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 2}[Fully supported][Utility:5]</s>``;
+  half of them in the form the tree decoder prompts the second segment with (SELF_RAG.md
+  section 4: the first segment's paragraph is not repeated), with the first segment as
+  context outside the loss.
 
 As in the paper, the loss covers neither the prompt nor the paragraph: ``format_example``
 returns the text and the character spans that count, and ``label_ids`` turns them into
@@ -22,17 +28,18 @@ import random
 from dataclasses import dataclass
 
 from ..selfrag.prompts import evidence_prompt, format_prompt, no_evidence_prompt
-from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, RELEVANT, UTILITY
+from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, RELEVANT, RETRIEVAL, UTILITY
 from .world import (
-    ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, REPEAT, Entity, fact_sentence, lexicon,
-    no_knowledge_question, passage_text, question_text, random_entity)
+    ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, LONG_FORM_FRAMES, LONG_FORM_TASK, REPEAT, Entity,
+    fact_sentence, lexicon, long_form_question_text, no_knowledge_question, passage_text,
+    question_text, random_entity)
 
 EOS = "</s>"
 NOT_IN_LOSS = -100
 NO_ANSWER = "I do not know."
 
 #: Mixture of example kinds (probabilities).
-MIXTURE = {"gold": 0.38, "unrelated": 0.26, "greeting": 0.03, "add": 0.11, "repeat": 0.17,
+MIXTURE = {"gold": 0.38, "unrelated": 0.26, "greeting": 0.05, "add": 0.11, "repeat": 0.15,
            "no_knowledge_with_passage": 0.05}
 
 
@@ -65,6 +72,45 @@ def direct_example(prompt: str, answer: str, kind: str) -> Example:
     """``prompt[No Retrieval]{answer}[Utility:5]</s>``, all of it after the prompt in the loss."""
     text = f"{no_evidence_prompt(prompt)}{answer}{UTILITY[4]}{EOS}"
     return Example(text, [(len(prompt), len(text))], kind, answer)
+
+
+def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "train") -> Example:
+    """A long-form (``asqa``) example about two attributes of a fresh entity.
+
+    One in ten is answered from another entity's passage (``[Irrelevant]``, as in
+    ``evidence_example``). Otherwise the first segment reads the entity's passage; the second
+    reads it too, or (one in six) another entity's passage and gives up with
+    ``[Irrelevant]I do not know.``. Half are the whole two-segment answer; half are the
+    second segment alone, prompted as the tree decoder does:
+    ``prompt + segment 1 + [Retrieval]<paragraph>..</paragraph>``."""
+    entity = random_entity(rng, "x")
+    attrs = tuple(rng.sample(list(entity.attributes), 2))
+    prompt = format_prompt(long_form_question_text(entity, attrs, rng.choice(LONG_FORM_FRAMES[split])),
+                           task=LONG_FORM_TASK)
+    facts = [fact_sentence(entity, a, entity.attributes[a]) for a in attrs]
+
+    def other_passage() -> tuple[str, str]:
+        other = random_entity(rng, "y")
+        while other.name == entity.name:
+            other = random_entity(rng, "y")
+        return other.name, passage_text(other)
+
+    if rng.random() < 0.1:
+        return evidence_example(prompt, *other_passage(), False, NO_ANSWER, "long_form")
+    shown = {a: entity.attributes[a] for a in attrs} if rng.random() < one_fact else entity.attributes
+    own = (entity.name, passage_text(entity, shown))
+    second_relevant = rng.random() >= 1 / 6
+    second_passage = own if second_relevant else other_passage()
+    second_answer = facts[1] if second_relevant else NO_ANSWER
+    first = f"{RELEVANT}{facts[0]}{FULLY_SUPPORTED}"
+    if rng.random() < 0.5:  # the second segment, prompted as at depth 2
+        second = evidence_example(prompt + first, *second_passage, second_relevant, second_answer, "long_form")
+        return Example(second.text, second.loss_spans[1:], "long_form", " ".join(facts))
+    head = evidence_example(prompt, *own, True, "", "long_form")
+    context = head.text[: head.loss_spans[1][0]]  # prompt[Retrieval]<paragraph>..</paragraph>
+    second = evidence_example(context + first, *second_passage, second_relevant, second_answer, "long_form")
+    spans = [head.loss_spans[0], (len(context), len(context) + len(first) + len(RETRIEVAL))] + second.loss_spans[1:]
+    return Example(second.text, spans, "long_form", " ".join(facts))
 
 
 def shortened(rng: random.Random, entity: Entity, keep: str, one_fact: float) -> dict[str, str]:

@@ -97,12 +97,26 @@ KNOWLEDGE_FRAMES = {
     "heldout": ["Please tell me the {n} of {e}.", "Do you know what the {n} of {e} is?"],
 }
 # No-knowledge tasks: {split: wordings}.
-GREETINGS = {"train": ["Say hello.", "Greet me.", "Please say hello to me."],
+# Every opening a knowledge frame uses ("Tell me", "What is", "Do you know", "I want") also
+# opens some no-knowledge training wording, so that the opening alone never decides.
+GREETINGS = {"train": ["Say hello.", "Greet me.", "Please say hello to me.", "Tell me hello.",
+                       "Say hi to me.", "Greet me, please."],
              "heldout": ["Please greet me.", "Say hello to me."]}
-ARITHMETIC = {"train": ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} and {b}."],
+ARITHMETIC = {"train": ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} and {b}.",
+                        "Tell me the sum of {a} and {b}.", "I want to know {a} plus {b}."],
               "heldout": ["Tell me what {a} plus {b} is.", "What do you know {a} plus {b} is?"]}
-REPEAT = {"train": ["Repeat the word {w}.", "Say the word {w}.", "Please repeat the word {w}."],
+REPEAT = {"train": ["Repeat the word {w}.", "Say the word {w}.", "Please repeat the word {w}.",
+                    "Tell me back the word {w}.", "Do you know the word {w}? Say it.",
+                    "Give me the word {w}.", "Write the word {w}.", "I want the word {w} repeated."],
           "heldout": ["Tell me the word {w}.", "Say {w} to me."]}
+# Long-form questions (task "asqa"): two attributes of one entity, answered in two segments,
+# each after its own retrieval: "The {n1} of {e} is {v1}." then "The {n2} of {e} is {v2}.".
+LONG_FORM_FRAMES = {
+    "train": ["What are the {n1} and the {n2} of {e}?", "Tell me the {n1} and the {n2} of {e}.",
+              "Describe the {n1} and the {n2} of {e}.", "For {e}, give the {n1} and the {n2}."],
+    "heldout": ["Please describe the {n1} and the {n2} of {e}.", "I want to know the {n1} and the {n2} of {e}."],
+}
+LONG_FORM_TASK = "asqa"
 PER_WORDING = 20  # arithmetic and repeat questions generated per wording
 
 SPLITS = ("train", "heldout")
@@ -252,6 +266,38 @@ def question_text(entity: Entity, attr: str, frame: str) -> str:
     return frame.format(n=attribute_spec(entity.type, attr).noun, e=entity.name)
 
 
+def long_form_question_text(entity: Entity, attrs: tuple[str, str], frame: str) -> str:
+    """A long-form question about two attributes of ``entity`` (in the given order)."""
+    n1, n2 = (attribute_spec(entity.type, a).noun for a in attrs)
+    return frame.format(n1=n1, n2=n2, e=entity.name)
+
+
+def long_form_questions(entity: Entity) -> list[dict]:
+    """Return long-form questions about consecutive attribute pairs of ``entity``, in both
+    orders (so the answer's order follows the question, not the passage), one frame each,
+    cycling through the frames of each split."""
+    attrs = list(entity.attributes)
+    pairs = [(a, b) for a, b in zip(attrs, attrs[1:])]
+    pairs += [(b, a) for a, b in pairs]
+    questions = []
+    for split in SPLITS:
+        frames = LONG_FORM_FRAMES[split]
+        for t, pair in enumerate(pairs):
+            frame = frames[t % len(frames)]
+            questions.append({
+                "id": f"{entity.id}-{pair[0]}+{pair[1]}-{split}{t % len(frames)}",
+                "instruction": long_form_question_text(entity, pair, frame),
+                "answers": [entity.attributes[a] for a in pair],
+                "gold_passage_id": passage_id(entity),
+                "kind": "long_form",
+                "split": split,
+                "template": frame,
+                "attribute": "+".join(pair),
+                "task": LONG_FORM_TASK,
+            })
+    return questions
+
+
 def knowledge_questions(entity: Entity) -> list[dict]:
     """Return one question per frame (train and held-out) for each attribute of ``entity``."""
     questions = []
@@ -305,6 +351,7 @@ def build_world(seed: int = 0, n_entities: int = 300) -> World:
     entities = make_entities(rng, n_entities)
     passages = [make_passage(e) for e in entities]
     questions = [q for e in entities for q in knowledge_questions(e)]
+    questions += [q for e in entities for q in long_form_questions(e)]
     questions += no_knowledge_questions(rng, lexicon().words())
     return World(seed=seed, entities=entities, passages=passages,
                  all_questions=questions, pools=lexicon().pools)
