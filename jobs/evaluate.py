@@ -52,7 +52,7 @@ The synthetic report's JSON keys (all rates are fractions in [0, 1], null when n
                             those whose raw text ends with [Utility:k]
   retrieval_rate_long_form  adaptive run, long-form rows (two facts of one entity, task asqa)
   long_form_accuracy        long-form rows whose answer contains every gold value
-                            (long_form_accuracy_any: at least one)
+                            (accuracy_<mode>_long_form: at least one)
   long_form_two_segments    long-form rows answered in two or more (kept) segments
   long_form_depth_two       long-form rows whose chosen path has two or more segments before
                             empty and repeated ones are dropped (path_depth >= 2)
@@ -374,7 +374,6 @@ def print_synthetic(rep: dict, modes: list[str]) -> None:
     print(f"\nlong-form questions (task asqa, adaptive run, tree decoding; {rep.get('n_long_form', 0)} rows)")
     long_form = [
         ("long_form_accuracy", "answer has both gold values"),
-        ("long_form_accuracy_any", "answer has at least one gold value"),
         ("long_form_two_segments", "answered in two or more segments"),
         ("long_form_depth_two", "path of depth >= 2 (repeated segments included)"),
         ("long_form_citations_valid", "every [n] names docs[n-1], its own passage"),

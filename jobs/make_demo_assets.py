@@ -79,7 +79,7 @@ def demo_rows(world: World, seed: int = 0) -> list[dict]:
     picked = [rng.choice(by_entity[passage_id(e)]) for e in entities[:26]]
 
     rows = [query_row(q["id"], q["instruction"], q["answers"]) for q in picked[:20]]
-    for e in entities[20:22]:  # long-form: two facts, decoded as a tree (one segment each)
+    for e in entities[20:22]:  # long-form: two facts, decoded as a tree (one segment per fact)
         q = rng.choice([x for x in world.questions(split="heldout", kind="long_form")
                         if x["gold_passage_id"] == passage_id(e)])
         rows.append(query_row(q["id"], q["instruction"], q["answers"], task=q["task"]))

@@ -510,7 +510,6 @@ def test_long_form_figures_of_handmade_rows():
     assert figures == {
         "retrieval_rate_long_form": 0.75,  # L1 L2 L3 of the 4 rows with a decision (L4 has none)
         "long_form_accuracy": 0.4,  # both values: L1 L5 of 5 (the error row counts as wrong)
-        "long_form_accuracy_any": 0.6,  # L1 L2 L5
         "long_form_two_segments": 0.2,  # L1
         "long_form_depth_two": 0.4,  # L1, and L2 whose second segment was dropped
         "long_form_citations_valid": 0.75,  # of the 4 rows with segments, L3 numbers its first citation 2

@@ -190,8 +190,8 @@ def citations_valid(row: dict) -> bool:
 
 def long_form_figures(rows: list[dict] | None) -> dict:
     """Long-form rows of the adaptive run: retrieval rate, ``long_form_accuracy`` (every gold
-    value in the answer; ``_any``: at least one), the share answered in two or more segments
-    (and the share whose tree went to depth 2, repeated segments included),
+    value in the answer; ``accuracy_adaptive_long_form`` asks for one), the share answered in
+    two or more segments, the share whose tree went to depth 2 (repeated segments included),
     citations that point at the right ``docs`` entry, the gold passage among the docs, and
     error rows (which count as failures in the shares)."""
     lf = [r for r in rows or [] if is_plain(r) and r.get("kind") == "long_form"]
@@ -199,8 +199,6 @@ def long_form_figures(rows: list[dict] | None) -> dict:
     figures = {
         "retrieval_rate_long_form": _rate(r.get("retrieved") for r in lf),
         "long_form_accuracy": _rate(r.get("error") is None and every(r) for r in lf),
-        "long_form_accuracy_any": _rate(r.get("error") is None and match(r.get("answer"), r.get("answers") or [])
-                                        for r in lf),
         "long_form_two_segments": _rate(len(r.get("segments") or []) >= 2 for r in lf),
         "long_form_depth_two": _rate((r.get("path_depth") or 0) >= 2 for r in lf),
         "long_form_citations_valid": _rate(citations_valid(r) for r in lf if r.get("segments")),

@@ -74,6 +74,14 @@ def direct_example(prompt: str, answer: str, kind: str) -> Example:
     return Example(text, [(len(prompt), len(text))], kind, answer)
 
 
+def other_entity(rng: random.Random, entity: Entity, entity_type: str | None = None) -> Entity:
+    """A fresh entity (of ``entity_type`` if given) whose name differs from ``entity``'s."""
+    other = random_entity(rng, "y", entity_type=entity_type)
+    while other.name == entity.name:
+        other = random_entity(rng, "y")
+    return other
+
+
 def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "train") -> Example:
     """A long-form (``asqa``) example about two attributes of a fresh entity.
 
@@ -90,9 +98,7 @@ def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "t
     facts = [fact_sentence(entity, a, entity.attributes[a]) for a in attrs]
 
     def other_passage() -> tuple[str, str]:
-        other = random_entity(rng, "y")
-        while other.name == entity.name:
-            other = random_entity(rng, "y")
+        other = other_entity(rng, entity)
         return other.name, passage_text(other)
 
     if rng.random() < 0.1:
@@ -132,9 +138,7 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
             text = passage_text(entity, shortened(rng, entity, attr, one_fact))
             answer = fact_sentence(entity, attr, entity.attributes[attr])
             return evidence_example(prompt, entity.name, text, True, answer, kind)
-        other = random_entity(rng, "y", entity_type=entity.type if rng.random() < 0.5 else None)
-        while other.name == entity.name:
-            other = random_entity(rng, "y")
+        other = other_entity(rng, entity, entity.type if rng.random() < 0.5 else None)
         return evidence_example(prompt, other.name, passage_text(other), False, NO_ANSWER, kind)
     templates = {"greeting": GREETINGS, "add": ARITHMETIC, "repeat": REPEAT}
     question, answer = no_knowledge_question(

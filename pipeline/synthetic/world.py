@@ -277,7 +277,7 @@ def long_form_questions(entity: Entity) -> list[dict]:
     orders (so the answer's order follows the question, not the passage), one frame each,
     cycling through the frames of each split."""
     attrs = list(entity.attributes)
-    pairs = [(a, b) for a, b in zip(attrs, attrs[1:])]
+    pairs = list(zip(attrs, attrs[1:]))
     pairs += [(b, a) for a, b in pairs]
     questions = []
     for split in SPLITS:
