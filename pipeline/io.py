@@ -189,17 +189,30 @@ def remove(path: str) -> None:
         fs.rm(p)
 
 
+def listing_fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A digest of the files under ``path`` (names, sizes, ETags or modification times): it
+    changes when a file is added, removed or replaced."""
+    lines = []
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "last_modified") if k in info), "")
+        lines.append(f"{name}\t{info.get('size')}\t{stamp}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def localize(path: str) -> str:
     """A local directory with the content of ``path``: the path itself when local, else a copy
-    in ``storage.cache_dir``, downloaded once per node (replicas on a node share it)."""
+    in ``storage.cache_dir``, downloaded once per node (replicas on a node share it). The copy
+    is keyed by the URL and the remote listing, so a model or index replaced at the same URL
+    is downloaded again."""
     if not is_remote(path):
         return path
-    dest = Path(_storage.cache_dir) / hashlib.sha256(path.encode()).hexdigest()[:16]
-    if (dest / ".complete").exists():
-        return str(dest)
     fs, remote = filesystem(path)
     if not fs.exists(remote):
         raise FileNotFoundError(f"not found: {path}")
+    key = hashlib.sha256(f"{path}\n{listing_fingerprint(fs, remote)}".encode()).hexdigest()[:16]
+    dest = Path(_storage.cache_dir) / key
+    if (dest / ".complete").exists():
+        return str(dest)
     tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     fs.get(remote.rstrip("/") + "/", str(tmp) + "/", recursive=True)

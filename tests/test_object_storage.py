@@ -135,6 +135,30 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
         assert not path.is_file() or SECRET.encode() not in path.read_bytes()
 
 
+def test_a_replaced_remote_directory_is_downloaded_again(s3, tmp_path, monkeypatch):
+    """io.localize: one download per URL while the remote files stay the same; a file replaced at
+    the same URL gives a fresh copy, never the stale one."""
+    from pipeline import io
+    from pipeline.config import StorageConfig
+
+    endpoint, env, fs = s3
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])
+    io.configure(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
+    try:
+        fs.pipe({"assets/swap/config.json": b'{"v": 1}', "assets/swap/weights.bin": b"1111"})
+        first = io.localize("s3://assets/swap")
+        assert io.localize("s3://assets/swap") == first
+        assert Path(first, "config.json").read_bytes() == b'{"v": 1}'
+        fs.pipe("assets/swap/config.json", b'{"v": 22}')
+        fs.invalidate_cache()
+        second = io.localize("s3://assets/swap")
+        assert second != first and Path(second, "config.json").read_bytes() == b'{"v": 22}'
+        assert Path(second, "weights.bin").read_bytes() == b"1111"
+    finally:
+        io.configure(StorageConfig())
+
+
 def settled_listing(fs, path: str, quiet_s: float = 5.0, limit_s: float = 120.0) -> dict[str, list[str]]:
     """{"data": parquet files, "_done": markers} under ``path`` once unchanged for ``quiet_s``."""
     def listing():

@@ -58,9 +58,7 @@ def test_retrieval_decisions(engine, cases):
     probs = [retrieval_probability(c.logprobs[0], engine.ids) for c in firsts]
     threshold = SelfRagConfig().threshold  # adaptive mode retrieves above it
     assert all(p > 0.9 for p in probs[:N]), probs[:N]
-    assert all(p < 0.5 for p in probs[N:]), probs[N:]  # the model's own decision: no retrieval
-    # known weakness (model card): "Tell me the word X." sits just above the threshold (0.23)
-    assert all(p < threshold for i, p in enumerate(probs[N:]) if i != 2), probs[N:]
+    assert all(p < threshold for p in probs[N:]), probs[N:]
 
 
 def test_relevance_judgements_and_scores(engine, cases):
@@ -91,9 +89,19 @@ def test_counterfactual_passages_are_followed(engine, cases):
 
 
 def test_without_evidence_it_cannot_know(engine, cases):
-    outs = engine.generate([no_evidence_prompt(format_prompt(q["instruction"])) for q, *_ in cases], 20)
+    """`never` mode: forced past the retrieval decision, a knowledge question (short-form or a
+    two-fact asqa one) gets a well-formed answer without the fact."""
+    world = build_world(seed=0)
+    long_form = random.Random(5).sample(world.questions(split="heldout", kind="long_form"), N)
+    prompts = [no_evidence_prompt(format_prompt(q["instruction"])) for q, *_ in cases]
+    prompts += [no_evidence_prompt(format_prompt(q["instruction"], task="asqa")) for q in long_form]
+    outs = engine.generate(prompts, 20)
     right = sum(e.attributes[q["attribute"]] in clean_answer(c.text) for c, (q, e, _, _) in zip(outs, cases))
     assert right <= 0.25 * N
+    assert not any(a in clean_answer(c.text) for c, q in zip(outs[N:], long_form) for a in q["answers"])
+    utility = set(engine.ids.ids(UTILITY))
+    assert all(c.token_ids[-1] == engine.tokenizer.eos_token_id and c.token_ids[-2] in utility for c in outs), \
+        [c.text for c in outs]
 
 
 def test_transformers_loads_it_and_agrees_on_the_decision(engine, cases):
@@ -111,9 +119,9 @@ def test_transformers_loads_it_and_agrees_on_the_decision(engine, cases):
 
 def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
     """Long-form (asqa) held-out questions about two facts, with the gold passage: segment 1
-    states the first fact and ends by asking for retrieval again; given segment 1 and the
-    passage again (the tree decoder's depth-2 prompt), segment 2 states the second fact and
-    ends the answer."""
+    states one fact and ends by asking for retrieval again; given segment 1 and the passage
+    again (the tree decoder's depth-2 prompt), segment 2 states the other fact and ends the
+    answer."""
     world, rng = build_world(seed=0), random.Random(11)
     entities = {e.id: e for e in world.entities}
     questions = rng.sample(world.questions(split="heldout", kind="long_form"), N)
@@ -125,8 +133,10 @@ def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
     firsts = engine.generate(depth1, 40, stop_ids=[retrieval])
     asks = [c.token_ids[0] == engine.ids[RELEVANT] and c.token_ids[-1] == retrieval for c in firsts]
     assert sum(asks) >= N - 1, [c.text for c in firsts]
-    assert sum(q["answers"][0] in c.text and q["answers"][1] not in c.text
-               for q, c in zip(questions, firsts)) >= N - 1
+    # one fact per segment (the model may state either one first); a river's source or mouth is
+    # sometimes read from the wrong sentence (make eval: both facts in 0.865 of 200 answers)
+    assert sum((q["answers"][0] in c.text) != (q["answers"][1] in c.text)
+               for q, c in zip(questions, firsts)) >= 2 * N // 3, [c.text for c in firsts]
     depth2 = []
     for q, prompt, c in zip(questions, depth1, firsts):
         e = entities[q["id"].split("-")[0]]
@@ -136,6 +146,6 @@ def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
     utility = set(engine.ids.ids(UTILITY))
     ends = [c.token_ids[-1] == engine.tokenizer.eos_token_id and c.token_ids[-2] in utility for c in seconds]
     assert sum(ends) >= N - 1, [c.text for c in seconds]
-    # on held-out wordings it states the second fact in about four answers in five and
-    # otherwise repeats the first (model card; make eval measures it on 200 questions)
-    assert sum(q["answers"][1] in c.text for q, c in zip(questions, seconds)) >= N // 2, [c.text for c in seconds]
+    # the other fact at depth 2; make eval: both facts in 0.865 of 200 held-out answers (model card)
+    other = [q["answers"][1] if q["answers"][0] in c.text else q["answers"][0] for q, c in zip(questions, firsts)]
+    assert sum(o in c.text for o, c in zip(other, seconds)) >= N // 2, [c.text for c in seconds]

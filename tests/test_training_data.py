@@ -63,12 +63,35 @@ def test_sampled_examples_are_well_formed(tok):
         ex = sample_example(rng)
         kinds.add(ex.kind)
         tokens = in_loss(tok, ex)
-        assert tokens[0] in ("[Retrieval]", "[No Retrieval]") and tokens[-1] == "</s>"
+        if ex.kind == "knowledge_no_retrieval":  # `never` mode: the decision is given, not learned
+            assert ex.text.endswith("[No Retrieval]I do not know.[Utility:1]</s>")
+            assert tokens[0] != "[No Retrieval]" and "[Retrieval]" not in tokens
+        elif ex.kind == "no_knowledge_with_passage":  # `always` mode: likewise
+            assert "[Retrieval]<paragraph>" in ex.text and tokens[0] == "[Irrelevant]"
+        else:
+            assert tokens[0] in ("[Retrieval]", "[No Retrieval]")
+        assert tokens[-1] == "</s>"
         assert tokens[-2].startswith("[Utility:")
         if ex.kind == "gold":  # the answer restates the paragraph's fact sentence
             assert re.fullmatch(r"The [a-z ]+ of \w+ is \w+\.", ex.answer), ex.answer
             assert ex.answer in ex.text.split("<paragraph>")[1].split("</paragraph>")[0]
-    assert kinds == {"gold", "unrelated", "greeting", "add", "repeat", "no_knowledge_with_passage"}
+    assert kinds == {"gold", "unrelated", "greeting", "add", "repeat", "no_knowledge_with_passage",
+                     "knowledge_no_retrieval"}
+
+
+def test_the_retrieval_decision_is_taught_only_one_way_per_kind(tok):
+    """Where a decision token is in the loss, knowledge kinds learn [Retrieval] and no-knowledge
+    kinds [No Retrieval]; examples whose decision the mode forces (always, never) teach none.
+    (A forced [Retrieval] left in the loss once taught P[Retrieval] = 0.23 for repeat-a-word.)"""
+    rng = random.Random(3)
+    taught: dict[str, set] = {}
+    for _ in range(1500):
+        ex = sample_example(rng)
+        decisions = {t for t in in_loss(tok, ex) if t in ("[Retrieval]", "[No Retrieval]")}
+        taught.setdefault(ex.kind, set()).update(decisions)
+    assert taught == {"gold": {"[Retrieval]"}, "unrelated": {"[Retrieval]"}, "greeting": {"[No Retrieval]"},
+                      "add": {"[No Retrieval]"}, "repeat": {"[No Retrieval]"}, "no_knowledge_with_passage": set(),
+                      "knowledge_no_retrieval": set()}
 
 
 def test_every_lexicon_word_is_one_token(tok):

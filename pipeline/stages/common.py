@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from .. import io
 from ..config import Config
-from ..engine import Engine
+from ..engine import Engine, EngineDead
 from ..metrics import Reporter
 from ..selfrag.prompts import CLOSED_SET_TASKS
 
@@ -31,21 +31,20 @@ def max_new_tokens(task: str | None, cfg: Config) -> int:
 
 
 def run_isolated(fn: Callable[[Sequence], list[T]], items: Sequence) -> list[T | Exception]:
-    """Run ``fn`` on all items at once; if that fails, item by item, so one bad item costs
-    only its own result (returned as the exception) and never the batch."""
+    """Run ``fn`` on all items at once; if that fails, on each half in turn (down to single
+    items), so one bad item costs only its own result (returned as the exception), never the
+    batch, and finding it takes about 2 log2(n) calls, not n. A dead engine is no item's fault:
+    ``EngineDead`` is raised, so the batch fails and no row is written."""
     try:
         return list(fn(items))
-    except Exception as exc:  # noqa: BLE001 - any engine failure falls back to one-by-one
+    except EngineDead:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure is narrowed down to its items
         if len(items) <= 1:
             return [exc] * len(items)
-        log.warning("batch of %d failed (%s); retrying one by one", len(items), exc)
-    results: list[T | Exception] = []
-    for item in items:
-        try:
-            results.extend(fn([item]))
-        except Exception as exc:  # noqa: BLE001
-            results.append(exc)
-    return results
+        log.warning("batch of %d failed (%s); retrying it in halves", len(items), exc)
+    mid = len(items) // 2
+    return run_isolated(fn, items[:mid]) + run_isolated(fn, items[mid:])
 
 
 class EngineStage:

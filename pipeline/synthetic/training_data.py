@@ -6,7 +6,13 @@ An example is the prompt (SELF_RAG.md section 2) followed by what the model shou
   ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>[Relevant]{answer}[Fully supported][Utility:5]</s>``
 - knowledge question, passage about another entity:
   ``[Retrieval]<paragraph>...</paragraph>[Irrelevant]I do not know.[Utility:1]</s>``
-- no-knowledge question: ``[No Retrieval]{answer}[Utility:5]</s>``
+- no-knowledge question: ``[No Retrieval]{answer}[Utility:5]</s>``; with retrieval forced
+  (``always`` mode), after another entity's passage:
+  ``[Retrieval]<paragraph>..</paragraph>[Irrelevant]{answer}[Utility:1]</s>``, where
+  ``[Retrieval]`` is outside the loss
+- knowledge or long-form question with retrieval turned off (``never`` mode puts
+  ``[No Retrieval]`` after the prompt; it is outside the loss, so the model's own decision is
+  not taught to skip retrieval): ``[No Retrieval]I do not know.[Utility:1]</s>``
 - long-form question (task ``asqa``, two attributes), one segment per retrieval:
   ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 1}[Fully supported]``
   ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 2}[Fully supported][Utility:5]</s>``;
@@ -39,8 +45,8 @@ NOT_IN_LOSS = -100
 NO_ANSWER = "I do not know."
 
 #: Mixture of example kinds (probabilities).
-MIXTURE = {"gold": 0.38, "unrelated": 0.26, "greeting": 0.05, "add": 0.11, "repeat": 0.15,
-           "no_knowledge_with_passage": 0.05}
+MIXTURE = {"gold": 0.36, "unrelated": 0.25, "greeting": 0.05, "add": 0.11, "repeat": 0.15,
+           "no_knowledge_with_passage": 0.05, "knowledge_no_retrieval": 0.03}
 
 
 @dataclass
@@ -72,6 +78,14 @@ def direct_example(prompt: str, answer: str, kind: str) -> Example:
     """``prompt[No Retrieval]{answer}[Utility:5]</s>``, all of it after the prompt in the loss."""
     text = f"{no_evidence_prompt(prompt)}{answer}{UTILITY[4]}{EOS}"
     return Example(text, [(len(prompt), len(text))], kind, answer)
+
+
+def no_retrieval_example(prompt: str, kind: str) -> Example:
+    """``prompt[No Retrieval]I do not know.[Utility:1]</s>`` for a question that needs knowledge
+    asked with retrieval turned off; ``[No Retrieval]`` is outside the loss."""
+    head = no_evidence_prompt(prompt)
+    text = f"{head}{NO_ANSWER}{UTILITY[0]}{EOS}"
+    return Example(text, [(len(head), len(text))], kind, NO_ANSWER)
 
 
 def other_entity(rng: random.Random, entity: Entity, entity_type: str | None = None) -> Entity:
@@ -130,6 +144,14 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
     """One random training example; ``one_fact`` is the share of one-sentence passages among
     knowledge examples (the copy curriculum starts high and decays)."""
     kind = rng.choices(list(MIXTURE), weights=list(MIXTURE.values()))[0]
+    if kind == "knowledge_no_retrieval":
+        entity = random_entity(rng, "x")
+        if rng.random() < 0.5:
+            attrs = tuple(rng.sample(list(entity.attributes), 2))
+            question = long_form_question_text(entity, attrs, rng.choice(LONG_FORM_FRAMES[split]))
+            return no_retrieval_example(format_prompt(question, task=LONG_FORM_TASK), kind)
+        frame = rng.choice(KNOWLEDGE_FRAMES[split])
+        return no_retrieval_example(format_prompt(question_text(entity, rng.choice(list(entity.attributes)), frame)), kind)
     if kind in ("gold", "unrelated"):
         entity = random_entity(rng, "x")
         attr = rng.choice(list(entity.attributes))
@@ -141,12 +163,15 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
         other = other_entity(rng, entity, entity.type if rng.random() < 0.5 else None)
         return evidence_example(prompt, other.name, passage_text(other), False, NO_ANSWER, kind)
     templates = {"greeting": GREETINGS, "add": ARITHMETIC, "repeat": REPEAT}
-    question, answer = no_knowledge_question(
-        rng, rng.choice(templates.get(kind, REPEAT)[split]), lexicon().words())
+    task = templates[kind] if kind in templates else rng.choice(list(templates.values()))
+    question, answer = no_knowledge_question(rng, rng.choice(task[split]), lexicon().words())
     prompt = format_prompt(question)
     if kind == "no_knowledge_with_passage":  # `always` mode: an unrelated passage, then the answer
         other = random_entity(rng, "y")
-        return evidence_example(prompt, other.name, passage_text(other), False, answer, kind)
+        example = evidence_example(prompt, other.name, passage_text(other), False, answer, kind)
+        # `always` mode forces [Retrieval]: outside the loss, or it would teach the model to
+        # ask for retrieval for no-knowledge questions
+        return Example(example.text, example.loss_spans[1:], kind, answer)
     return direct_example(prompt, answer, kind)
 
 
