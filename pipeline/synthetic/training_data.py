@@ -60,32 +60,27 @@ class Example:
 
 
 def evidence_example(prompt: str, title: str, text: str, relevant: bool, answer: str,
-                     kind: str) -> Example:
+                     kind: str, decision_in_loss: bool = True) -> Example:
     """``prompt[Retrieval]<paragraph>title\\ntext</paragraph>`` + the critique and answer.
-    The loss covers ``[Retrieval]`` and everything after ``</paragraph>``."""
+    The loss covers everything after ``</paragraph>``, and ``[Retrieval]`` unless
+    ``decision_in_loss`` is False (a decision the mode forces or the context already holds)."""
     with_passage = evidence_prompt(prompt, title, text)
     if relevant:
         tail = f"{RELEVANT}{answer}{FULLY_SUPPORTED}{UTILITY[4]}{EOS}"
     else:
         tail = f"{IRRELEVANT}{answer}{UTILITY[0]}{EOS}"
-    start = len(prompt)
-    retrieval_end = start + len("[Retrieval]")
-    return Example(with_passage + tail, [(start, retrieval_end), (len(with_passage), len(with_passage) + len(tail))],
-                   kind, answer)
+    spans = [(len(prompt), len(prompt) + len(RETRIEVAL))] if decision_in_loss else []
+    spans.append((len(with_passage), len(with_passage) + len(tail)))
+    return Example(with_passage + tail, spans, kind, answer)
 
 
-def direct_example(prompt: str, answer: str, kind: str) -> Example:
-    """``prompt[No Retrieval]{answer}[Utility:5]</s>``, all of it after the prompt in the loss."""
-    text = f"{no_evidence_prompt(prompt)}{answer}{UTILITY[4]}{EOS}"
-    return Example(text, [(len(prompt), len(text))], kind, answer)
-
-
-def no_retrieval_example(prompt: str, kind: str) -> Example:
-    """``prompt[No Retrieval]I do not know.[Utility:1]</s>`` for a question that needs knowledge
-    asked with retrieval turned off; ``[No Retrieval]`` is outside the loss."""
+def direct_example(prompt: str, answer: str, kind: str, utility: str = UTILITY[4],
+                   decision_in_loss: bool = True) -> Example:
+    """``prompt[No Retrieval]{answer}{utility}</s>``, all of it after the prompt in the loss
+    (``[No Retrieval]`` only if ``decision_in_loss``: ``never`` mode forces it)."""
     head = no_evidence_prompt(prompt)
-    text = f"{head}{NO_ANSWER}{UTILITY[0]}{EOS}"
-    return Example(text, [(len(head), len(text))], kind, NO_ANSWER)
+    text = f"{head}{answer}{utility}{EOS}"
+    return Example(text, [(len(prompt) if decision_in_loss else len(head), len(text))], kind, answer)
 
 
 def other_entity(rng: random.Random, entity: Entity, entity_type: str | None = None) -> Entity:
@@ -124,12 +119,14 @@ def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "t
     second_answer = facts[1] if second_relevant else NO_ANSWER
     first = f"{RELEVANT}{facts[0]}{FULLY_SUPPORTED}"
     if rng.random() < 0.5:  # the second segment, prompted as at depth 2
-        second = evidence_example(prompt + first, *second_passage, second_relevant, second_answer, "long_form")
-        return Example(second.text, second.loss_spans[1:], "long_form", " ".join(facts))
+        second = evidence_example(prompt + first, *second_passage, second_relevant, second_answer, "long_form",
+                                  decision_in_loss=False)
+        return Example(second.text, second.loss_spans, "long_form", " ".join(facts))
     head = evidence_example(prompt, *own, True, "", "long_form")
     context = head.text[: head.loss_spans[1][0]]  # prompt[Retrieval]<paragraph>..</paragraph>
-    second = evidence_example(context + first, *second_passage, second_relevant, second_answer, "long_form")
-    spans = [head.loss_spans[0], (len(context), len(context) + len(first) + len(RETRIEVAL))] + second.loss_spans[1:]
+    second = evidence_example(context + first, *second_passage, second_relevant, second_answer, "long_form",
+                              decision_in_loss=False)
+    spans = [head.loss_spans[0], (len(context), len(context) + len(first) + len(RETRIEVAL))] + second.loss_spans
     return Example(second.text, spans, "long_form", " ".join(facts))
 
 
@@ -149,9 +146,11 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
         if rng.random() < 0.5:
             attrs = tuple(rng.sample(list(entity.attributes), 2))
             question = long_form_question_text(entity, attrs, rng.choice(LONG_FORM_FRAMES[split]))
-            return no_retrieval_example(format_prompt(question, task=LONG_FORM_TASK), kind)
-        frame = rng.choice(KNOWLEDGE_FRAMES[split])
-        return no_retrieval_example(format_prompt(question_text(entity, rng.choice(list(entity.attributes)), frame)), kind)
+            prompt = format_prompt(question, task=LONG_FORM_TASK)
+        else:
+            frame = rng.choice(KNOWLEDGE_FRAMES[split])
+            prompt = format_prompt(question_text(entity, rng.choice(list(entity.attributes)), frame))
+        return direct_example(prompt, NO_ANSWER, kind, UTILITY[0], decision_in_loss=False)
     if kind in ("gold", "unrelated"):
         entity = random_entity(rng, "x")
         attr = rng.choice(list(entity.attributes))
@@ -168,10 +167,9 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
     prompt = format_prompt(question)
     if kind == "no_knowledge_with_passage":  # `always` mode: an unrelated passage, then the answer
         other = random_entity(rng, "y")
-        example = evidence_example(prompt, other.name, passage_text(other), False, answer, kind)
-        # `always` mode forces [Retrieval]: outside the loss, or it would teach the model to
-        # ask for retrieval for no-knowledge questions
-        return Example(example.text, example.loss_spans[1:], kind, answer)
+        # `always` mode forces [Retrieval]: in the loss, it would teach the model to ask for
+        # retrieval for no-knowledge questions
+        return evidence_example(prompt, other.name, passage_text(other), False, answer, kind, decision_in_loss=False)
     return direct_example(prompt, answer, kind)
 
 
