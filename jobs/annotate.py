@@ -14,7 +14,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from pipeline import io
@@ -28,6 +30,46 @@ CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
 
 class IncompleteRun(RuntimeError):
     """Some shards were not written (their rows did not all come back)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver (a BaseException, like KeyboardInterrupt, so no
+    ``except Exception`` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, _frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one clean stop; repeated signals wait for it
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _set_handlers(handlers: dict) -> None:
+    if threading.current_thread() is threading.main_thread():  # only the main thread takes signals
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def catch_interrupts() -> None:
+    """Turn SIGINT and SIGTERM into ``Interrupted``."""
+    _set_handlers({signal.SIGINT: _interrupt, signal.SIGTERM: _interrupt})
+
+
+def restore_signals() -> None:
+    """Python's own handlers again (SIGINT raises KeyboardInterrupt, SIGTERM ends the process)."""
+    _set_handlers({signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL})
+
+
+def shutdown_ray() -> None:
+    """Stop this driver's Ray (a local cluster it started goes down; on a cluster its actors end)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
@@ -62,7 +104,13 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     todo = {shard: n for shard, n in plan.todo.items() if n > 0}
     if not todo:
         return written, {}
-    ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    try:
+        ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    except SystemExit as exc:  # Ray's own SIGTERM handler, installed while it starts, exits with the signal
+        if exc.code == signal.SIGTERM:
+            raise Interrupted(signal.SIGTERM) from None
+        raise
+    catch_interrupts()  # ours again, over Ray's
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
@@ -89,6 +137,11 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
 def run(cfg: Config) -> dict:
     """Preflight, annotate the shards not done yet, write the manifest; returns the manifest."""
     plan = preflight(cfg)
+    duplicates = plan.ids["duplicates"]
+    if duplicates["rows"]:
+        print(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
+              f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
+              file=sys.stderr, flush=True)
     run_id = cfg.run_id or config_hash(cfg)
     if cfg.output.overwrite:  # only now that every check passed: old markers go before any new work
         for shard in plan.todo:
@@ -121,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entrypoint: returns the process exit code (2: refused before any work; 1: incomplete run)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides = parse_args(argv)
+    catch_interrupts()
     try:
         cfg = load_config(files, overrides)
         manifest = run(cfg)
@@ -130,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteRun as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as exc:
+        shutdown_ray()
+        name = signal.Signals(exc.signum).name
+        print(f"interrupted by {name}: shards already written are complete and marked done; run the same "
+              "command again to resume (it skips them)", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    finally:
+        restore_signals()
     print_summary(manifest)
     return 0
 

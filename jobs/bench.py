@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from jobs.annotate import run
 from pipeline.config import Config, load_config
-from pipeline.selfrag.prompts import evidence_prompt, no_evidence_prompt
 from pipeline.stages.common import max_new_tokens
 from pipeline.synthetic.world import build_world
 
@@ -53,9 +52,13 @@ def write_queries(dest: Path, rows: int, shards: int) -> None:
         }), dest / f"part-{s:05d}.parquet")
 
 
-def engine_workload(rows: list[dict], cfg: Config) -> tuple[list[str], list[str], list[int]]:
-    """(decision prompts, generation prompts, their budgets): what the pipeline's engines generated."""
-    decisions = [r["prompt"] for r in rows if r["error"] is None and cfg.selfrag.mode == "adaptive"]
+def engine_workload(rows: list[dict], cfg: Config) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(decision prompts, generation prompts, their budgets) as token ids: what the pipeline's
+    engines generated."""
+    from pipeline.tokenizer import model_prompt_tokens
+
+    tokens, _ = model_prompt_tokens(cfg.engine.model)
+    decisions = [tokens.prompt(r["prompt"]) for r in rows if r["error"] is None and cfg.selfrag.mode == "adaptive"]
     prompts, budgets = [], []
     for r in rows:
         if r["error"] is not None:
@@ -63,10 +66,10 @@ def engine_workload(rows: list[dict], cfg: Config) -> tuple[list[str], list[str]
         budget = max_new_tokens(r.get(cfg.input.task_column), cfg)
         if r["retrieved"]:
             generated = [p for p, c in zip(r["passages"], r["candidates"]) if c["error"] is None]
-            prompts += [evidence_prompt(r["prompt"], p["title"], p["text"]) for p in generated]
+            prompts += [tokens.evidence(tokens.prompt(r["prompt"]), p["title"], p["text"]) for p in generated]
             budgets += [budget] * len(generated)
         else:
-            prompts.append(no_evidence_prompt(r["prompt"]))
+            prompts.append(tokens.no_evidence(tokens.prompt(r["prompt"])))
             budgets.append(budget)
     return decisions, prompts, budgets
 

@@ -221,7 +221,9 @@ def token_info(model: str | None) -> TokenInfo | None:
 
         from pipeline.selfrag.tokens import IRRELEVANT, ISUSE_GROUP, RELEVANT, ReflectionIds
 
-        local = io.localize(model)
+        from pipeline.tokenizer import TOKENIZER_FILES
+
+        local = io.localize(model, only=TOKENIZER_FILES)
         tok = AutoTokenizer.from_pretrained(local)
         ids = ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id)
         eos = {tok.eos_token_id} - {None}

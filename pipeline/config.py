@@ -7,13 +7,17 @@ last. Unknown keys and wrong types are refused with a message naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .secrets import WHERE_CREDENTIALS_BELONG, find_credentials, redact
 
 from .selfrag.prompts import KNOWN_TASKS
 from .selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
@@ -260,9 +264,6 @@ def validate(cfg: Config) -> None:
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
     _check(cfg.retrieval.pooling in ("mean", "cls"), "retrieval.pooling", f"{cfg.retrieval.pooling!r} is not mean or cls")
-    secret_like = _secret_keys(cfg.storage.s3_options)
-    _check(not secret_like, "storage.s3_options",
-           f"credentials ({secret_like}) do not belong in config; use the AWS chain (environment, profile, role)")
     _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1, "retrieval",
            "train_size and add_chunk_size must be at least 1")
     for name in ("prepare", "first_pass", "retrieve", "critique", "write", "embed"):
@@ -272,22 +273,68 @@ def validate(cfg: Config) -> None:
         _check(stage.num_cpus >= 0 and stage.num_gpus >= 0, f"stages.{name}", "resources must be >= 0")
 
 
-def _secret_keys(options: Any, prefix: str = "") -> list[str]:
-    """Keys of a nested options dict that look like credentials."""
-    found = []
-    if isinstance(options, dict):
-        for key, value in options.items():
-            name = str(key).lower()
-            if name in ("key", "secret", "token", "password") or name.startswith("aws_") or "secret" in name:
-                found.append(prefix + str(key))
-            found += _secret_keys(value, f"{prefix}{key}.")
-    return found
+def check_no_credentials(cfg: Config) -> None:
+    """Refuse credentials anywhere in the config (env dicts, ``extra``, ``s3_options``, URLs with
+    a user or password, key-shaped values), naming the key but never echoing the value."""
+    for key, why in find_credentials(OmegaConf.to_container(OmegaConf.structured(cfg))):
+        raise ConfigError(f"config key '{key}': refused because {why}; {WHERE_CREDENTIALS_BELONG}")
 
 
 def _error_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
-    first_line = str(exc).splitlines()[0]
+    first_line = redact(str(exc).splitlines()[0])
     return f"config key '{key}': {first_line}" if key else first_line
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted config key that names a dataclass field, else None."""
+    owner: Any = Config
+    hint = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(owner):
+            return None
+        hints = typing.get_type_hints(owner)
+        if part not in hints:
+            return None
+        hint = owner = hints[part]
+    return hint
+
+
+def split_list(value: str) -> list[str]:
+    """``[a,b]`` (or a single value) as a list of verbatim strings: commas inside brackets (a
+    glob's ``[0-1]``) do not split, surrounding quotes are removed."""
+    inner = value.strip()
+    if not (inner.startswith("[") and inner.endswith("]")):
+        return [value]
+    items, depth, current = [], 0, ""
+    for ch in inner[1:-1]:
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+            continue
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        current += ch
+    items.append(current)
+    return [i.strip().strip("'\"") for i in items if i.strip()]
+
+
+def _verbatim(key: str, value: str) -> Any:
+    """The value of a string or list-of-strings key exactly as given (no YAML or interpolation
+    parsing, so a glob like ``part-0000[0-1].parquet`` or a ``${`` stays as typed), or
+    ``_PARSE`` for keys of other types."""
+    hint = _field_type(key)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    escape = lambda v: v.replace("${", "\\${")  # noqa: E731 - OmegaConf reads ${...} as interpolation
+    if hint is str:
+        return None if optional and value in ("null", "~") else escape(value)
+    if typing.get_origin(hint) in (list, List) and typing.get_args(hint) == (str,):
+        return [escape(v) for v in split_list(value)]
+    return _PARSE
+
+
+_PARSE = object()
 
 
 def load_config(config_files: List[str] | None = None, overrides: List[str] | None = None) -> Config:
@@ -303,12 +350,15 @@ def load_config(config_files: List[str] | None = None, overrides: List[str] | No
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             key, value = item.split("=", 1)
-            if key == "input.paths" and not value.lstrip().startswith("["):
-                value = "[" + value + "]"  # a single path is a list of one
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+            verbatim = _verbatim(key, value)
+            if verbatim is _PARSE:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+            else:
+                OmegaConf.update(merged, key, verbatim, merge=False)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_error_message(exc)) from None
+    check_no_credentials(cfg)
     validate(cfg)
     return cfg
 

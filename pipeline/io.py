@@ -54,14 +54,64 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if _is_local(fs) else f"{protocol}://{path}"
 
 
-def with_protocol(path: str) -> str:
-    """A normalised form of a path or URL (absolute local path, or protocol://bucket/key)."""
-    fs, p = filesystem(path)
-    return _with_protocol(fs, p.rstrip("/"))
+GLOB_CHARS = "*?["
+
+
+def location(path: str) -> str:
+    """A canonical form of a path or URL for comparing locations: a local path made absolute
+    with every symlink, ``.`` and ``..`` resolved (``os.path.realpath``); a URL as
+    ``protocol://bucket/key`` with ``s3a`` read as ``s3``, repeated slashes, ``.`` and ``..``
+    collapsed and no trailing slash."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not is_remote(path):
+        return os.path.realpath(os.path.expanduser(path))
+    protocol, rest = path.split("://", 1)
+    protocol = {"s3a": "s3", "s3n": "s3"}.get(protocol.lower(), protocol.lower())
+    key = posixpath.normpath("/" + rest).lstrip("/")
+    return f"{protocol}://{key}"
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether canonical location ``path`` is ``root`` or lies below it."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def input_location(given: str) -> str:
+    """The canonical location an input path covers: a directory itself, a file's directory,
+    a glob's directory part before its first wildcard."""
+    fs, path = filesystem(given)
+    for i, ch in enumerate(given):
+        if ch in GLOB_CHARS:
+            return location(posixpath.dirname(given[:i]) or ".")
+    try:
+        is_dir = fs.isdir(path)
+    except Exception:  # noqa: BLE001 - unreachable: treat it as a directory (the stricter reading)
+        is_dir = True
+    return location(given if is_dir else posixpath.dirname(given.rstrip("/")) or ".")
+
+
+def _below(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (its base name when it is not below it)."""
+    root = root.rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else posixpath.basename(path)
+
+
+def is_metadata(relative: str) -> bool:
+    """Whether a file below an input directory is metadata, not a shard: some part of its path
+    (relative to that directory) starts with ``.`` or ``_`` (as Spark and Ray Data treat them)."""
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def is_parquet_name(name: str) -> bool:
+    """Whether a file name ends with ``.parquet`` (in any case)."""
+    return name.lower().endswith(".parquet")
 
 
 def list_shards(paths: list[str]) -> list[str]:
-    """Expand directories (their ``*.parquet``), globs and files into a sorted list of shards.
+    """Expand directories (the ``*.parquet`` files below them, any case, metadata files
+    starting with ``.`` or ``_`` left out), globs (metadata left out) and files into a
+    sorted list of shards.
 
     Raises InputError naming the path when a path matches nothing or cannot be listed.
     """
@@ -69,10 +119,12 @@ def list_shards(paths: list[str]) -> list[str]:
     for given in paths:
         try:
             fs, path = filesystem(given)
-            if any(ch in path for ch in "*?["):
-                found = sorted(fs.glob(path))
+            if any(ch in path for ch in GLOB_CHARS):
+                fixed = posixpath.dirname(path[:min(path.index(ch) for ch in GLOB_CHARS if ch in path)])
+                found = sorted(p for p, info in fs.glob(path, detail=True).items()
+                               if info.get("type") != "directory" and not is_metadata(_below(p, fixed)))
             elif fs.isdir(path):
-                found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+                found = sorted(p for p in fs.find(path) if is_parquet_name(p) and not is_metadata(_below(p, path)))
             elif fs.exists(path):
                 found = [path]
             else:
@@ -108,10 +160,17 @@ def read_table(shard: str) -> pa.Table:
         return pq.read_table(f)
 
 
+def read_column(shard: str, name: str) -> pa.ChunkedArray:
+    """One column of a Parquet shard (only that column is read)."""
+    fs, path = filesystem(shard)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=[name]).column(name)
+
+
 def shard_stem(shard: str) -> str:
-    """The shard's file name without its extension: the name of its output file."""
+    """The shard's file name without its ``.parquet`` extension (any case): the name of its output file."""
     name = posixpath.basename(shard.rstrip("/"))
-    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+    return name[: -len(".parquet")] if is_parquet_name(name) else name
 
 
 def join(base: str, *parts: str) -> str:
@@ -155,14 +214,28 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def check_writable(path: str) -> None:
     """Raise (naming the path) unless an output location can be written: for s3://, the bucket
-    must exist (it is never created); locally, the nearest existing directory must be writable."""
+    must exist (it is never created); locally, the directory is created and a probe file
+    written and removed, and the directories that did not exist before are removed again."""
     fs, p = filesystem(path)
     if _is_local(fs):
-        existing = Path(p).absolute()
+        target = Path(p).absolute()
+        created, existing = [], target
         while not existing.exists():
+            created.append(existing)
             existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise PermissionError(f"{existing} is not a writable directory")
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / f".selfrag-probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        finally:
+            for directory in created:  # deepest first
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
         return
     bucket = p.split("/", 1)[0]
     if not fs.exists(bucket):
@@ -189,33 +262,40 @@ def remove(path: str) -> None:
         fs.rm(p)
 
 
-def listing_fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A digest of the files under ``path`` (names, sizes, ETags or modification times): it
-    changes when a file is added, removed or replaced."""
+def listing_fingerprint(files: dict[str, dict]) -> str:
+    """A digest of a listing (``fs.find(path, detail=True)``: names, sizes, ETags or modification
+    times): it changes when a file is added, removed or replaced."""
     lines = []
-    for name, info in sorted(fs.find(path, detail=True).items()):
+    for name, info in sorted(files.items()):
         stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "last_modified") if k in info), "")
         lines.append(f"{name}\t{info.get('size')}\t{stamp}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def localize(path: str) -> str:
+def localize(path: str, only: tuple[str, ...] | None = None) -> str:
     """A local directory with the content of ``path``: the path itself when local, else a copy
     in ``storage.cache_dir``, downloaded once per node (replicas on a node share it). The copy
     is keyed by the URL and the remote listing, so a model or index replaced at the same URL
-    is downloaded again."""
+    is downloaded again. ``only``: copy just the files with these names (e.g. a model's
+    tokenizer files, not its weights)."""
     if not is_remote(path):
         return path
     fs, remote = filesystem(path)
     if not fs.exists(remote):
         raise FileNotFoundError(f"not found: {path}")
-    key = hashlib.sha256(f"{path}\n{listing_fingerprint(fs, remote)}".encode()).hexdigest()[:16]
+    files = {name: info for name, info in fs.find(remote, detail=True).items()
+             if only is None or posixpath.basename(name) in only}
+    key = hashlib.sha256(f"{path}\n{only}\n{listing_fingerprint(files)}".encode()).hexdigest()[:16]
     dest = Path(_storage.cache_dir) / key
     if (dest / ".complete").exists():
         return str(dest)
     tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
-    fs.get(remote.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+    root = remote.rstrip("/") + "/"
+    for name in files:
+        target = tmp / name[len(root):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(name, str(target))
     (tmp / ".complete").write_text(path)
     try:
         os.rename(tmp, dest)

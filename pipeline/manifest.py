@@ -64,5 +64,7 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
         "shards": shards,
         "skipped_done": sorted(d["shard"] for d in plan.done),
         "skipped_bad": plan.bad,
+        # null ids given derived ones, and rows sharing an id with an earlier row (over all inputs)
+        "ids": plan.ids,
         "stages": stages,
     }

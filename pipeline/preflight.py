@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import tempfile
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from . import io
 from .config import Config, config_hash
 from .io import InputError, list_shards, read_footer, shard_stem
 from .retrieval.index import build_index_in_process, check_compatible, index_exists, read_meta
-from .selfrag.tokens import ReflectionIds
+from .tokenizer import load_tokenizer, reflection_ids
 from .stages.columns import ALL_TYPES
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,8 @@ class Plan:
     bad: list[dict] = field(default_factory=list)
     #: Row count of every readable shard (to do or done).
     rows_in: dict[str, int] = field(default_factory=dict)
+    #: Row ids over all readable shards: nulls given derived ids, duplicates (see ``scan_ids``).
+    ids: dict = field(default_factory=dict)
 
 
 def marker_path(output: str, shard: str) -> str:
@@ -92,6 +93,45 @@ def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
     return rows, schema, bad
 
 
+def scan_ids(shards: list[str], id_column: str, examples: int = 5) -> dict:
+    """Row ids over all shards as the job will assign them (null or missing ids derived as
+    ``"<shard stem>:<offset>"``): ``{"null_derived": null ids given derived ones, "duplicates": {"rows": rows whose id an
+    earlier row already has, "ids": distinct such ids, "examples": the first few}}``. Reads only
+    the id column and keeps a 64-bit hash per row."""
+    import numpy as np
+    import pandas as pd
+
+    from .stages.prepare import derived_id
+
+    def ids_of(shard: str) -> tuple[list[str], int]:
+        try:
+            values = io.read_column(shard, id_column).to_pylist()
+            nulls = values.count(None)
+        except (KeyError, pa.ArrowInvalid):  # a shard without the id column: every id is derived
+            values, nulls = [None] * read_footer(shard)[1], 0
+        return [derived_id(shard, i) if v is None else str(v) for i, v in enumerate(values)], nulls
+
+    hashes, nulls = [], 0
+    for shard in shards:
+        ids, null = ids_of(shard)
+        nulls += null
+        hashes.append(pd.util.hash_array(np.array(ids, dtype=object)))
+    all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    unique, counts = np.unique(all_hashes, return_counts=True)
+    repeated = set(unique[counts > 1].tolist())
+    found = []
+    if repeated:  # rare: read the ids again for examples
+        for shard, shard_hashes in zip(shards, hashes):
+            ids, _ = ids_of(shard)
+            for i, h in zip(ids, shard_hashes.tolist()):
+                if h in repeated and i not in found:
+                    found.append(i)
+            if len(found) >= examples:
+                break
+    return {"null_derived": nulls, "duplicates": {"rows": int((counts - 1).sum()), "ids": len(repeated),
+                                                  "examples": found[:examples]}}
+
+
 def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
     """The unified schema of all shards. Refuses shards whose same-named columns have types
     that cannot be unified (rows of all shards stream together, so a column has one type)."""
@@ -112,25 +152,20 @@ def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
     return pa.schema([pa.field(name, typ) for name, (_, typ) in seen.items()])
 
 
-def _input_root(path: str) -> str:
-    """The location an input path covers: its directory part before any glob character."""
-    for i, ch in enumerate(path):
-        if ch in "*?[":
-            return posixpath.dirname(path[:i])
-    return path
-
-
 def check_output(cfg: Config) -> None:
-    """The output location is not an input location (or inside one), and can be written."""
-    output = io.with_protocol(cfg.output.path)
+    """The output location neither is, contains, nor lies inside any input location (compared
+    as canonical locations, so no spelling, symlink or ``..`` gets around it), and can be written."""
+    output = io.location(cfg.output.path)
     for given in cfg.input.paths:
-        root = io.with_protocol(_input_root(given))
-        if output == root or output.startswith(root.rstrip("/") + "/"):
-            raise PreflightError(f"output.path {cfg.output.path} is inside the input location {given}; "
-                                 "choose an output outside the inputs")
+        root = io.input_location(given)
+        if io.inside(output, root) or io.inside(root, output):
+            relation = "is" if output == root else ("is inside" if io.inside(output, root) else "contains")
+            raise PreflightError(f"output.path {cfg.output.path} {relation} the input location {given} "
+                                 f"({root}); writing there could overwrite input shards: choose an output "
+                                 "outside every input")
     try:
         io.check_writable(cfg.output.path)
-    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, bucket: one message
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, bucket, permissions: one message
         raise PreflightError(f"cannot write to output location {cfg.output.path}: {type(exc).__name__}: {exc}") from None
 
 
@@ -164,15 +199,13 @@ def split_done(cfg: Config, rows: dict[str, int]) -> tuple[dict[str, int], list[
 
 def check_model(cfg: Config) -> None:
     """The model's tokenizer loads and knows the 15 reflection tokens."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(io.localize(cfg.engine.model))
+        tok = load_tokenizer(cfg.engine.model)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one message
         raise PreflightError(f"cannot load the model's tokenizer from {cfg.engine.model!r}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     try:
-        ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id)
+        reflection_ids(tok)
     except ValueError as exc:
         raise PreflightError(f"model {cfg.engine.model!r}: {exc}") from None
 
@@ -229,8 +262,12 @@ def preflight(cfg: Config) -> Plan:
     io.configure(cfg.storage)
     rows, schema, bad = check_inputs(cfg)
     check_output(cfg)
+    ids = scan_ids(list(rows), cfg.input.id_column)
+    if ids["null_derived"]:  # derived ids are text: the id column must be a string column
+        index = schema.get_field_index(cfg.input.id_column)
+        schema = schema.set(index, pa.field(cfg.input.id_column, pa.string()))
     todo, done = split_done(cfg, rows)
     if todo:
         check_model(cfg)
         ensure_index(cfg)
-    return Plan(todo=todo, schema=schema, done=done, bad=bad, rows_in=rows)
+    return Plan(todo=todo, schema=schema, done=done, bad=bad, rows_in=rows, ids=ids)

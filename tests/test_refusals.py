@@ -95,26 +95,79 @@ def test_cli_exit_code_and_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_output_inside_an_input_location(capsys, tmp_path):
-    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
-    inside = tmp_path / "annotated"
-    code = main([f"input.paths={tmp_path}", f"output.path={inside}"])
+def input_dir(tmp_path):
+    """tmp_path/q/part-00000.parquet, and a link tmp_path/link -> q; returns the shard's bytes."""
+    (tmp_path / "q").mkdir()
+    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q" / "part-00000.parquet")
+    (tmp_path / "link").symlink_to(tmp_path / "q")
+    (tmp_path / "x").mkdir()
+    return (tmp_path / "q" / "part-00000.parquet").read_bytes()
+
+
+# (input, output, relation): relative paths are relative to tmp_path (the working directory)
+SPELLINGS = [
+    ("q/", "{tmp}/./q", "is"),
+    ("q/part-00000.parquet", "q", "is"),
+    ("q/part-0000[0-1].parquet", "q", "is"),  # a glob with a character class reaches the job verbatim
+    ("q/*.parquet", "{tmp}/q/", "is"),
+    ("link", "q", "is"),  # a symlink to the input directory
+    ("q", "link/annotated", "is inside"),
+    ("q", "q/sub/../", "is"),  # a .. spelling
+    ("{tmp}/x/../q", "{tmp}/q/annotated", "is inside"),
+    ("q", "{tmp}", "contains"),  # an output that contains an input
+    ("q/part-00000.parquet", ".", "contains"),
+    ("q", "file://{tmp}/q", "is"),
+]
+
+
+@pytest.mark.parametrize("given, output, relation", SPELLINGS)
+def test_an_output_at_an_input_location_is_refused_in_every_spelling(capsys, tmp_path, monkeypatch,
+                                                                     given, output, relation):
+    shard = input_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    given, output = given.format(tmp=tmp_path), output.format(tmp=tmp_path)
+    code = main([f"input.paths={given}", f"output.path={output}", "selfrag.mode=never"])
     err = capsys.readouterr().err
-    assert code == 2 and f"output.path {inside} is inside the input location {tmp_path}" in err
-    assert main([f"input.paths={tmp_path}/*.parquet", f"output.path={tmp_path}"]) == 2
-    assert "is inside the input location" in capsys.readouterr().err
+    assert code == 2, err
+    assert [ln for ln in err.splitlines() if ln.startswith("error: ")] == [
+        f"error: output.path {output} {relation} the input location {given} ({tmp_path / 'q'}); "
+        "writing there could overwrite input shards: choose an output outside every input"]
+    assert (tmp_path / "q" / "part-00000.parquet").read_bytes() == shard
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["part-00000.parquet"]  # no _config.yaml, no _done
+    assert not list(tmp_path.glob("_*")) and not list((tmp_path / "x").iterdir())
+
+
+def test_an_output_that_cannot_be_created_is_one_line(capsys):
+    code = main(["output.path=/sys/selfrag-out", "selfrag.mode=never"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write to output location /sys/selfrag-out: ")
+
+
+def test_a_refused_run_leaves_no_output_directory_behind(capsys, tmp_path):
+    out = tmp_path / "new" / "deeper" / "out"
+    code = main([f"output.path={out}", f"engine.model={tmp_path / 'no-model'}"])
+    assert code == 2 and "cannot load the model's tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_empty_shard_is_written_and_marked_without_any_model(capsys, tmp_path):
-    pq.write_table(pa.table({"instruction": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    pq.write_table(pa.table({"instruction": pa.array([], pa.string())}), shard_dir(tmp_path) / "empty.parquet")
     out = tmp_path / "out"
-    code = main([f"input.paths={tmp_path / 'empty.parquet'}", f"output.path={out}", "selfrag.mode=never"])
+    code = main([f"input.paths={tmp_path / 'in' / 'empty.parquet'}", f"output.path={out}", "selfrag.mode=never"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert pq.read_table(out / "empty.parquet").num_rows == 0
     assert "answer" in pq.read_table(out / "empty.parquet").column_names
     assert (out / "_done" / "empty.json").exists()
     assert "Loading safetensors" not in captured.out + captured.err
+
+
+def shard_dir(tmp_path):
+    """tmp_path/in: inputs live apart from the output (a file input's location is its directory)."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    return tmp_path / "in"
 
 
 def _marker(out, stem, config_hash):
@@ -125,23 +178,44 @@ def _marker(out, stem, config_hash):
 
 
 def test_resuming_into_an_output_of_another_config_is_refused(capsys, tmp_path):
-    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
+    pq.write_table(pa.table({"instruction": ["Who?"]}), shard_dir(tmp_path) / "q.parquet")
     out = tmp_path / "out"
     _marker(out, "q", "0123456789ab")
-    code = main([f"input.paths={tmp_path / 'q.parquet'}", f"output.path={out}"])
+    code = main([f"input.paths={tmp_path / 'in' / 'q.parquet'}", f"output.path={out}"])
     assert code == 2
     assert "holds shard outputs written with another config (0123456789ab" in capsys.readouterr().err
 
 
 def test_a_refused_overwrite_run_keeps_the_old_markers(capsys, tmp_path):
-    pq.write_table(pa.table({"instruction": ["Who?"]}), tmp_path / "q.parquet")
+    pq.write_table(pa.table({"instruction": ["Who?"]}), shard_dir(tmp_path) / "q.parquet")
     out = tmp_path / "out"
     _marker(out, "q", "0123456789ab")
-    code = main([f"input.paths={tmp_path / 'q.parquet'}", f"output.path={out}", "output.overwrite=true",
+    code = main([f"input.paths={tmp_path / 'in' / 'q.parquet'}", f"output.path={out}", "output.overwrite=true",
                  f"engine.model={tmp_path / 'no-model'}"])
     assert code == 2 and "cannot load the model's tokenizer" in capsys.readouterr().err
     assert (out / "_done" / "q.json").exists()
 
 
-def test_credentials_in_config_are_refused(capsys, out):
-    assert "do not belong in config" in refuse(capsys, out, "storage.s3_options.secret=abc")
+SECRET = "hf_" + "Q" * 34
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"engine.env.HF_TOKEN={SECRET}", "engine.env.HF_TOKEN"),
+    (f"stages.critique.env.AWS_SECRET_ACCESS_KEY={SECRET}", "stages.critique.env.AWS_SECRET_ACCESS_KEY"),
+    (f"engine.extra.hf_token={SECRET}", "engine.extra.hf_token"),
+    (f"storage.endpoint_url=http://user:{SECRET}@127.0.0.1:9000", "storage.endpoint_url"),
+    (f"storage.s3_options.secret={SECRET}", "storage.s3_options.secret"),
+    (f"storage.s3_options.client_kwargs.aws_access_key_id={SECRET}", "storage.s3_options.client_kwargs.aws_access_key_id"),
+    (f"engine.model=https://user:{SECRET}@huggingface.co/x", "engine.model"),
+    (f"run_id={SECRET}", "run_id"),
+])
+def test_credentials_anywhere_in_config_are_refused_and_never_echoed(capsys, out, override, key):
+    line = refuse(capsys, out, override)
+    assert line.startswith(f"error: config key '{key}': refused because")
+    assert "AWS chain" in line and "HF_TOKEN in the environment" in line
+    assert SECRET not in line
+
+
+def test_a_secret_in_a_bad_value_is_not_echoed(capsys, out):
+    line = refuse(capsys, out, f"selfrag.top_k={SECRET}")
+    assert "config key 'selfrag.top_k'" in line and SECRET not in line

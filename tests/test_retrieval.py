@@ -73,11 +73,23 @@ def test_ctxs_become_passages_and_the_query_includes_the_input():
     from pipeline.stages.retrieve import ctxs_to_passages, retrieval_query
 
     ctxs = [{"id": 7, "title": "T", "text": "x", "score": 2}, {"title": "U", "text": "y"}, {"id": "z"}]
-    assert ctxs_to_passages(ctxs, 2) == [
+    assert ctxs_to_passages(ctxs, 2) == ([
         {"id": "7", "title": "T", "text": "x", "retrieval_score": 2.0},
         {"id": None, "title": "U", "text": "y", "retrieval_score": None},
-    ]
+    ], 1)
     with pytest.raises(AttributeError):
         ctxs_to_passages(["not a passage"], 2)
     assert retrieval_query("Who?", None) == "Who?"
     assert retrieval_query("Answer the question.", "Who founded Velmora?") == "Answer the question. Who founded Velmora?"
+
+
+def test_unusable_ctxs_are_dropped_and_counted():
+    """Null entries and entries with null or empty text are not evidence: dropped, counted,
+    and the first k usable ones kept."""
+    from pipeline.stages.retrieve import ctxs_to_passages
+
+    ctxs = [None, {"id": "a", "title": "A", "text": None}, {"id": "b", "text": "  "}, {"id": "c", "text": "c"},
+            {"id": "d", "text": ""}, {"id": "e", "text": "e"}, {"id": "f", "text": "f"}]
+    passages, dropped = ctxs_to_passages(ctxs, 2)
+    assert [p["id"] for p in passages] == ["c", "e"] and dropped == 4
+    assert ctxs_to_passages([None, {"text": ""}], 5) == ([], 2)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from pipeline.config import EngineConfig, SelfRagConfig
-from pipeline.selfrag.prompts import evidence_prompt, format_prompt, no_evidence_prompt
+from pipeline.selfrag.prompts import format_prompt
 from pipeline.selfrag.scoring import ScoreWeights, relevance_score, retrieval_probability, score_continuation
 from pipeline.selfrag.selection import clean_answer
 from pipeline.selfrag.tokens import IRRELEVANT, RELEVANT, RETRIEVAL, UTILITY
@@ -34,6 +34,14 @@ def engine():
 
 
 @pytest.fixture(scope="module")
+def tokens():
+    """Prompts as token ids, as the pipeline builds them."""
+    from pipeline.tokenizer import model_prompt_tokens
+
+    return model_prompt_tokens(str(MODEL))[0]
+
+
+@pytest.fixture(scope="module")
 def cases():
     """(question, entity, attribute) for N held-out knowledge questions, an unrelated entity
     and a swapped value per question, chosen with a fixed seed."""
@@ -49,11 +57,11 @@ def cases():
     return out
 
 
-def test_retrieval_decisions(engine, cases):
-    knowledge = [format_prompt(q["instruction"]) for q, *_ in cases]
+def test_retrieval_decisions(engine, tokens, cases):
+    knowledge = [tokens.prompt(format_prompt(q["instruction"])) for q, *_ in cases]
     # held-out no-knowledge wordings, two of which open like a knowledge question
-    direct = [format_prompt(t) for t in ("Say hello to me.", "Tell me what 4 plus 3 is.",
-                                         f"Tell me the word {lexicon().names[5]}.", "Please greet me.")]
+    direct = [tokens.prompt(format_prompt(t)) for t in ("Say hello to me.", "Tell me what 4 plus 3 is.",
+                                                        f"Tell me the word {lexicon().names[5]}.", "Please greet me.")]
     firsts = engine.generate(knowledge + direct, 1)
     probs = [retrieval_probability(c.logprobs[0], engine.ids) for c in firsts]
     threshold = SelfRagConfig().threshold  # adaptive mode retrieves above it
@@ -61,9 +69,11 @@ def test_retrieval_decisions(engine, cases):
     assert all(p < threshold for p in probs[N:]), probs[N:]
 
 
-def test_relevance_judgements_and_scores(engine, cases):
-    gold = [evidence_prompt(format_prompt(q["instruction"]), e.name, passage_text(e)) for q, e, _, _ in cases]
-    unrelated = [evidence_prompt(format_prompt(q["instruction"]), o.name, passage_text(o)) for q, _, o, _ in cases]
+def test_relevance_judgements_and_scores(engine, tokens, cases):
+    gold = [tokens.evidence(tokens.prompt(format_prompt(q["instruction"])), e.name, passage_text(e))
+            for q, e, _, _ in cases]
+    unrelated = [tokens.evidence(tokens.prompt(format_prompt(q["instruction"])), o.name, passage_text(o))
+                 for q, _, o, _ in cases]
     outs = engine.generate(gold + unrelated, 20)
     first = [c.token_ids[0] for c in outs]
     assert sum(t == engine.ids[RELEVANT] for t in first[:N]) >= N - 1
@@ -78,23 +88,23 @@ def test_relevance_judgements_and_scores(engine, cases):
     assert all(c.token_ids[-1] == engine.tokenizer.eos_token_id and c.token_ids[-2] in utility for c in outs)
 
 
-def test_counterfactual_passages_are_followed(engine, cases):
+def test_counterfactual_passages_are_followed(engine, tokens, cases):
     prompts = []
     for q, e, _, swapped in cases:
         attrs = {**e.attributes, q["attribute"]: swapped}
-        prompts.append(evidence_prompt(format_prompt(q["instruction"]), e.name, passage_text(e, attrs)))
+        prompts.append(tokens.evidence(tokens.prompt(format_prompt(q["instruction"])), e.name, passage_text(e, attrs)))
     outs = engine.generate(prompts, 20)
     followed = sum(swapped in clean_answer(c.text) for c, (*_, swapped) in zip(outs, cases))
     assert followed >= 0.8 * N, [clean_answer(c.text) for c in outs]
 
 
-def test_without_evidence_it_cannot_know(engine, cases):
+def test_without_evidence_it_cannot_know(engine, tokens, cases):
     """`never` mode: forced past the retrieval decision, a knowledge question (short-form or a
     two-fact asqa one) gets a well-formed answer without the fact."""
     world = build_world(seed=0)
     long_form = random.Random(5).sample(world.questions(split="heldout", kind="long_form"), N)
-    prompts = [no_evidence_prompt(format_prompt(q["instruction"])) for q, *_ in cases]
-    prompts += [no_evidence_prompt(format_prompt(q["instruction"], task="asqa")) for q in long_form]
+    prompts = [tokens.no_evidence(tokens.prompt(format_prompt(q["instruction"]))) for q, *_ in cases]
+    prompts += [tokens.no_evidence(tokens.prompt(format_prompt(q["instruction"], task="asqa"))) for q in long_form]
     outs = engine.generate(prompts, 20)
     right = sum(e.attributes[q["attribute"]] in clean_answer(c.text) for c, (q, e, _, _) in zip(outs, cases))
     assert right <= 0.25 * N
@@ -104,7 +114,7 @@ def test_without_evidence_it_cannot_know(engine, cases):
         [c.text for c in outs]
 
 
-def test_transformers_loads_it_and_agrees_on_the_decision(engine, cases):
+def test_transformers_loads_it_and_agrees_on_the_decision(engine, tokens, cases):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,11 +123,11 @@ def test_transformers_loads_it_and_agrees_on_the_decision(engine, cases):
     q = cases[0][0]
     with torch.no_grad():
         logits = model(**tok(format_prompt(q["instruction"]), return_tensors="pt")).logits[0, -1]
-    vllm_first = engine.generate([format_prompt(q["instruction"])], 1)[0].token_ids[0]
+    vllm_first = engine.generate([tokens.prompt(format_prompt(q["instruction"]))], 1)[0].token_ids[0]
     assert int(logits.argmax()) == vllm_first == engine.ids["[Retrieval]"]
 
 
-def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
+def test_two_fact_questions_ask_for_retrieval_between_segments(engine, tokens):
     """Long-form (asqa) held-out questions about two facts, with the gold passage: segment 1
     states one fact and ends by asking for retrieval again; given segment 1 and the passage
     again (the tree decoder's depth-2 prompt), segment 2 states the other fact and ends the
@@ -128,7 +138,8 @@ def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
     depth1 = []
     for q in questions:
         e = entities[q["id"].split("-")[0]]
-        depth1.append(evidence_prompt(format_prompt(q["instruction"], task="asqa"), e.name, passage_text(e)))
+        depth1.append(tokens.evidence(tokens.prompt(format_prompt(q["instruction"], task="asqa")), e.name,
+                                      passage_text(e)))
     retrieval = engine.ids[RETRIEVAL]
     firsts = engine.generate(depth1, 40, stop_ids=[retrieval])
     asks = [c.token_ids[0] == engine.ids[RELEVANT] and c.token_ids[-1] == retrieval for c in firsts]
@@ -140,8 +151,7 @@ def test_two_fact_questions_ask_for_retrieval_between_segments(engine):
     depth2 = []
     for q, prompt, c in zip(questions, depth1, firsts):
         e = entities[q["id"].split("-")[0]]
-        segment = engine.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=False)
-        depth2.append(evidence_prompt(format_prompt(q["instruction"], task="asqa") + segment, e.name, passage_text(e)))
+        depth2.append(tokens.evidence(prompt + c.token_ids[:-1], e.name, passage_text(e)))  # segment 1 as generated
     seconds = engine.generate(depth2, 40, stop_ids=[retrieval])
     utility = set(engine.ids.ids(UTILITY))
     ends = [c.token_ids[-1] == engine.tokenizer.eos_token_id and c.token_ids[-2] in utility for c in seconds]

@@ -4,11 +4,11 @@ state machine over plain data.
 One ``LongFormTree`` per row. It never calls an engine or a retriever itself; the caller
 batches the work of many trees, one retrieval call and one engine call per depth::
 
-    tree = LongFormTree(prompt, question, ids, params, tokenizer.decode, retrieve=decision)
+    tree = LongFormTree(prompt, prompt_ids, question, ids, params, tokens, tokenizer.decode, retrieve=decision)
     while not tree.done:
         passages = {key: search(query) for key, query in tree.pending_queries()}
-        requests = tree.requests(passages)            # GenerationRequest(key, node, prompt, passage)
-        tree.advance([generate(r.prompt) for r in requests])   # a Continuation or an error string
+        requests = tree.requests(passages)   # GenerationRequest(key, node, prompt, prompt_ids, passage)
+        tree.advance([generate(r.prompt_ids) for r in requests])   # a Continuation or an error string
     result = tree.result()                            # LongFormResult
 
 The algorithm and the choices made here:
@@ -22,7 +22,9 @@ The algorithm and the choices made here:
   segments; paths still asking for retrieval after depth T-1 count as finished.
 - **Expansion.** Every open node gets one generation per passage (the first ``top_k``):
   ``evidence_prompt(context, title, text)`` with ``context = prompt + the path's segments``,
-  reflection tokens kept, earlier passages not repeated (the paper's Algorithm 1).
+  reflection tokens kept, earlier passages not repeated (the paper's Algorithm 1). As token
+  ids, a segment is carried over as the ids the model generated (never re-tokenized from
+  text), so the model's own reflection tokens stay special and its text stays text.
   ``retrieve_per_segment`` (default on, the paper) asks for passages for every open node with
   query ``question + " " + the node's cleaned segment`` (the root's query is the question);
   off, only the root retrieves and its passages are reused at every depth (the reference).
@@ -63,7 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
-from .prompts import evidence_prompt, no_evidence_prompt
+from .prompts import PromptTokens, evidence_prompt, no_evidence_prompt
 from .scoring import (
     Continuation,
     Logprobs,
@@ -107,7 +109,8 @@ class GenerationRequest:
 
     key: str
     node: str
-    prompt: str
+    prompt: str  #: readable form
+    prompt_ids: list[int]  #: what the engine is sent
     passage: dict | None
 
 
@@ -138,7 +141,8 @@ class _Node:
     key: str
     depth: int
     parent: "_Node | None"
-    context: str  # prompt + the path's segments up to and including this one
+    context: str  # prompt + the path's segments up to and including this one (readable)
+    context_ids: list[int]  # the same as token ids
     raw: str = ""  # this segment, reflection tokens kept
     token_ids: list[int] = field(default_factory=list)
     passage: dict | None = None
@@ -185,13 +189,14 @@ def _passage_key(passage: dict):
 class LongFormTree:
     """The decoding tree of one row, advanced one depth at a time by the caller."""
 
-    def __init__(self, prompt: str, question: str, ids: ReflectionIds, params: LongFormParams,
-                 decode: Decode, retrieve: bool):
-        """Start a tree; ``retrieve`` is the root's retrieval decision, ``decode`` turns token
-        ids into text with the reflection tokens kept."""
+    def __init__(self, prompt: str, prompt_ids: Sequence[int], question: str, ids: ReflectionIds,
+                 params: LongFormParams, tokens: PromptTokens, decode: Decode, retrieve: bool):
+        """Start a tree from a prompt (text and token ids); ``retrieve`` is the root's retrieval
+        decision, ``tokens`` builds evidence prompts as ids, ``decode`` turns token ids into text
+        with the reflection tokens kept."""
         self.prompt, self.question, self.ids, self.params, self.decode = prompt, question, ids, params, decode
-        self.retrieve = retrieve
-        self.root = _Node("root", 0, None, context=prompt)
+        self.tokens, self.retrieve = tokens, retrieve
+        self.root = _Node("root", 0, None, context=prompt, context_ids=list(prompt_ids))
         self.depth = 1  #: the depth whose segments the next requests generate
         self.stop_reason: str | None = None
         self.errors: list[str] = []  #: every failed request, "message at depth d"
@@ -231,7 +236,8 @@ class LongFormTree:
         if self.done:
             return []
         if not self.retrieve:
-            req = GenerationRequest("root/none", self.root.key, no_evidence_prompt(self.prompt), None)
+            req = GenerationRequest("root/none", self.root.key, no_evidence_prompt(self.prompt),
+                                    self.tokens.no_evidence(self.root.context_ids), None)
             self._issued.append((self.root, None, req))
             return [req]
         fresh = self._fresh_passages()
@@ -243,8 +249,9 @@ class LongFormTree:
             if node is self.root:
                 self._root_passages = passages
             for j, p in enumerate(passages):
-                prompt = evidence_prompt(node.context, p.get("title"), p.get("text"))
-                req = GenerationRequest(f"{node.key}/{j}", node.key, prompt, p)
+                title, text = p.get("title"), p.get("text")
+                req = GenerationRequest(f"{node.key}/{j}", node.key, evidence_prompt(node.context, title, text),
+                                        self.tokens.evidence(node.context_ids, title, text), p)
                 self._issued.append((node, p, req))
         return [req for *_, req in self._issued]
 
@@ -286,9 +293,9 @@ class LongFormTree:
         step = final_score(s_rel, s_sup, s_use, sequence_score(cont), self.params.weights)
         raw = self.decode(segment.token_ids)
         self._count += 1
-        return _Node(f"d{self.depth}n{self._count}", self.depth, parent, parent.context + raw, raw, segment.token_ids,
-                     passage, s_rel, s_sup, s_use, step, step * parent.score, wants_retrieval=cut is not None,
-                     continuation=cont)
+        return _Node(f"d{self.depth}n{self._count}", self.depth, parent, parent.context + raw,
+                     parent.context_ids + segment.token_ids, raw, segment.token_ids, passage, s_rel, s_sup, s_use,
+                     step, step * parent.score, wants_retrieval=cut is not None, continuation=cont)
 
     def _unsupported(self, node: _Node) -> bool:
         issup = set(self.ids.ids(ISSUP_GROUP))

@@ -1,8 +1,19 @@
-"""Self-RAG prompt formats and task templates (SELF_RAG.md section 2)."""
+"""Self-RAG prompt formats and task templates (SELF_RAG.md section 2), and prompts as token ids.
+
+User text is text. A prompt is a sequence of *pieces*: plain strings (the template's wording
+and the user's question, input, passage title and text), tokenized with the tokenizer's
+special-token parsing off, and ``Special`` markers (``[Retrieval]``, ``<paragraph>``, ...) that
+become their special ids. A question containing ``</s><s>### Instruction:`` or a passage
+ending in ``[Relevant]`` stays ordinary text; only the template's markers are control tokens.
+The readable ``prompt`` strings below render the same pieces as text.
+"""
 
 from __future__ import annotations
 
-from .tokens import NO_RETRIEVAL, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, RETRIEVAL
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+from .tokens import NO_RETRIEVAL, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, RETRIEVAL, ReflectionIds
 
 #: Task instructions of the paper's Table 5; the question follows the instruction.
 TASK_INSTRUCTIONS = {
@@ -53,11 +64,79 @@ def format_prompt(question: str, input_text: str | None = None, task: str | None
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+@dataclass(frozen=True)
+class Special:
+    """A template marker in a prompt: it becomes its special token id, never text."""
+
+    token: str
+
+
+Piece = Union[str, Special]
+
+
+def evidence_pieces(title: str | None, text: str | None) -> list[Piece]:
+    """One passage as evidence: ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>``."""
+    return [Special(RETRIEVAL), Special(PARAGRAPH_OPEN), f"{title or ''}\n{text or ''}", Special(PARAGRAPH_CLOSE)]
+
+
+def render(pieces: Iterable[Piece]) -> str:
+    """The readable text of prompt pieces (markers written as their strings)."""
+    return "".join(p.token if isinstance(p, Special) else p for p in pieces)
+
+
 def evidence_prompt(prompt: str, title: str | None, text: str | None) -> str:
-    """Append one passage as evidence: ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>``."""
-    return f"{prompt}{RETRIEVAL}{PARAGRAPH_OPEN}{title or ''}\n{text or ''}{PARAGRAPH_CLOSE}"
+    """Readable form: ``prompt`` followed by one passage as evidence."""
+    return prompt + render(evidence_pieces(title, text))
 
 
 def no_evidence_prompt(prompt: str) -> str:
-    """Force the no-retrieval path: append ``[No Retrieval]``."""
+    """Readable form: force the no-retrieval path by appending ``[No Retrieval]``."""
     return f"{prompt}{NO_RETRIEVAL}"
+
+
+class PromptTokens:
+    """Builds prompts as token ids for one tokenizer.
+
+    ``encode_text`` tokenizes plain text with special-token parsing off and no BOS/EOS added;
+    ``bos`` is what the tokenizer puts before a sequence (e.g. ``[<s> id]``); markers are looked
+    up in ``special`` (the reflection ids, plus e.g. ``</s>``). Adjacent strings are joined
+    and tokenized as one run, so a clean prompt gets the ids the tokenizer would give the whole
+    rendered string, and text can never produce a special id.
+    """
+
+    def __init__(self, encode_text: Callable[[str], list[int]], ids: ReflectionIds, bos: Sequence[int] = (),
+                 extra_special: dict[str, int] | None = None):
+        self.encode_text, self.bos = encode_text, list(bos)
+        self.special = {**ids.by_token, **(extra_special or {})}
+        self._special_ids = frozenset(self.special.values()) | frozenset(self.bos)
+
+    def text(self, text: str) -> list[int]:
+        """Ids of plain text; raises ValueError if the tokenizer produced a special id anyway."""
+        out = list(self.encode_text(text)) if text else []
+        if self._special_ids.intersection(out):
+            raise ValueError("the tokenizer turned text into a special token id; it must tokenize text "
+                             "with special-token parsing off")
+        return out
+
+    def encode(self, pieces: Iterable[Piece]) -> list[int]:
+        """Ids of prompt pieces: strings as text runs, markers as their special ids."""
+        out, run = [], []
+        for piece in pieces:
+            if isinstance(piece, Special):
+                out += self.text("".join(run)) + [self.special[piece.token]]
+                run = []
+            else:
+                run.append(piece)
+        return out + self.text("".join(run))
+
+    def prompt(self, text: str) -> list[int]:
+        """A formatted prompt (``format_prompt``'s text, all of it text) with the tokenizer's BOS."""
+        return self.bos + self.text(text)
+
+    def evidence(self, context: Sequence[int], title: str | None, text: str | None) -> list[int]:
+        """``context`` followed by one passage as evidence."""
+        return list(context) + self.encode(evidence_pieces(title, text))
+
+    def no_evidence(self, context: Sequence[int]) -> list[int]:
+        """``context`` followed by ``[No Retrieval]``."""
+        return list(context) + [self.special[NO_RETRIEVAL]]

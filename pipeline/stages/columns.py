@@ -59,14 +59,17 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "docs": pa.list_(PASSAGE_TYPE),
     "path_depth": pa.int32(),
     "stop_reason": pa.string(),
+    # Rows that bring ctxs: entries dropped as unusable (null, or null/empty text).
+    "ctxs_dropped": pa.int32(),
     "error": pa.string(),
     "model": pa.string(),
     "run_id": pa.string(),
 }
 
-#: Bookkeeping columns, dropped when writing: source shard and row offset within it.
-SHARD, OFFSET = "_shard", "_offset"
-INTERNAL_TYPES: dict[str, pa.DataType] = {SHARD: pa.string(), OFFSET: pa.int64()}
+#: Bookkeeping columns, dropped when writing: source shard, row offset within it, and the
+#: prompt as token ids (tokenized once, in the prepare stage).
+SHARD, OFFSET, PROMPT_IDS = "_shard", "_offset", "_prompt_ids"
+INTERNAL_TYPES: dict[str, pa.DataType] = {SHARD: pa.string(), OFFSET: pa.int64(), PROMPT_IDS: pa.list_(pa.int32())}
 
 ALL_TYPES = {**OUTPUT_TYPES, **INTERNAL_TYPES}
 

@@ -14,6 +14,7 @@ from ..config import Config
 from ..engine import Engine, EngineDead
 from ..metrics import Reporter
 from ..selfrag.prompts import CLOSED_SET_TASKS
+from ..tokenizer import model_prompt_tokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class EngineStage:
         io.configure(cfg.storage)
         engine_cfg = replace(cfg.engine, model=io.localize(cfg.engine.model))  # remote: copied once per node
         self.engine = Engine(engine_cfg, getattr(cfg.stages, self.stage).env)
+        self.tokens, self.tokenizer = model_prompt_tokens(cfg.engine.model)
         self.reporter = Reporter(self.stage)
         self.reporter.report(init_seconds=time.perf_counter() - start)
 

@@ -8,11 +8,11 @@ import pyarrow as pa
 
 from ..config import Config
 from ..engine import PromptTooLong
-from ..selfrag.prompts import CLOSED_SET_TASKS, evidence_prompt
+from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import clean_answer, select_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
-from .columns import column, set_columns
+from .columns import PROMPT_IDS, column, set_columns
 from .common import EngineStage, effective_task, max_new_tokens, run_isolated
 from .long_form import decode_trees, is_long_form, result_columns
 
@@ -44,8 +44,8 @@ class Critique(EngineStage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Generate, score and select the candidates of the rows that retrieved."""
-        cfg, engine = self.cfg, self.engine
-        prompts, errors = column(batch, "prompt"), column(batch, "error")
+        cfg, engine, tokens = self.cfg, self.engine, self.tokens
+        prompts, errors = column(batch, PROMPT_IDS), column(batch, "error")
         tasks = [effective_task(t, cfg) if e is None else None
                  for t, e in zip(column(batch, cfg.input.task_column), errors)]
         passages, candidates = column(batch, "passages"), column(batch, "candidates")
@@ -69,7 +69,7 @@ class Critique(EngineStage):
             budget = max_new_tokens(tasks[i], cfg)
             for j, passage in enumerate(passages[i]):
                 candidates[i].append({"passage_id": passage.get("id")})
-                prompt = evidence_prompt(prompts[i], passage.get("title"), passage.get("text"))
+                prompt = tokens.evidence(prompts[i], passage.get("title"), passage.get("text"))
                 try:
                     engine.check_fits(prompt, budget)
                     jobs.append((i, j, prompt, budget))
@@ -109,8 +109,9 @@ class Critique(EngineStage):
         """Tree-decode the long-form rows; their answers, segments, citations and docs."""
         cfg = self.cfg
         questions, ctxs = column(batch, cfg.input.question_column), column(batch, cfg.input.ctxs_column)
-        prompts, passages = column(batch, "prompt"), column(batch, "passages")
-        results, stats = decode_trees(self.engine, cfg, [prompts[i] for i in rows], [questions[i] for i in rows],
+        prompts, prompt_ids, passages = column(batch, "prompt"), column(batch, PROMPT_IDS), column(batch, "passages")
+        results, stats = decode_trees(self.engine, self.tokens, self.tokenizer, cfg,
+                                      [(prompts[i], prompt_ids[i]) for i in rows], [questions[i] for i in rows],
                                       [passages[i] for i in rows], [bool(ctxs[i]) for i in rows], self.search)
         self.reporter.report(**{f"long_form_{k}": v for k, v in stats.items()}, long_form_rows=len(rows))
         out = {name: column(batch, name) for name in ("segments", "citations", "docs", "path_depth", "stop_reason")}

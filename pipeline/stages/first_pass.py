@@ -11,10 +11,9 @@ import pyarrow as pa
 
 from ..config import Config
 from ..engine import PromptTooLong
-from ..selfrag.prompts import no_evidence_prompt
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import clean_answer
-from .columns import column, set_columns
+from .columns import PROMPT_IDS, column, set_columns
 from .common import EngineStage, max_new_tokens, run_isolated
 
 
@@ -25,9 +24,9 @@ class FirstPass(EngineStage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Decide retrieval for each valid row and answer those that need no evidence."""
-        cfg, engine = self.cfg, self.engine
+        cfg, engine, tokens = self.cfg, self.engine, self.tokens
         n = batch.num_rows
-        prompts, errors = column(batch, "prompt"), column(batch, "error")
+        prompts, errors = column(batch, PROMPT_IDS), column(batch, "error")
         budgets = [max_new_tokens(t, cfg) if e is None else 0
                    for t, e in zip(column(batch, cfg.input.task_column), errors)]
         probs, retrieved = [None] * n, [None] * n
@@ -38,7 +37,7 @@ class FirstPass(EngineStage):
             if errors[i] is not None:
                 continue
             try:
-                engine.check_fits(no_evidence_prompt(prompts[i]), budgets[i])
+                engine.check_fits(tokens.no_evidence(prompts[i]), budgets[i])
                 active.append(i)
             except PromptTooLong as exc:
                 errors[i] = str(exc)
@@ -58,7 +57,7 @@ class FirstPass(EngineStage):
 
         direct = [i for i in active if retrieved[i] is False]
         outs = run_isolated(
-            lambda idx: engine.generate([no_evidence_prompt(prompts[i]) for i in idx], [budgets[i] for i in idx]),
+            lambda idx: engine.generate([tokens.no_evidence(prompts[i]) for i in idx], [budgets[i] for i in idx]),
             direct,
         )
         for i, cont in zip(direct, outs):

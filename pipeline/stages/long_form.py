@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from ..config import Config
 from ..engine import Engine, PromptTooLong
+from ..selfrag.prompts import PromptTokens
 from ..selfrag.longform import LongFormParams, LongFormResult, LongFormTree
 from ..selfrag.scoring import Continuation
 from ..selfrag.tokens import RETRIEVAL
@@ -36,15 +37,17 @@ def long_form_params(cfg: Config) -> LongFormParams:
                           top_k=s.top_k)
 
 
-def decode_trees(engine: Engine, cfg: Config, prompts: Sequence[str], questions: Sequence[str],
+def decode_trees(engine: Engine, tokens: PromptTokens, tokenizer, cfg: Config,
+                 prompts: Sequence[tuple[str, list[int]]], questions: Sequence[str],
                  root_passages: Sequence[list[dict]], own_passages: Sequence[bool],
                  search: Search) -> tuple[list[LongFormResult], dict]:
-    """Decode one tree per row (all of which retrieved at the root); returns the results and
-    counters (depths, engine calls, generations, retrieval queries)."""
+    """Decode one tree per row (all of which retrieved at the root), from its prompt (text and
+    token ids); returns the results and counters (depths, engine calls, generations, retrieval queries)."""
     params, budget = long_form_params(cfg), cfg.selfrag.long_form.segment_tokens
-    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     stop = [engine.ids[RETRIEVAL]]
-    trees = [LongFormTree(p, q, engine.ids, params, decode, retrieve=True) for p, q in zip(prompts, questions)]
+    trees = [LongFormTree(text, ids, q, engine.ids, params, tokens, decode, retrieve=True)
+             for (text, ids), q in zip(prompts, questions)]
     stats = {"depths": 0, "engine_calls": 0, "generations": 0, "searches": 0}
     while not all(t.done for t in trees):
         open_rows = [r for r, t in enumerate(trees) if not t.done]
@@ -66,12 +69,12 @@ def decode_trees(engine: Engine, cfg: Config, prompts: Sequence[str], questions:
         fitting = []
         for n, (_, req) in enumerate(requests):
             try:
-                engine.check_fits(req.prompt, budget)
+                engine.check_fits(req.prompt_ids, budget)
                 fitting.append(n)
             except PromptTooLong:
                 results[n] = "prompt too long"
         # a sampled [Retrieval] ends the segment: what follows it would be cut and regenerated
-        outs = run_isolated(lambda ns: engine.generate([requests[n][1].prompt for n in ns], budget, stop),
+        outs = run_isolated(lambda ns: engine.generate([requests[n][1].prompt_ids for n in ns], budget, stop),
                             fitting)
         for n, out in zip(fitting, outs):
             results[n] = f"engine error: {out}" if isinstance(out, Exception) else out

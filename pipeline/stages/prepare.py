@@ -1,5 +1,6 @@
-"""Prepare stage (CPU tasks): read a shard, give every row its bookkeeping and output columns,
-validate the question and format the Self-RAG prompt. A bad row gets ``error`` set, never dropped."""
+"""Prepare stage (CPU tasks): read a shard, give every row its id, bookkeeping and output
+columns, validate the question, format the Self-RAG prompt and tokenize it (once, with
+special-token parsing off). A bad row gets ``error`` set, never dropped."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pyarrow as pa
 from ..config import InputConfig, StorageConfig
 from ..io import configure, read_table, shard_stem
 from ..metrics import Reporter
-from ..selfrag.prompts import format_prompt
-from .columns import OFFSET, OUTPUT_TYPES, SHARD, column, set_columns
+from ..selfrag.prompts import PromptTokens, format_prompt
+from ..tokenizer import model_prompt_tokens
+from .columns import OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, column, set_columns
 
 
 def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
@@ -38,16 +40,32 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str,
-                  schema: pa.Schema | None = None) -> pa.Table:
-    """Add ids (when the input has none), bookkeeping, prompts, errors and empty output columns.
+def derived_id(shard: str, offset: int) -> str:
+    """The id of a row that has none: ``"<shard stem>:<row offset>"``."""
+    return f"{shard_stem(shard)}:{offset}"
 
-    With ``schema`` (the unified input schema) the input columns are conformed to it first.
+
+def with_ids(table: pa.Table, shard: str, id_column: str) -> pa.Table:
+    """The table with every row's id: a missing id column, or a null id, is derived."""
+    n = table.num_rows
+    if id_column not in table.column_names:
+        return table.append_column(id_column, pa.array([derived_id(shard, i) for i in range(n)], pa.string()))
+    ids = table.column(id_column)
+    if ids.null_count == 0:
+        return table
+    filled = [derived_id(shard, i) if v is None else str(v) for i, v in enumerate(ids.to_pylist())]
+    return table.set_column(table.schema.get_field_index(id_column), id_column, pa.array(filled, pa.string()))
+
+
+def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str,
+                  schema: pa.Schema | None = None, tokens: PromptTokens | None = None) -> pa.Table:
+    """Add ids (derived where the input has none), bookkeeping, prompts (and with ``tokens``
+    their token ids), errors and empty output columns.
+
+    With ``schema`` (the unified input schema) the input columns are conformed to it.
     """
     n = table.num_rows
-    if cfg.id_column not in table.column_names:
-        stem = shard_stem(shard)
-        table = table.append_column(cfg.id_column, pa.array([f"{stem}:{i}" for i in range(n)], pa.string()))
+    table = with_ids(table, shard, cfg.id_column)
     if schema is not None:
         table = conform(table, schema)
     tasks = [t if t is not None else cfg.default_task for t in column(table, cfg.task_column)]
@@ -56,6 +74,7 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     values = {name: [None] * n for name in OUTPUT_TYPES}
     values.update(prompt=prompts, error=errors, model=[model] * n, run_id=[run_id] * n,
                   **{SHARD: [shard] * n, OFFSET: range(n)})
+    values[PROMPT_IDS] = [None if p is None or tokens is None else tokens.prompt(p) for p in prompts]
     return set_columns(table, values)
 
 
@@ -63,6 +82,7 @@ def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, mo
                    schema: pa.Schema) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
     configure(storage)
+    tokens, _ = model_prompt_tokens(model)  # loaded once per worker process
     with Reporter("prepare").batch(batch.num_rows):
-        return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema)
+        return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens)
                                  for shard in batch.column("shard").to_pylist()])

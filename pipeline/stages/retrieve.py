@@ -23,19 +23,25 @@ def retrieval_query(question: str, input_text: str | None) -> str:
     return f"{question} {input_text}" if input_text else question
 
 
-def ctxs_to_passages(ctxs: list[dict], k: int) -> list[dict]:
-    """Pre-retrieved passages in the output's passage layout (no retrieval score unless given)."""
+def usable_ctx(ctx) -> bool:
+    """Whether a pre-retrieved passage can be evidence: an entry with non-empty text."""
+    return ctx is not None and ctx.get("text") is not None and bool(str(ctx.get("text")).strip())
+
+
+def ctxs_to_passages(ctxs: list[dict], k: int) -> tuple[list[dict], int]:
+    """The first k usable pre-retrieved passages in the output's passage layout (no retrieval
+    score unless given), and how many entries were dropped as unusable (null, or null/empty text)."""
+    usable = [ctx for ctx in ctxs if usable_ctx(ctx)]
     passages = []
-    for ctx in ctxs[:k]:
-        ctx = ctx or {}
+    for ctx in usable[:k]:
         score = ctx.get("score", ctx.get("retrieval_score"))
         passages.append({
             "id": None if ctx.get("id") is None else str(ctx.get("id")),
             "title": None if ctx.get("title") is None else str(ctx.get("title")),
-            "text": None if ctx.get("text") is None else str(ctx.get("text")),
+            "text": str(ctx.get("text")),
             "retrieval_score": None if score is None else float(score),
         })
-    return passages
+    return passages, len(ctxs) - len(usable)
 
 
 class Retrieve:
@@ -56,7 +62,7 @@ class Retrieve:
     def process(self, batch: pa.Table) -> pa.Table:
         """Fill ``passages`` for the rows that retrieve; a row that fails gets its ``error``."""
         cfg, k = self.cfg, self.cfg.selfrag.top_k
-        passages, errors = column(batch, "passages"), column(batch, "error")
+        passages, errors, dropped = column(batch, "passages"), column(batch, "error"), column(batch, "ctxs_dropped")
         queries = [retrieval_query(q, x) for q, x in
                    zip(column(batch, cfg.input.question_column), column(batch, cfg.input.input_column))]
         ctxs = column(batch, cfg.input.ctxs_column)
@@ -67,13 +73,17 @@ class Retrieve:
                 to_search.append(i)
                 continue
             try:
-                passages[i] = ctxs_to_passages(ctxs[i], k)
+                passages[i], dropped[i] = ctxs_to_passages(ctxs[i], k)
             except (AttributeError, TypeError, ValueError) as exc:
                 errors[i] = f"bad ctxs: {exc}"
+                continue
+            if not passages[i]:
+                passages[i] = None
+                errors[i] = f"ctxs has no usable passage ({dropped[i]} dropped: null, or null/empty text)"
         found = run_isolated(lambda idx: self.retriever.search([queries[i] for i in idx], k), to_search)
         for i, result in zip(to_search, found):
             if isinstance(result, Exception):
                 errors[i] = f"retrieval error: {result}"
             else:
                 passages[i] = result
-        return set_columns(batch, {"passages": passages, "error": errors})
+        return set_columns(batch, {"passages": passages, "error": errors, "ctxs_dropped": dropped})

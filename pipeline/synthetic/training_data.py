@@ -20,9 +20,11 @@ An example is the prompt (SELF_RAG.md section 2) followed by what the model shou
   section 4: the first segment's paragraph is not repeated), with the first segment as
   context outside the loss.
 
-As in the paper, the loss covers neither the prompt nor the paragraph: ``format_example``
-returns the text and the character spans that count, and ``label_ids`` turns them into
-per-token labels with a tokenizer's offset mapping (-100 = not in the loss).
+As in the paper, the loss covers neither the prompt nor the paragraph: an example holds its
+pieces (text, and the markers as ``Special`` pieces, exactly as the pipeline builds prompts)
+and the character spans that count; ``label_ids`` tokenizes it the way the pipeline does
+(text runs with special-token parsing off, markers as their special ids) and turns the spans
+into per-token labels with the tokenizer's offset mapping (-100 = not in the loss).
 
 Every knowledge example draws a fresh entity (a lexicon name with random attribute values),
 so the answer can only be copied from the passage: memorising facts cannot lower the loss.
@@ -32,9 +34,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence, Union
 
-from ..selfrag.prompts import evidence_prompt, format_prompt, no_evidence_prompt
-from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, RELEVANT, RETRIEVAL, UTILITY
+from ..selfrag.prompts import Piece, Special, evidence_pieces, format_prompt, render
+from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, NO_RETRIEVAL, RELEVANT, RETRIEVAL, UTILITY
 from .world import (
     ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, LONG_FORM_FRAMES, LONG_FORM_TASK, REPEAT, Entity,
     fact_sentence, lexicon, long_form_question_text, no_knowledge_question, passage_text,
@@ -49,38 +52,54 @@ MIXTURE = {"gold": 0.36, "unrelated": 0.25, "greeting": 0.05, "add": 0.11, "repe
            "no_knowledge_with_passage": 0.05, "knowledge_no_retrieval": 0.03}
 
 
+Prompt = Union[str, Sequence[Piece]]
+
+
 @dataclass
 class Example:
-    """Full text, the character spans the loss covers, and what it is (for reporting)."""
+    """Pieces (text and markers), the character spans of their rendered text that the loss
+    covers, and what it is (for reporting)."""
 
-    text: str
+    pieces: list[Piece]
     loss_spans: list[tuple[int, int]]
     kind: str
     answer: str
 
+    @property
+    def text(self) -> str:
+        """The example as readable text (markers written as their strings)."""
+        return render(self.pieces)
 
-def evidence_example(prompt: str, title: str, text: str, relevant: bool, answer: str,
+
+def _pieces(prompt: Prompt) -> list[Piece]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def evidence_example(prompt: Prompt, title: str, text: str, relevant: bool, answer: str,
                      kind: str, decision_in_loss: bool = True) -> Example:
     """``prompt[Retrieval]<paragraph>title\\ntext</paragraph>`` + the critique and answer.
     The loss covers everything after ``</paragraph>``, and ``[Retrieval]`` unless
     ``decision_in_loss`` is False (a decision the mode forces or the context already holds)."""
-    with_passage = evidence_prompt(prompt, title, text)
+    head = _pieces(prompt)
+    with_passage = head + evidence_pieces(title, text)
     if relevant:
-        tail = f"{RELEVANT}{answer}{FULLY_SUPPORTED}{UTILITY[4]}{EOS}"
+        tail = [Special(RELEVANT), answer, Special(FULLY_SUPPORTED), Special(UTILITY[4]), Special(EOS)]
     else:
-        tail = f"{IRRELEVANT}{answer}{UTILITY[0]}{EOS}"
-    spans = [(len(prompt), len(prompt) + len(RETRIEVAL))] if decision_in_loss else []
-    spans.append((len(with_passage), len(with_passage) + len(tail)))
+        tail = [Special(IRRELEVANT), answer, Special(UTILITY[0]), Special(EOS)]
+    start, end = len(render(head)), len(render(with_passage))
+    spans = [(start, start + len(RETRIEVAL))] if decision_in_loss else []
+    spans.append((end, end + len(render(tail))))
     return Example(with_passage + tail, spans, kind, answer)
 
 
-def direct_example(prompt: str, answer: str, kind: str, utility: str = UTILITY[4],
+def direct_example(prompt: Prompt, answer: str, kind: str, utility: str = UTILITY[4],
                    decision_in_loss: bool = True) -> Example:
     """``prompt[No Retrieval]{answer}{utility}</s>``, all of it after the prompt in the loss
     (``[No Retrieval]`` only if ``decision_in_loss``: ``never`` mode forces it)."""
-    head = no_evidence_prompt(prompt)
-    text = f"{head}{answer}{utility}{EOS}"
-    return Example(text, [(len(prompt) if decision_in_loss else len(head), len(text))], kind, answer)
+    head = _pieces(prompt)
+    pieces = head + [Special(NO_RETRIEVAL), answer, Special(utility), Special(EOS)]
+    start = len(render(head)) + (0 if decision_in_loss else len(NO_RETRIEVAL))
+    return Example(pieces, [(start, len(render(pieces)))], kind, answer)
 
 
 def other_entity(rng: random.Random, entity: Entity, entity_type: str | None = None) -> Entity:
@@ -117,17 +136,17 @@ def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "t
     second_relevant = rng.random() >= 1 / 6
     second_passage = own if second_relevant else other_passage()
     second_answer = facts[1] if second_relevant else NO_ANSWER
-    first = f"{RELEVANT}{facts[0]}{FULLY_SUPPORTED}"
+    first = [Special(RELEVANT), facts[0], Special(FULLY_SUPPORTED)]
     if rng.random() < 0.5:  # the second segment, prompted as at depth 2
-        second = evidence_example(prompt + first, *second_passage, second_relevant, second_answer, "long_form",
+        second = evidence_example([prompt, *first], *second_passage, second_relevant, second_answer, "long_form",
                                   decision_in_loss=False)
-        return Example(second.text, second.loss_spans, "long_form", " ".join(facts))
-    head = evidence_example(prompt, *own, True, "", "long_form")
-    context = head.text[: head.loss_spans[1][0]]  # prompt[Retrieval]<paragraph>..</paragraph>
+        return Example(second.pieces, second.loss_spans, "long_form", " ".join(facts))
+    context = [prompt, *evidence_pieces(*own)]  # prompt[Retrieval]<paragraph>..</paragraph>
     second = evidence_example(context + first, *second_passage, second_relevant, second_answer, "long_form",
                               decision_in_loss=False)
-    spans = [head.loss_spans[0], (len(context), len(context) + len(first) + len(RETRIEVAL))] + second.loss_spans
-    return Example(second.text, spans, "long_form", " ".join(facts))
+    start = len(render(context))
+    spans = [(len(prompt), len(prompt) + len(RETRIEVAL)), (start, start + len(render(first)) + len(RETRIEVAL))]
+    return Example(second.pieces, spans + second.loss_spans, "long_form", " ".join(facts))
 
 
 def shortened(rng: random.Random, entity: Entity, keep: str, one_fact: float) -> dict[str, str]:
@@ -173,13 +192,42 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
     return direct_example(prompt, answer, kind)
 
 
+def tokenize_pieces(tokenizer, pieces: Sequence[Piece]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of pieces as the pipeline builds prompts (the tokenizer's BOS, text runs with
+    special-token parsing off, markers as their special ids), with each token's character span
+    in the rendered text (BOS: an empty span)."""
+    from ..tokenizer import bos_ids
+
+    bos = bos_ids(tokenizer)
+    ids, offsets, pos, run = list(bos), [(0, 0)] * len(bos), 0, ""
+
+    def flush():
+        nonlocal pos, run
+        if run:
+            enc = tokenizer(run, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            ids.extend(enc.input_ids)
+            offsets.extend((pos + a, pos + b) for a, b in enc.offset_mapping)
+            pos, run = pos + len(run), ""
+
+    for piece in pieces:
+        if isinstance(piece, Special):
+            flush()
+            ids.append(tokenizer.convert_tokens_to_ids(piece.token))
+            offsets.append((pos, pos + len(piece.token)))
+            pos += len(piece.token)
+        else:
+            run += piece
+    flush()
+    return ids, offsets
+
+
 def label_ids(tokenizer, example: Example) -> tuple[list[int], list[int]]:
     """(input ids, labels): labels are the ids of tokens inside a loss span, else -100.
     A token counts when its character span lies inside a loss span; the ``<s>`` the tokenizer
     prepends (an empty span) never counts."""
-    enc = tokenizer(example.text, return_offsets_mapping=True)
+    ids, offsets = tokenize_pieces(tokenizer, example.pieces)
     labels = []
-    for token, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+    for token, (start, end) in zip(ids, offsets):
         inside = end > start and any(a <= start and end <= b for a, b in example.loss_spans)
         labels.append(token if inside else NOT_IN_LOSS)
-    return list(enc.input_ids), labels
+    return ids, labels
