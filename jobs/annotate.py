@@ -24,6 +24,9 @@ from pipeline.config import Config, ConfigError, config_hash, load_config, to_ya
 from pipeline.io import InputError, join, write_text
 from pipeline.manifest import build_manifest
 from pipeline.preflight import Plan, PreflightError, marker_path, preflight
+from pipeline.services.deploy import start_services, stop_services
+from pipeline.services.engine import REPORT_EVERY_S
+from pipeline.tokenizer import tokenizer_spec
 
 CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
 
@@ -115,23 +118,41 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
     start = time.time()
-    for summary in build_dataset(cfg, todo, plan.schema, run_id).iter_rows():
-        written.append(summary)
-        print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
-              f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
-        if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
-            print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
-            os._exit(3)  # fault injection: die like a killed process, no cleanup
-    stages = ray.get(metrics.get.remote())
+    tokenizer = tokenizer_spec(cfg.engine.model)
+    services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
+    try:
+        for summary in build_dataset(cfg, todo, plan.schema, run_id, tokenizer, services).iter_rows():
+            written.append(summary)
+            print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
+                  f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
+            if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
+                print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
+                os._exit(3)  # fault injection: die like a killed process, no cleanup
+        time.sleep(REPORT_EVERY_S + 0.5)  # the engine replicas' last counters reach the metrics actor
+    finally:
+        stop_services(services)
+    stages = stage_metrics(ray.get(metrics.get.remote()), start)
     ray.kill(metrics)
-    for entry in stages.values():  # timeline relative to the start of the run
-        for key in ("first_start", "last_end"):
-            if key in entry:
-                entry[key] = round(entry[key] - start, 2)
     missing = sorted(set(plan.todo) - {w["shard"] for w in written})
     if missing:
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}")
     return written, stages
+
+
+def stage_metrics(stages: dict, start: float) -> dict:
+    """The metrics actor's totals with the timeline relative to the start of the run and the
+    engine's prefix-cache hit rate (vLLM's prefix-cache hits over queries, in tokens)."""
+    for entry in stages.values():
+        for key in ("first_start", "last_end", "ready_at"):
+            if key in entry:
+                entry[key] = round(entry[key] - start, 2)
+    engine = stages.get("engine")
+    if engine and engine.get("prefix_cache_queries"):
+        engine["prefix_cache_hit_rate"] = round(engine["prefix_cache_hits"] / engine["prefix_cache_queries"], 4)
+    if engine and engine.get("steps"):  # mean batch the scheduler ran, and mean queue behind it
+        engine["mean_running_requests"] = round(engine["running_sum"] / engine["steps"], 1)
+        engine["mean_waiting_requests"] = round(engine["waiting_sum"] / engine["steps"], 1)
+    return stages
 
 
 def run(cfg: Config) -> dict:

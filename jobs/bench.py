@@ -1,23 +1,34 @@
-"""Benchmark: the annotation pipeline against the bare vLLM engine on the same prompts.
+"""Benchmark: the pipeline against the bare engine and against a per-query reference baseline.
 
-    python -m jobs.bench [--rows N] [--shards S] [key=value ...]
+    python -m jobs.bench [--rows 1600] [--shards 8] [--baseline-rows 48] [key=value ...]
 
-1. Writes N held-out questions of the synthetic world (knowledge and no-knowledge) as S shards.
-2. Runs the annotation job on them (local Ray, config defaults plus the overrides).
-3. Rebuilds from the output every prompt the pipeline sent to its engines (decision prompts
-   with 1 new token; the no-evidence and evidence prompts with their budgets) and generates
-   them with one bare ``Engine`` in this process, with the same sampling parameters.
+1. Writes ``--rows`` questions of the synthetic world in ``--shards`` shards, mixed: free-form
+   knowledge questions (55%), no-knowledge questions (10%), closed-set claims (``fever``, 10%)
+   and four-choice questions (``arc_c``, 10%), and two-fact long-form questions (``asqa``, 15%);
+   retrieval from the index.
+2. Annotates them (local Ray, the defaults plus the overrides); the engine replicas record every
+   request they serve.
+3. Replays the recorded requests on one bare vLLM engine in this process (same engine config,
+   all requests in one ``generate`` call, start-up not timed): the engine's best throughput
+   on exactly the pipeline's work. ``engine_ratio`` = the pipeline's generated tokens/s over
+   its generation window (first engine request to last) / the bare engine's tokens/s.
+4. Runs the per-query baseline (``jobs.reference_baseline``: one question at a time,
+   whole-vocabulary logprobs, the reference retrieval rule) on the first ``--baseline-rows``
+   short-form rows, with the passages the pipeline used. ``baseline_speedup`` = the pipeline's
+   rows/s over its generation window / the baseline's rows/s (its engine start-up not timed;
+   long-form rows, the pipeline's most expensive, are not in the baseline's subset, so the
+   figure is conservative). The pipeline annotates the same subset again with the reference
+   rule and equal weights (1, 1, 1) set on both sides; ``baseline_agree`` counts the rows whose
+   selected answers agree.
 
-``engine_ratio`` = pipeline tokens/s / bare engine tokens/s, both without engine start-up
-(the pipeline's wall time minus its slowest engine replica's start-up; the bare engine's
-generate calls only). ``engine_ratio_end_to_end`` includes start-up on both sides. The last
-line printed is one JSON object.
+The figures are printed one per line; the last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -26,109 +37,178 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.annotate import run
+from jobs.reference_baseline import ReferenceSettings, annotate_one
 from pipeline.config import Config, load_config
 from pipeline.stages.common import max_new_tokens
-from pipeline.synthetic.world import build_world
+from pipeline.stages.long_form import is_long_form
+from pipeline.synthetic.world import build_world, fact_sentence, lexicon, attribute_spec
 
 BENCH_DIR = Path("outputs/bench")
+MIX = {"knowledge": 0.55, "no_knowledge": 0.10, "fever": 0.10, "arc_c": 0.10, "long_form": 0.15}
 
 
-def write_queries(dest: Path, rows: int, shards: int) -> None:
-    """``rows`` held-out questions of the default world, knowledge and no-knowledge interleaved."""
-    world = build_world()
-    knowledge = world.questions(split="heldout", kind="knowledge")
-    other = world.questions(split="heldout", kind="no_knowledge")
-    mixed = [q for pair in zip(knowledge, other * (len(knowledge) // max(len(other), 1) + 1)) for q in pair]
-    picked = mixed[:rows]
+def workload(rows: int, seed: int = 0) -> list[dict]:
+    """``rows`` questions in the proportions of ``MIX``, interleaved, with unique ids."""
+    world, rng = build_world(seed=0), random.Random(seed)
+    entities = {e.id: e for e in world.entities}
+    knowledge = world.questions(kind="knowledge")
+    rng.shuffle(knowledge)
+    picks: dict[str, list[dict]] = {}
+    picks["knowledge"] = [{"instruction": q["instruction"], "task": None} for q in knowledge]
+    nk = world.questions(kind="no_knowledge")
+    picks["no_knowledge"] = [{"instruction": q["instruction"], "task": None} for q in nk]
+    claims, choices = [], []
+    for q in knowledge:
+        entity = entities[q["id"].split("-")[0]]
+        attr, value = q["attribute"], entity.attributes[q["attribute"]]
+        pool = [v for v in lexicon().pools[attribute_spec(entity.type, attr).pool] if v != value]
+        shown = value if rng.random() < 0.5 else rng.choice(pool)
+        claims.append({"instruction": fact_sentence(entity, attr, shown), "task": "fever"})
+        options = rng.sample(pool, 3) + [value]
+        rng.shuffle(options)
+        lines = "\n".join(f"{letter}: {option}" for letter, option in zip("ABCD", options))
+        choices.append({"instruction": f"{q['instruction']}\n{lines}", "task": "arc_c"})
+    picks["fever"], picks["arc_c"] = claims, choices
+    picks["long_form"] = [{"instruction": q["instruction"], "task": "asqa"} for q in world.questions(kind="long_form")]
+    counts = {kind: round(rows * share) for kind, share in MIX.items()}
+    counts["knowledge"] += rows - sum(counts.values())
+    chosen = []
+    for kind, n in counts.items():
+        pool = picks[kind]
+        chosen += [{"kind": kind, **pool[i % len(pool)]} for i in range(n)]
+    rng.shuffle(chosen)
+    return [{"id": f"bench-{i:05d}", **row} for i, row in enumerate(chosen)]
+
+
+def write_shards(dest: Path, rows: list[dict], shards: int) -> None:
+    """The rows as ``shards`` Parquet shards under ``dest`` (replaced)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    schema = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("task", pa.string()),
+                        ("kind", pa.string())])
     for s in range(shards):
-        part = picked[s::shards]
-        pq.write_table(pa.table({
-            "id": [f"{q['id']}-{s}-{i}" for i, q in enumerate(part)],
-            "instruction": [q["instruction"] for q in part],
-            "answers": [q["answers"] for q in part],
-        }), dest / f"part-{s:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[s::shards], schema=schema), dest / f"part-{s:05d}.parquet")
 
 
-def engine_workload(rows: list[dict], cfg: Config) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """(decision prompts, generation prompts, their budgets) as token ids: what the pipeline's
-    engines generated."""
-    from pipeline.tokenizer import model_prompt_tokens
+def annotate(name: str, rows: list[dict], shards: int, overrides: list[str]) -> tuple[dict, list[dict]]:
+    """Run the annotation job on ``rows``; returns (manifest, output rows)."""
+    write_shards(BENCH_DIR / name / "queries", rows, shards)
+    out = BENCH_DIR / name / "out"
+    cfg = load_config([], [f"input.paths=[{BENCH_DIR / name / 'queries'}]", f"output.path={out}",
+                           "ray.progress_bars=false", "output.overwrite=true", *overrides])
+    manifest = run(cfg)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    import ray
 
-    tokens, _ = model_prompt_tokens(cfg.engine.model)
-    decisions = [tokens.prompt(r["prompt"]) for r in rows if r["error"] is None and cfg.selfrag.mode == "adaptive"]
-    prompts, budgets = [], []
-    for r in rows:
-        if r["error"] is not None:
-            continue
-        budget = max_new_tokens(r.get(cfg.input.task_column), cfg)
-        if r["retrieved"]:
-            generated = [p for p, c in zip(r["passages"], r["candidates"]) if c["error"] is None]
-            prompts += [tokens.evidence(tokens.prompt(r["prompt"]), p["title"], p["text"]) for p in generated]
-            budgets += [budget] * len(generated)
-        else:
-            prompts.append(tokens.no_evidence(tokens.prompt(r["prompt"])))
-            budgets.append(budget)
-    return decisions, prompts, budgets
+    ray.shutdown()  # the next step gets the whole machine
+    return manifest, table.to_pylist()
 
 
-def bare_engine(cfg: Config, decisions: list[str], prompts: list[str], budgets: list[int]) -> dict:
-    """Start one engine in this process and time it generating the workload in two batched calls."""
-    from pipeline.engine import Engine
+def read_requests(directory: Path) -> list[dict]:
+    """The engine requests the pipeline's replicas recorded."""
+    requests = []
+    for path in sorted(directory.glob("*.jsonl")):
+        requests += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return requests
+
+
+def bare_engine(cfg: Config, requests: list[dict]) -> dict:
+    """One vLLM engine in this process generating every request at once (start-up not timed)."""
+    from vllm.inputs import TokensPrompt
+
+    from pipeline.engine import Engine, sampling_params
 
     start = time.perf_counter()
     engine = Engine(cfg.engine)
     startup = time.perf_counter() - start
+    prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests]
+    params = [sampling_params(engine.ids, r["max_tokens"], r["stop_ids"], detokenize=False) for r in requests]
     start = time.perf_counter()
-    outs = engine.generate(decisions, 1) + engine.generate(prompts, budgets)
+    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     engine.shutdown()
-    return {"startup_seconds": startup, "seconds": seconds, "tokens": sum(len(o.token_ids) for o in outs)}
+    return {"startup_seconds": startup, "seconds": seconds,
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict:
+    """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
+    passages); returns its answers by id and its rows/s (engine start-up not timed)."""
+    from pipeline.engine import Engine
+    from pipeline.tokenizer import model_prompt_tokens
+
+    tokens = model_prompt_tokens(cfg.engine.model)
+    engine = Engine(cfg.engine, max_logprobs=-1)  # -1: whole-vocabulary logprobs allowed
+    vocabulary = engine.llm.llm_engine.model_config.get_vocab_size()
+    start = time.perf_counter()
+    answers = {}
+    for r in rows:
+        answers[r["id"]] = annotate_one(engine, tokens, tokens.prompt(r["prompt"]), r["passages"] or [],
+                                        r["task"], max_new_tokens(r["task"], cfg), vocabulary, settings)
+    seconds = time.perf_counter() - start
+    engine.shutdown()
+    return {"answers": answers, "seconds": seconds, "rows_per_s": len(rows) / seconds, "vocabulary": vocabulary}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=240)
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=1600)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--baseline-rows", type=int, default=48)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    write_queries(BENCH_DIR / "queries", args.rows, args.shards)
-    cfg = load_config([], [f"input.paths=[{BENCH_DIR / 'queries'}]", f"output.path={BENCH_DIR / 'out'}",
-                           "ray.progress_bars=false", "output.overwrite=true", *args.overrides])
-    manifest = run(cfg)
+    rows = workload(args.rows)
+    recorded = BENCH_DIR / "engine-requests"
+    shutil.rmtree(recorded, ignore_errors=True)
+    manifest, out = annotate("main", rows, args.shards,
+                             [f"debug.record_engine_requests={recorded.absolute()}", *args.overrides])
     summary, stages = manifest["this_run"], manifest["stages"]
-    rows = pa.concat_tables([pq.read_table(p) for p in sorted((BENCH_DIR / "out").glob("*.parquet"))]).to_pylist()
+    engine = stages["engine"]
+    cfg = load_config([], list(args.overrides))
+    bare = bare_engine(cfg, read_requests(recorded))
 
-    import ray
+    # the agreement subset: short-form rows, annotated again with the reference rule and equal weights
+    settings = ReferenceSettings(threshold=cfg.selfrag.threshold)
+    short = [r for r in rows if not is_long_form(r["task"], cfg)][: args.baseline_rows]
+    ref_overrides = ["selfrag.retrieval_rule=reference_logprob_ratio", "selfrag.w_rel=1.0", "selfrag.w_sup=1.0",
+                     "selfrag.w_use=1.0", *args.overrides]
+    _, ref_out = annotate("reference", short, 2, ref_overrides)
+    base = baseline(cfg, ref_out, settings)
+    agree = sum(r["answer"] == base["answers"][r["id"]]["answer"] and
+                r["retrieved"] == base["answers"][r["id"]]["retrieved"] for r in ref_out)
 
-    ray.shutdown()  # give the bare engine the whole machine
-    bare = bare_engine(cfg, *engine_workload(rows, cfg))
-
-    tokens = sum(s.get("generated_tokens", 0) for s in stages.values())
-    startup = max(stages.get(s, {}).get("init_seconds", 0.0) for s in ("first_pass", "critique"))
-    warm = max(summary["seconds"] - startup, 1e-9)
+    window = engine["last_end"] - engine["first_start"]
+    tokens = engine["generated_tokens"]
     result = {
         "rows": summary["rows"],
-        "rows_per_s": round(summary["rows"] / summary["seconds"], 3),
-        "rows_per_s_warm": round(summary["rows"] / warm, 3),
-        "generated_tokens": tokens,
-        "generated_tokens_per_s": round(tokens / warm, 1),
-        "retrieval_rate": round(summary["retrieved"] / max(summary["rows"], 1), 3),
+        "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},
         "errors": summary["errors"],
+        "retrieval_rate": round(summary["retrieved"] / max(summary["rows"], 1), 3),
         "pipeline_seconds": summary["seconds"],
-        "engine_startup_seconds": round(startup, 2),
+        "generation_window_seconds": round(window, 2),
+        "rows_per_s": round(summary["rows"] / summary["seconds"], 3),
+        "rows_per_s_warm": round(summary["rows"] / window, 3),
+        "generated_tokens": tokens,
+        "generated_tokens_per_s": round(tokens / window, 1),
+        "engine_requests": engine["requests"],
+        "engine_startups": engine["startups"],
+        "engine_startup_seconds": round(engine["init_seconds"], 2),
+        "prefix_cache_hit_rate": engine.get("prefix_cache_hit_rate"),
         "stage_seconds": {name: round(s.get("seconds", 0.0), 2) for name, s in stages.items()},
         "stage_timeline": {name: [s.get("first_start"), s.get("last_end")] for name, s in stages.items()},
-        "stage_init_seconds": {name: round(s["init_seconds"], 2) for name, s in stages.items() if "init_seconds" in s},
         "bare_engine_tokens": bare["tokens"],
         "bare_engine_seconds": round(bare["seconds"], 2),
         "bare_engine_tokens_per_s": round(bare["tokens"] / bare["seconds"], 1),
-        "engine_ratio": round((tokens / warm) / (bare["tokens"] / bare["seconds"]), 3),
-        "engine_ratio_end_to_end": round((bare["seconds"] + bare["startup_seconds"]) / summary["seconds"], 3),
+        "engine_ratio": round((tokens / window) / (bare["tokens"] / bare["seconds"]), 3),
+        "baseline_rows": len(short),
+        "baseline_rows_per_s": round(base["rows_per_s"], 3),
+        "baseline_speedup": round((summary["rows"] / window) / base["rows_per_s"], 1),
+        "baseline_speedup_end_to_end": round((summary["rows"] / summary["seconds"]) / base["rows_per_s"], 1),
+        "baseline_agree": agree,
+        "baseline_vocabulary_logprobs": base["vocabulary"],
     }
     print_figures("benchmark figures", result)
     return result

@@ -40,7 +40,8 @@ def build(cfg: Config) -> dict:
     context.execution_options.preserve_order = True  # index row i must be corpus row i
 
     ds = corpus_dataset(r.corpus).map_batches(
-        EmbedPassages, fn_constructor_kwargs={"cfg": cfg}, concurrency=st.replicas, batch_size=st.batch_size,
+        EmbedPassages, fn_constructor_kwargs={"cfg": cfg}, compute=ray.data.ActorPoolStrategy(size=st.replicas),
+        batch_size=st.batch_size,
         num_cpus=st.num_cpus, num_gpus=st.num_gpus, batch_format="pyarrow")
     start = time.time()
     local = r.index_dir if not io.is_remote(r.index_dir) else tempfile.mkdtemp(prefix="selfrag-index-")

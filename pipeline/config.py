@@ -79,6 +79,40 @@ class DebugConfig:
     #: Fault injection for resume tests: the job process exits (code 3) right after this many
     #: shards have been written. null: off.
     exit_after_shards: Optional[int] = None
+    #: A local directory where each engine replica appends every request it serves (prompt ids,
+    #: budget, stop ids) as JSON lines: the benchmark replays them on a bare engine. null: off.
+    record_engine_requests: Optional[str] = None
+
+
+@dataclass
+class ServiceConfig:
+    """A Ray Serve deployment (the engine service, the retrieval service): its replicas and resources."""
+
+    #: Use this already running Serve application instead of deploying one (the job then leaves
+    #: it running); null: the job deploys its own and deletes it at the end.
+    deployment: Optional[str] = None
+    #: Replicas (the initial number when autoscaling).
+    replicas: int = 1
+    #: Autoscaling between min_replicas and max_replicas (both set), aiming at
+    #: target_ongoing_requests requests per replica; null: a fixed number of replicas.
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    target_ongoing_requests: float = 64.0
+    #: Resources of one replica (with tensor_parallel_size > 1: num_gpus is per engine worker,
+    #: reserved through a placement group).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    #: Requests a replica takes at once (each engine request carries one row's prompts).
+    max_ongoing_requests: int = 256
+    #: A call that fails on a dead or restarting replica is retried this many times, waiting
+    #: retry_backoff_s, then twice as long each time (at most 30 s); each try may take
+    #: request_timeout_s. The defaults wait about 3 minutes in all: enough for Serve to replace
+    #: a replica whose engine died and for the new engine to start.
+    request_retries: int = 10
+    retry_backoff_s: float = 1.0
+    request_timeout_s: float = 900.0
+    #: Serve's health check period (a replica whose engine died fails it and is replaced).
+    health_check_period_s: float = 5.0
 
 
 @dataclass
@@ -92,13 +126,17 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     seed: int = 0
-    #: Further keyword arguments passed to vllm.LLM as they are. The CPU default raises
-    #: max_num_seqs from vLLM's CPU default of 256 so a critique batch runs in one wave.
-    extra: Dict[str, Any] = field(default_factory=lambda: {"max_num_seqs": 512})
-    #: Environment variables set in each engine replica before vLLM is imported.
+    #: Further vLLM engine arguments, passed as they are. The CPU defaults: max_num_seqs 512
+    #: (vLLM's CPU default is 256) so many rows' requests run in one wave, and block_size 32
+    #: (the CPU default is 128) so the prefix cache can share a prompt shorter than 128 tokens.
+    extra: Dict[str, Any] = field(default_factory=lambda: {"max_num_seqs": 512, "block_size": 32})
+    #: Environment variables of each engine replica's process (set before vLLM is imported).
+    #: On CPU the engine's threads are pinned to core 0 and the rest of the job uses the others.
     env: Dict[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
     )
+    #: The engine service: replicas, resources, concurrency, retries.
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 @dataclass
@@ -181,31 +219,33 @@ class RetrievalConfig:
     k_factor: float = 8.0
     #: Torch threads per encoder replica; 0 keeps the runtime's default (Ray: the replica's num_cpus).
     threads: int = 0
-    #: Move the index to the GPUs of the replica (needs faiss-gpu and retrieve num_gpus > 0).
+    #: Move the index to the GPUs of the replica (needs faiss-gpu and retrieval.service.num_gpus > 0).
     use_gpu: bool = False
+    #: The retrieval service (encoder + index + passages) used by the retrieve stage and by
+    #: long-form per-segment searches.
+    service: ServiceConfig = field(default_factory=lambda: ServiceConfig(num_cpus=0.25, max_ongoing_requests=32))
 
 
 @dataclass
 class StageConfig:
-    """Resources of one Ray Data stage; actor stages use ``replicas``."""
+    """Resources of one Ray Data stage. The model stages are thin CPU actors that call the
+    services; ``max_concurrent_batches`` batches are in flight per actor."""
 
     replicas: int = 1
-    num_cpus: float = 0.5
+    num_cpus: float = 0.1
+    #: jobs.build_index's embed stage only (its encoder runs in the actor).
     num_gpus: float = 0.0
     batch_size: int = 16
-    #: Engine stages: environment variables for this stage's replicas, over ``engine.env``.
-    env: Dict[str, str] = field(default_factory=dict)
+    max_concurrent_batches: int = 8
 
 
 @dataclass
 class StagesConfig:
-    prepare: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
-    first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64))
+    prepare: StageConfig = field(default_factory=lambda: StageConfig(batch_size=1))
+    first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
     retrieve: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64))
-    # On CPU the two engines are pinned to different cores (first pass: core 0 via engine.env).
-    critique: StageConfig = field(default_factory=lambda: StageConfig(
-        batch_size=128, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}))
-    write: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, batch_size=1))
+    critique: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16))
+    write: StageConfig = field(default_factory=lambda: StageConfig(batch_size=1))
     #: jobs.build_index: the passage-embedding actor pool.
     embed: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=1.0, batch_size=256))
 
@@ -271,6 +311,18 @@ def validate(cfg: Config) -> None:
         _check(stage.replicas >= 1, f"stages.{name}.replicas", "must be at least 1")
         _check(stage.batch_size >= 1, f"stages.{name}.batch_size", "must be at least 1")
         _check(stage.num_cpus >= 0 and stage.num_gpus >= 0, f"stages.{name}", "resources must be >= 0")
+        _check(stage.max_concurrent_batches >= 1, f"stages.{name}.max_concurrent_batches", "must be at least 1")
+    for name, svc in (("engine.service", cfg.engine.service), ("retrieval.service", cfg.retrieval.service)):
+        _check(svc.replicas >= 1, f"{name}.replicas", "must be at least 1")
+        _check((svc.min_replicas is None) == (svc.max_replicas is None), f"{name}.min_replicas",
+               "set min_replicas and max_replicas together (autoscaling), or neither")
+        if svc.min_replicas is not None:
+            _check(0 <= svc.min_replicas <= svc.replicas <= svc.max_replicas, f"{name}.replicas",
+                   "autoscaling needs min_replicas <= replicas <= max_replicas")
+        _check(svc.max_ongoing_requests >= 1, f"{name}.max_ongoing_requests", "must be at least 1")
+        _check(svc.request_retries >= 0 and svc.request_timeout_s > 0 and svc.retry_backoff_s >= 0,
+               f"{name}.request_retries", "retries and retry_backoff_s must be >= 0, request_timeout_s > 0")
+        _check(svc.num_cpus >= 0 and svc.num_gpus >= 0, name, "resources must be >= 0")
 
 
 def check_no_credentials(cfg: Config) -> None:

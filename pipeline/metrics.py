@@ -17,8 +17,9 @@ ACTOR_NAME = "selfrag-stage-metrics"
 
 @ray.remote(num_cpus=0)
 class StageMetrics:
-    """Sums per stage: seconds (busy in batches), rows, batches, generated_tokens; the slowest
-    replica's start-up (init_seconds); first batch start and last batch end (epoch seconds)."""
+    """Sums per stage or service: seconds (busy in batches), rows, batches, generated tokens and
+    other counters; the slowest replica's start-up (init_seconds); first batch start, last
+    batch end and the first replica ready (epoch seconds)."""
 
     def __init__(self):
         self.stats: dict[str, dict[str, float]] = {}
@@ -28,13 +29,20 @@ class StageMetrics:
         for key, value in values.items():
             if key in ("init_seconds", "last_end"):
                 entry[key] = max(entry.get(key, value), value)
-            elif key == "first_start":
+            elif key in ("first_start", "ready_at"):
                 entry[key] = min(entry.get(key, value), value)
             else:
                 entry[key] = entry.get(key, 0) + value
 
     def get(self) -> dict:
         return self.stats
+
+
+def _metrics_actor():
+    try:
+        return ray.get_actor(ACTOR_NAME)
+    except (ValueError, RuntimeError):
+        return None
 
 
 def start_metrics():
@@ -47,19 +55,18 @@ def start_metrics():
 
 
 class Reporter:
-    """Reports one stage's metrics from inside a Ray worker."""
+    """Reports one stage's metrics from inside a Ray worker. ``refresh``: look the metrics actor
+    up at every report (for long-lived service replicas, which outlive one job's actor)."""
 
-    def __init__(self, stage: str):
-        self.stage = stage
-        try:
-            self._actor = ray.get_actor(ACTOR_NAME)
-        except (ValueError, RuntimeError):
-            self._actor = None
+    def __init__(self, stage: str, refresh: bool = False):
+        self.stage, self.refresh = stage, refresh
+        self._actor = None if refresh else _metrics_actor()
 
     def report(self, **values) -> None:
         """Add values to this stage's totals (fire and forget)."""
-        if self._actor is not None:
-            self._actor.add.remote(self.stage, values)
+        actor = _metrics_actor() if self.refresh else self._actor
+        if actor is not None:
+            actor.add.remote(self.stage, values)
 
     @contextmanager
     def batch(self, rows: int, **extra):

@@ -1,12 +1,19 @@
 """The Self-RAG model's tokenizer, loaded without its weights, and prompts as token ids.
 
-Stages tokenize on CPU and send token ids to the engine (``TokensPrompt``), so vLLM never
-parses special tokens out of user text.
+Stages tokenize on CPU and send token ids to the engine (``TokensPrompt``), so vLLM never parses
+special tokens out of user text. The driver loads the Hugging Face tokenizer once and turns it
+into a ``TokenizerSpec``: the fast tokenizer's backend exactly as ``transformers`` configured it
+(the ``tokenizers`` JSON), its BOS, and the ids of the reflection tokens and ``</s>``. Workers
+rebuild it with the ``tokenizers`` library alone (milliseconds, where importing and loading a
+``transformers`` tokenizer costs seconds of CPU in every worker) and tokenize text with
+``encode_special_tokens`` on: special-token parsing off, as ``split_special_tokens=True`` does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Sequence
 
 from . import io
 from .selfrag.prompts import PromptTokens
@@ -49,8 +56,56 @@ def prompt_tokens(tokenizer) -> PromptTokens:
     return PromptTokens(encode_text, reflection_ids(tokenizer), bos_ids(tokenizer), extra)
 
 
-@lru_cache(maxsize=4)
-def model_prompt_tokens(model: str) -> tuple[PromptTokens, object]:
-    """(prompt builder, tokenizer) of a model, loaded once per process."""
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What workers need of the model's tokenizer, small enough to pass to every actor."""
+
+    #: The model (path or id), for tokenizers without a fast backend.
+    model: str
+    #: The fast tokenizer's backend as ``tokenizers`` JSON (None: a slow-only tokenizer).
+    backend: str | None
+    bos: tuple[int, ...]
+    #: (token, id) of the reflection tokens and of the end-of-sequence token.
+    special: tuple[tuple[str, int], ...]
+
+    @property
+    def ids(self) -> ReflectionIds:
+        """The reflection tokens' ids."""
+        return ReflectionIds.from_lookup(dict(self.special).get)
+
+
+def tokenizer_spec(model: str) -> TokenizerSpec:
+    """The spec of a model's tokenizer (loads the Hugging Face tokenizer: call it once, in the driver)."""
     tok = load_tokenizer(model)
-    return prompt_tokens(tok), tok
+    backend = getattr(tok, "_tokenizer", None)
+    special = dict(reflection_ids(tok).by_token)
+    if tok.eos_token is not None:
+        special[tok.eos_token] = tok.eos_token_id
+    return TokenizerSpec(model=model, backend=backend.to_str() if backend is not None else None,
+                         bos=tuple(bos_ids(tok)), special=tuple(special.items()))
+
+
+@lru_cache(maxsize=4)
+def spec_tokens(spec: TokenizerSpec) -> tuple[PromptTokens, ReflectionIds, Callable[[Sequence[int]], str]]:
+    """(prompt builder, reflection ids, decode with special tokens kept) from a spec, built once
+    per process; with the ``tokenizers`` library only, unless the tokenizer has no fast backend."""
+    ids = spec.ids
+    if spec.backend is None:
+        tok = load_tokenizer(spec.model)
+        return prompt_tokens(tok), ids, lambda token_ids: tok.decode(token_ids, skip_special_tokens=False)
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(spec.backend)
+    backend.encode_special_tokens = True  # special-token strings in text are text
+
+    def encode_text(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    eos = {k: v for k, v in spec.special if k not in ids.by_token}
+    tokens = PromptTokens(encode_text, ids, spec.bos, eos)
+    return tokens, ids, lambda token_ids: backend.decode(list(token_ids), skip_special_tokens=False)
+
+
+def model_prompt_tokens(model: str) -> PromptTokens:
+    """The prompt builder of a model (loads its Hugging Face tokenizer; for tests and benchmarks)."""
+    return spec_tokens(tokenizer_spec(model))[0]

@@ -15,10 +15,10 @@ def test_defaults_are_the_embedded_default():
 
 def test_yaml_then_overrides(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("selfrag:\n  top_k: 3\n  mode: never\nstages:\n  critique:\n    num_gpus: 0.5\n")
+    preset.write_text("selfrag:\n  top_k: 3\n  mode: never\nstages:\n  critique:\n    batch_size: 7\n")
     cfg = load_config([str(preset)], ["selfrag.mode=always", "input.paths=s3://b/q/*.parquet"])
     assert cfg.selfrag.top_k == 3 and cfg.selfrag.mode == "always"
-    assert cfg.stages.critique.num_gpus == 0.5
+    assert cfg.stages.critique.batch_size == 7
     assert cfg.input.paths == ["s3://b/q/*.parquet"]
     assert load_config([], ["input.paths=[a.parquet,b.parquet]"]).input.paths == ["a.parquet", "b.parquet"]
 

@@ -201,7 +201,7 @@ SECRET = "hf_" + "Q" * 34
 
 @pytest.mark.parametrize("override, key", [
     (f"engine.env.HF_TOKEN={SECRET}", "engine.env.HF_TOKEN"),
-    (f"stages.critique.env.AWS_SECRET_ACCESS_KEY={SECRET}", "stages.critique.env.AWS_SECRET_ACCESS_KEY"),
+    (f"engine.env.AWS_SECRET_ACCESS_KEY={SECRET}", "engine.env.AWS_SECRET_ACCESS_KEY"),
     (f"engine.extra.hf_token={SECRET}", "engine.extra.hf_token"),
     (f"storage.endpoint_url=http://user:{SECRET}@127.0.0.1:9000", "storage.endpoint_url"),
     (f"storage.s3_options.secret={SECRET}", "storage.s3_options.secret"),

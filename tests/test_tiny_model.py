@@ -38,7 +38,7 @@ def tokens():
     """Prompts as token ids, as the pipeline builds them."""
     from pipeline.tokenizer import model_prompt_tokens
 
-    return model_prompt_tokens(str(MODEL))[0]
+    return model_prompt_tokens(str(MODEL))
 
 
 @pytest.fixture(scope="module")

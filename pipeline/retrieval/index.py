@@ -190,7 +190,7 @@ class Retriever:
         if cfg.use_gpu:
             if faiss.get_num_gpus() == 0:
                 raise RuntimeError("retrieval.use_gpu=true but FAISS sees no GPU (install faiss-gpu, "
-                                   "give the retrieve stage num_gpus)")
+                                   "give the retrieval service GPUs: retrieval.service.num_gpus)")
             self.index = faiss.index_cpu_to_all_gpus(self.index)
         self.store = PassageStore(local / PASSAGES_FILE)
 

@@ -83,8 +83,9 @@ def set_columns(table: pa.Table, values: Mapping[str, Sequence[Any]]) -> pa.Tabl
     return table
 
 
-def column(table: pa.Table, name: str) -> list:
-    """A column as Python values, or Nones when the table lacks it."""
+def optional_column(table: pa.Table, name: str) -> list:
+    """An optional input column (input text, task, ctxs) as Python values, or Nones when the
+    input has no such column. Stages read columns through their contract (``contract.py``)."""
     if name in table.column_names:
         return table.column(name).to_pylist()
     return [None] * table.num_rows

@@ -1,20 +1,27 @@
-"""Shared by the engine stages: per-row task and token budget, fault isolation, the engine-stage base."""
+"""Shared by the service stages: per-row task and budget, fault isolation, and the thin Ray Data
+actor that runs a stage's logic against the services.
+
+A stage's logic is a plain class (``FirstPass``, ``Retrieve``, ``Critique``) built from the
+config, the prompt builder and the service clients, with an ``async process(view)``; it never
+imports Ray or vLLM, so tests drive it with fakes. ``ServiceStage`` wraps it for
+``map_batches``: it builds the real clients from deployment handles, enforces the stage's
+contract on each batch, reports metrics, and keeps several batches in flight (async ``__call__``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import replace
-from typing import Callable, Sequence, TypeVar
+from collections import defaultdict
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyarrow as pa
 
-from .. import io
 from ..config import Config
-from ..engine import Engine, EngineDead
-from ..metrics import Reporter
-from ..selfrag.prompts import CLOSED_SET_TASKS
-from ..tokenizer import model_prompt_tokens
+from ..selfrag.prompts import CLOSED_SET_TASKS, PromptTokens
+from ..selfrag.tokens import ReflectionIds
+from .contract import Contract
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,52 +38,92 @@ def max_new_tokens(task: str | None, cfg: Config) -> int:
     return cfg.selfrag.max_new_tokens_closed if closed else cfg.selfrag.max_new_tokens
 
 
-def run_isolated(fn: Callable[[Sequence], list[T]], items: Sequence) -> list[T | Exception]:
-    """Run ``fn`` on all items at once; if that fails, on each half in turn (down to single
-    items), so one bad item costs only its own result (returned as the exception), never the
-    batch, and finding it takes about 2 log2(n) calls, not n. A dead engine is no item's fault:
-    ``EngineDead`` is raised, so the batch fails and no row is written."""
+def route_buckets(cfg: Config) -> int:
+    """How many routing keys rows are spread over: four per engine replica (at most), so that
+    keys balance over the replicas while a batch needs only a few engine calls."""
+    svc = cfg.engine.service
+    return 4 * max(svc.replicas, svc.max_replicas or 0)
+
+
+def route_key(row_id, buckets: int) -> str:
+    """The routing key of a row: a stable hash of its id, in one of ``buckets`` buckets. All of
+    a row's engine requests (first pass, critique, long-form) carry it, so they reach one
+    replica and share its prefix cache."""
+    digest = hashlib.blake2b(str(row_id).encode(), digest_size=8).digest()
+    return f"b{int.from_bytes(digest, 'big') % buckets}"
+
+
+def by_route(row_ids: Sequence, rows: Sequence[int], buckets: int) -> dict[str, list[int]]:
+    """``rows`` (indices into ``row_ids``) grouped by routing key."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in rows:
+        groups[route_key(row_ids[i], buckets)].append(i)
+    return dict(groups)
+
+
+async def run_isolated(fn: Callable[[Sequence], Awaitable[list[T]]], items: Sequence,
+                       fatal: tuple[type[BaseException], ...] = ()) -> list[T | Exception]:
+    """``await fn(items)``; if that fails, each half in turn (down to single items), so one bad
+    item costs only its own result (returned as the exception), never the batch, in about
+    2 log2(n) calls. A ``fatal`` exception (a service gone for good) is no item's fault: it is
+    raised, and the batch fails."""
+    if not items:
+        return []
     try:
-        return list(fn(items))
-    except EngineDead:
+        return list(await fn(items))
+    except fatal:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure is narrowed down to its items
         if len(items) <= 1:
             return [exc] * len(items)
         log.warning("batch of %d failed (%s); retrying it in halves", len(items), exc)
     mid = len(items) // 2
-    return run_isolated(fn, items[:mid]) + run_isolated(fn, items[mid:])
+    return await run_isolated(fn, items[:mid], fatal) + await run_isolated(fn, items[mid:], fatal)
 
 
-class EngineStage:
-    """Base of the vLLM stages: one engine replica per actor, metrics per batch, clean shutdown.
+class StageLogic:
+    """What a stage does to a batch; subclasses set ``name`` and implement ``contract`` and ``process``."""
 
-    Subclasses implement ``process(batch) -> batch``.
-    """
+    name = "stage"
 
-    stage = "engine"
+    def __init__(self, cfg: Config, tokens: PromptTokens, ids: ReflectionIds, decode: Callable[[Sequence[int]], str],
+                 engine=None, retriever=None):
+        self.cfg, self.tokens, self.ids, self.decode = cfg, tokens, ids, decode
+        self.engine, self.retriever = engine, retriever
 
-    def __init__(self, cfg: Config):
-        start = time.perf_counter()
-        self.cfg = cfg
-        io.configure(cfg.storage)
-        engine_cfg = replace(cfg.engine, model=io.localize(cfg.engine.model))  # remote: copied once per node
-        self.engine = Engine(engine_cfg, getattr(cfg.stages, self.stage).env)
-        self.tokens, self.tokenizer = model_prompt_tokens(cfg.engine.model)
-        self.reporter = Reporter(self.stage)
-        self.reporter.report(init_seconds=time.perf_counter() - start)
-
-    def process(self, batch: pa.Table) -> pa.Table:
+    @staticmethod
+    def contract(cfg: Config) -> Contract:
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        before = self.engine.generated_tokens
-        with self.reporter.batch(batch.num_rows) as extra:
-            out = self.process(batch)
-            extra["generated_tokens"] = self.engine.generated_tokens - before
-        return out
+    async def process(self, view) -> dict:
+        """Read the batch through ``view``, ``view.set`` the stage's output columns, and return
+        counters for the stage's metrics (several batches may be in process at once)."""
+        raise NotImplementedError
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+
+class ServiceStage:
+    """Callable class for ``map_batches``: one stage's logic against the engine and retrieval
+    services (subclasses set ``logic``)."""
+
+    logic: type[StageLogic] = StageLogic
+
+    def __init__(self, cfg: Config, tokenizer, engine_app: str | None, retriever_app: str | None):
+        """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications."""
+        from ..metrics import Reporter
+        from ..services.clients import ServeEngineClient, ServeRetrieverClient
+        from ..tokenizer import spec_tokens
+
+        start = time.perf_counter()
+        tokens, ids, decode = spec_tokens(tokenizer)
+        engine = ServeEngineClient(engine_app, cfg.engine.service) if engine_app else None
+        retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
+        self.stage = self.logic(cfg, tokens, ids, decode, engine, retriever)
+        self.contract = self.logic.contract(cfg)
+        self.reporter = Reporter(self.logic.name)
+        self.reporter.report(init_seconds=time.perf_counter() - start)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        view = self.contract.view(batch)
+        with self.reporter.batch(batch.num_rows) as extra:
+            extra.update(await self.stage.process(view))
+        return view.result()

@@ -1,20 +1,29 @@
-"""Critique-rank stage (vLLM actor pool): one continuation per passage, scored by the model's
-own reflection-token probabilities; the best candidate (closed-set tasks: the best summed
-answer) becomes the row's answer."""
+"""Critique-rank: one continuation per passage, scored by the model's own reflection-token
+probabilities; the best candidate (closed-set tasks: the best summed answer) becomes the row's
+answer. Long-form rows are decoded as trees (``long_form``). A batch's short-form rows are
+grouped by routing key (a hash of the row id), one engine call per group with all their
+candidates; each long-form row is its own coroutine. All of it is in flight at once.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import pyarrow as pa
 
 from ..config import Config
-from ..engine import PromptTooLong
+from ..engine import PromptTooLong, check_fits
 from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import clean_answer, select_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
-from .columns import PROMPT_IDS, column, set_columns
-from .common import EngineStage, effective_task, max_new_tokens, run_isolated
-from .long_form import decode_trees, is_long_form, result_columns
+from .columns import INTERNAL_TYPES, OUTPUT_TYPES, PROMPT_IDS
+from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_buckets, route_key
+from .contract import ANY, Contract
+from .long_form import decode_tree, is_long_form, result_columns, sum_stats
+
+WRITES = ("candidates", "answer", "answer_raw", "answer_token_ids", "best_passage_id", "segments", "citations",
+          "docs", "path_depth", "stop_reason", "error")
 
 
 def logprob_record(cont: Continuation, reflection_ids: list[int]) -> dict:
@@ -27,101 +36,115 @@ def logprob_record(cont: Continuation, reflection_ids: list[int]) -> dict:
     }
 
 
-class Critique(EngineStage):
-    """Callable class for ``map_batches``: one engine replica per actor. Long-form rows are
-    decoded as trees here too (with a retriever of its own for per-segment searches)."""
+class Critique(StageLogic):
+    """Generate, score and select the candidates of the rows that retrieved; tree-decode the
+    long-form ones."""
 
-    stage = "critique"
-    _retriever = None
+    name = "critique"
 
-    def search(self, queries: list[str]) -> list[list[dict]]:
-        """Index search for long-form segments (the retriever is loaded on first use)."""
-        if self._retriever is None:
-            from ..retrieval.index import Retriever
+    @staticmethod
+    def contract(cfg: Config) -> Contract:
+        i = cfg.input
+        reads = {i.id_column: ANY, i.task_column: ANY, i.question_column: ANY, i.ctxs_column: ANY,
+                 "prompt": pa.string(), PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "retrieved": pa.bool_(),
+                 "passages": OUTPUT_TYPES["passages"], "error": pa.string()}
+        return Contract("critique", reads=reads, writes={name: OUTPUT_TYPES[name] for name in WRITES},
+                        optional=frozenset({i.task_column, i.ctxs_column}))
 
-            self._retriever = Retriever(self.cfg.retrieval)
-        return self._retriever.search(queries, self.cfg.selfrag.top_k)
-
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Generate, score and select the candidates of the rows that retrieved."""
-        cfg, engine, tokens = self.cfg, self.engine, self.tokens
-        prompts, errors = column(batch, PROMPT_IDS), column(batch, "error")
-        tasks = [effective_task(t, cfg) if e is None else None
-                 for t, e in zip(column(batch, cfg.input.task_column), errors)]
-        passages, candidates = column(batch, "passages"), column(batch, "candidates")
-        answers, raws, best_ids = column(batch, "answer"), column(batch, "answer_raw"), column(batch, "best_passage_id")
-        token_ids = column(batch, "answer_token_ids")
-
-        jobs = []  # (row, candidate index, prompt, budget)
-        selecting = []  # rows whose candidates this batch scores
-        trees = []  # long-form rows
-        for i, (retrieved, error) in enumerate(zip(column(batch, "retrieved"), errors)):
-            if not retrieved or error is not None:
+    async def process(self, view) -> dict:
+        cfg = self.cfg
+        names = (cfg.input.id_column, cfg.input.task_column, cfg.input.question_column, cfg.input.ctxs_column,
+                 "prompt", PROMPT_IDS, "retrieved", "passages", "error")
+        rows = [dict(zip(names, values)) for values in zip(*(view[name] for name in names))]
+        out = {name: view[name] for name in WRITES}
+        short, trees = [], []
+        for i, r in enumerate(rows):
+            if not r["retrieved"] or r["error"] is not None:
                 continue
-            if not passages[i]:
-                errors[i] = "retrieval returned no passages"
-                continue
-            if is_long_form(tasks[i], cfg):
-                trees.append(i)
-                continue
+            r["task"] = effective_task(r[cfg.input.task_column], cfg)
+            if not r["passages"]:
+                out["error"][i] = "retrieval returned no passages"
+            else:
+                (trees if is_long_form(r["task"], cfg) else short).append(i)
+        buckets = route_buckets(cfg)
+        groups = by_route([r[cfg.input.id_column] for r in rows], short, buckets)
+        tree_stats = []
+
+        async def tree(i: int) -> None:
+            r = rows[i]
+            result, stats = await decode_tree(self, route_key(r[cfg.input.id_column], buckets), r["prompt"],
+                                              r[PROMPT_IDS], r[cfg.input.question_column], r["passages"],
+                                              bool(r[cfg.input.ctxs_column]))
+            tree_stats.append(stats)
+            self.set_long_form(out, i, result)
+
+        await asyncio.gather(*(self.rank(out, [(i, rows[i]) for i in group], route) for route, group in groups.items()),
+                             *(tree(i) for i in trees))
+        view.set(**out)
+        stats = {"engine_calls": len(groups)}
+        if tree_stats:
+            stats.update({f"long_form_{k}": v for k, v in sum_stats(tree_stats).items()}, long_form_rows=len(trees))
+        return stats
+
+    async def rank(self, out: dict, rows: list[tuple[int, dict]], route: str) -> None:
+        """One continuation per passage of each row, in one engine call; each row's candidates
+        are scored and the selected one becomes its answer."""
+        cfg = self.cfg
+        candidates, prompts = {}, []  # prompts: (row index, candidate, token ids, budget)
+        for i, r in rows:
+            budget = max_new_tokens(r["task"], cfg)
             candidates[i] = []
-            selecting.append(i)
-            budget = max_new_tokens(tasks[i], cfg)
-            for j, passage in enumerate(passages[i]):
-                candidates[i].append({"passage_id": passage.get("id")})
-                prompt = tokens.evidence(prompts[i], passage.get("title"), passage.get("text"))
+            for passage in r["passages"]:
+                cand = {"passage_id": passage.get("id")}
+                candidates[i].append(cand)
+                prompt = self.tokens.evidence(r[PROMPT_IDS], passage.get("title"), passage.get("text"))
                 try:
-                    engine.check_fits(prompt, budget)
-                    jobs.append((i, j, prompt, budget))
+                    check_fits(len(prompt), budget, cfg.engine.max_model_len)
+                    prompts.append((i, cand, prompt, budget))
                 except PromptTooLong as exc:
-                    candidates[i][j]["error"] = str(exc)
-
-        outs = run_isolated(lambda js: engine.generate([p for _, _, p, _ in js], [b for *_, b in js]), jobs)
-        for (i, j, _, _), cont in zip(jobs, outs):
-            cand = candidates[i][j]
-            if isinstance(cont, Exception):
+                    cand["error"] = str(exc)
+        outs = await self.engine.generate([p for _, _, p, _ in prompts], [b for *_, b in prompts], route) \
+            if prompts else []
+        reflection_ids = self.ids.ids(ALL_REFLECTION_TOKENS)
+        for (_, cand, _, _), cont in zip(prompts, outs):
+            if isinstance(cont, str):
                 cand["error"] = f"engine error: {cont}"
                 continue
-            scores = score_continuation(cont, engine.ids, cfg.selfrag.weights())
-            cand.update(raw=cont.text, answer=clean_answer(cont.text), s_rel=scores.s_rel, s_sup=scores.s_sup,
-                        s_use=scores.s_use, seq=scores.seq, final=scores.final)
+            s = score_continuation(cont, self.ids, cfg.selfrag.weights())
+            cand.update(raw=cont.text, answer=clean_answer(cont.text), s_rel=s.s_rel, s_sup=s.s_sup,
+                        s_use=s.s_use, seq=s.seq, final=s.final)
             if cfg.output.keep_logprobs:
-                cand.update(logprob_record(cont, engine.ids.ids(ALL_REFLECTION_TOKENS)))
+                cand.update(logprob_record(cont, reflection_ids))
+        for i, r in rows:
+            self.select(out, i, r["task"], candidates[i])
 
-        for i in selecting:
-            scored = [c for c in candidates[i] if c.get("final") is not None]
-            if not scored:
-                errors[i] = "no candidate could be generated: " + "; ".join(
-                    sorted({c.get("error") or "unknown" for c in candidates[i]}))
-                continue
-            chosen = select_answer([c["answer"] for c in scored], [c["final"] for c in scored],
-                                   closed_set=tasks[i] in CLOSED_SET_TASKS)
-            answers[i], raws[i] = chosen.answer, scored[chosen.index]["raw"]
-            best_ids[i], token_ids[i] = scored[chosen.index]["passage_id"], scored[chosen.index].get("token_ids")
+    @staticmethod
+    def select(out: dict, i: int, task: str | None, candidates: list[dict]) -> None:
+        """The row's candidates, and its answer from the best of them (an error if none was generated)."""
+        out["candidates"][i] = candidates
+        scored = [c for c in candidates if c.get("final") is not None]
+        if not scored:
+            out["error"][i] = "no candidate could be generated: " + "; ".join(
+                sorted({c.get("error") or "unknown" for c in candidates}))
+            return
+        chosen = select_answer([c["answer"] for c in scored], [c["final"] for c in scored],
+                               closed_set=task in CLOSED_SET_TASKS)
+        best = scored[chosen.index]
+        out["answer"][i], out["answer_raw"][i] = chosen.answer, best["raw"]
+        out["best_passage_id"][i], out["answer_token_ids"][i] = best["passage_id"], best.get("token_ids")
 
-        values = {"candidates": candidates, "answer": answers, "answer_raw": raws, "answer_token_ids": token_ids,
-                  "best_passage_id": best_ids, "error": errors}
-        if trees:
-            values.update(self.decode_long_form(batch, trees, answers, raws, errors))
-        return set_columns(batch, values)
+    def set_long_form(self, out: dict, i: int, result) -> None:
+        """A tree's result into the row's output columns."""
+        reflection_ids = self.ids.ids(ALL_REFLECTION_TOKENS)
+        record = (lambda cont: logprob_record(cont, reflection_ids)) if self.cfg.output.keep_logprobs else None
+        for name, value in result_columns(result, record).items():
+            out[name][i] = value
+        if not result.text:
+            out["error"][i] = f"long-form decoding produced no answer: {result.stop_reason or 'empty output'}"
+            out["answer"][i] = None
 
-    def decode_long_form(self, batch: pa.Table, rows: list[int], answers: list, raws: list, errors: list) -> dict:
-        """Tree-decode the long-form rows; their answers, segments, citations and docs."""
-        cfg = self.cfg
-        questions, ctxs = column(batch, cfg.input.question_column), column(batch, cfg.input.ctxs_column)
-        prompts, prompt_ids, passages = column(batch, "prompt"), column(batch, PROMPT_IDS), column(batch, "passages")
-        results, stats = decode_trees(self.engine, self.tokens, self.tokenizer, cfg,
-                                      [(prompts[i], prompt_ids[i]) for i in rows], [questions[i] for i in rows],
-                                      [passages[i] for i in rows], [bool(ctxs[i]) for i in rows], self.search)
-        self.reporter.report(**{f"long_form_{k}": v for k, v in stats.items()}, long_form_rows=len(rows))
-        out = {name: column(batch, name) for name in ("segments", "citations", "docs", "path_depth", "stop_reason")}
-        reflection_ids = self.engine.ids.ids(ALL_REFLECTION_TOKENS)
-        record = (lambda cont: logprob_record(cont, reflection_ids)) if cfg.output.keep_logprobs else None
-        for i, result in zip(rows, results):
-            values = result_columns(result, record)
-            if not result.text:
-                errors[i] = f"long-form decoding produced no answer: {result.stop_reason or 'empty output'}"
-            answers[i], raws[i] = values.pop("answer"), values.pop("answer_raw")
-            for name, value in values.items():
-                out[name][i] = value
-        return out
+
+class CritiqueStage(ServiceStage):
+    """Ray Data actor running ``Critique`` against the engine and retrieval services."""
+
+    logic = Critique

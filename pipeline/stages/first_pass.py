@@ -1,74 +1,91 @@
-"""First pass (vLLM actor pool): the retrieval decision, and the answer for rows that need no evidence.
+"""First pass: the retrieval decision, and the answer for rows that need no evidence.
 
 Adaptive mode reads P([Retrieval]) and P([No Retrieval]) at the first generated position (one
-token per prompt). Rows that need no evidence are then answered from ``prompt + "[No
-Retrieval]"``; the others leave this stage with ``retrieved = true`` and no answer yet.
+token per prompt). A row that needs no evidence is then answered from ``prompt + [No
+Retrieval]``; the others leave with ``retrieved = true`` and no answer yet. A batch's rows are
+grouped by routing key (a hash of the row id): one engine call per group for the decisions and
+one for the answers, all groups at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import pyarrow as pa
 
 from ..config import Config
-from ..engine import PromptTooLong
+from ..engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import clean_answer
-from .columns import PROMPT_IDS, column, set_columns
-from .common import EngineStage, max_new_tokens, run_isolated
+from .columns import OUTPUT_TYPES, PROMPT_IDS, INTERNAL_TYPES
+from .common import ServiceStage, StageLogic, by_route, max_new_tokens, route_buckets
+from .contract import ANY, Contract
+
+WRITES = ("retrieval_prob", "retrieved", "answer", "answer_raw", "answer_token_ids", "candidates", "error")
 
 
-class FirstPass(EngineStage):
-    """Callable class for ``map_batches``: one engine replica per actor."""
+class FirstPass(StageLogic):
+    """Decide retrieval for each valid row and answer those that need no evidence."""
 
-    stage = "first_pass"
+    name = "first_pass"
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Decide retrieval for each valid row and answer those that need no evidence."""
-        cfg, engine, tokens = self.cfg, self.engine, self.tokens
-        n = batch.num_rows
-        prompts, errors = column(batch, PROMPT_IDS), column(batch, "error")
-        budgets = [max_new_tokens(t, cfg) if e is None else 0
-                   for t, e in zip(column(batch, cfg.input.task_column), errors)]
-        probs, retrieved = [None] * n, [None] * n
-        answers, raws, candidates, token_ids = [None] * n, [None] * n, [None] * n, [None] * n
+    @staticmethod
+    def contract(cfg: Config) -> Contract:
+        return Contract("first_pass", reads={cfg.input.id_column: ANY, cfg.input.task_column: ANY,
+                                             PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "error": pa.string()},
+                        writes={name: OUTPUT_TYPES[name] for name in WRITES}, optional=frozenset({cfg.input.task_column}))
 
-        active = []
+    async def process(self, view) -> dict:
+        cfg, n = self.cfg, view.num_rows
+        ids, prompts, errors = view[cfg.input.id_column], view[PROMPT_IDS], view["error"]
+        tasks = view[cfg.input.task_column]
+        out = {name: [None] * n for name in WRITES}
+        out["error"] = errors
+        budgets = [max_new_tokens(t, cfg) for t in tasks]
+        direct = [None if p is None else self.tokens.no_evidence(p) for p in prompts]
+        valid = []
         for i in range(n):
             if errors[i] is not None:
                 continue
             try:
-                engine.check_fits(tokens.no_evidence(prompts[i]), budgets[i])
-                active.append(i)
+                check_fits(len(direct[i]), budgets[i], cfg.engine.max_model_len)
+                valid.append(i)
             except PromptTooLong as exc:
                 errors[i] = str(exc)
 
-        mode = cfg.selfrag.mode
-        if mode == "adaptive":
-            firsts = run_isolated(lambda ps: engine.generate(ps, 1), [prompts[i] for i in active])
-            for i, cont in zip(active, firsts):
-                if isinstance(cont, Exception):
-                    errors[i] = f"engine error: {cont}"
+        async def group(route: str, rows: list[int]) -> None:
+            """One engine call for the decisions of a route's rows, one for their direct answers."""
+            if cfg.selfrag.mode == "adaptive":
+                firsts = await self.engine.generate([prompts[i] for i in rows], [1] * len(rows), route)
+                for i, first in zip(rows, firsts):
+                    if isinstance(first, str):
+                        errors[i] = f"engine error: {first}"
+                        continue
+                    out["retrieval_prob"][i] = retrieval_probability(first.logprobs[0] if first.logprobs else {},
+                                                                     self.ids, cfg.selfrag.retrieval_rule)
+            rows = [i for i in rows if errors[i] is None]
+            for i in rows:
+                out["retrieved"][i] = decide_retrieval(cfg.selfrag.mode, out["retrieval_prob"][i],
+                                                       cfg.selfrag.threshold)
+            answering = [i for i in rows if not out["retrieved"][i]]
+            if not answering:
+                return
+            answers = await self.engine.generate([direct[i] for i in answering], [budgets[i] for i in answering], route)
+            for i, answer in zip(answering, answers):
+                if isinstance(answer, str):
+                    errors[i] = f"engine error: {answer}"
                     continue
-                first = cont.logprobs[0] if cont.logprobs else {}
-                probs[i] = retrieval_probability(first, engine.ids, cfg.selfrag.retrieval_rule)
-        for i in active:
-            if errors[i] is None:
-                retrieved[i] = decide_retrieval(mode, probs[i], cfg.selfrag.threshold)
+                out["answer_raw"][i], out["answer"][i], out["candidates"][i] = answer.text, clean_answer(answer.text), []
+                if cfg.output.keep_logprobs:
+                    out["answer_token_ids"][i] = answer.token_ids
 
-        direct = [i for i in active if retrieved[i] is False]
-        outs = run_isolated(
-            lambda idx: engine.generate([tokens.no_evidence(prompts[i]) for i in idx], [budgets[i] for i in idx]),
-            direct,
-        )
-        for i, cont in zip(direct, outs):
-            if isinstance(cont, Exception):
-                errors[i] = f"engine error: {cont}"
-                continue
-            raws[i], answers[i], candidates[i] = cont.text, clean_answer(cont.text), []
-            if cfg.output.keep_logprobs:
-                token_ids[i] = cont.token_ids
+        groups = by_route(ids, valid, route_buckets(cfg))
+        await asyncio.gather(*(group(route, rows) for route, rows in groups.items()))
+        view.set(**out)
+        return {"engine_calls": len(groups) * (2 if cfg.selfrag.mode == "adaptive" else 1)}
 
-        return set_columns(batch, {
-            "retrieval_prob": probs, "retrieved": retrieved, "answer": answers,
-            "answer_raw": raws, "answer_token_ids": token_ids, "candidates": candidates, "error": errors,
-        })
+
+class FirstPassStage(ServiceStage):
+    """Ray Data actor running ``FirstPass`` against the engine service."""
+
+    logic = FirstPass

@@ -1,10 +1,12 @@
-"""Long-form rows in the critique stage: tree decoding batched across rows, one depth at a time.
+"""Long-form rows in the critique stage: segment-level tree decoding (``selfrag.longform``).
 
-Every depth costs one retrieval call (the nodes that need fresh passages, all rows together)
-and one engine call (every (node, passage) generation of every row at that depth). Rows that
-bring ``ctxs`` reuse them at every depth; the others search the index again per segment
-when ``selfrag.long_form.retrieve_per_segment`` is on. A generation whose context would not
-fit the model's window stops its path; the row keeps its best finished path and records why.
+Each row's tree runs as its own coroutine: at every depth it asks the retrieval service for the
+open nodes' passages (one call) and the engine service for all their continuations (one call,
+keyed by the row id), so many rows' depths are in flight at once and the engine batches them
+with everything else. Rows that bring ``ctxs`` reuse them at every depth; the others search
+again per segment when ``selfrag.long_form.retrieve_per_segment`` is on. A generation whose
+context would not fit the model's window stops its path; the row keeps its best finished path
+and records why.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..config import Config
-from ..engine import Engine, PromptTooLong
-from ..selfrag.prompts import PromptTokens
+from ..engine import PromptTooLong, check_fits
 from ..selfrag.longform import LongFormParams, LongFormResult, LongFormTree
 from ..selfrag.scoring import Continuation
 from ..selfrag.tokens import RETRIEVAL
-from .common import effective_task, run_isolated
-
-Search = Callable[[list[str]], list[list[dict]]]
+from ..services.clients import ServiceUnavailable
+from .common import effective_task
 
 
 def is_long_form(task: str | None, cfg: Config) -> bool:
@@ -37,53 +37,47 @@ def long_form_params(cfg: Config) -> LongFormParams:
                           top_k=s.top_k)
 
 
-def decode_trees(engine: Engine, tokens: PromptTokens, tokenizer, cfg: Config,
-                 prompts: Sequence[tuple[str, list[int]]], questions: Sequence[str],
-                 root_passages: Sequence[list[dict]], own_passages: Sequence[bool],
-                 search: Search) -> tuple[list[LongFormResult], dict]:
-    """Decode one tree per row (all of which retrieved at the root), from its prompt (text and
-    token ids); returns the results and counters (depths, engine calls, generations, retrieval queries)."""
-    params, budget = long_form_params(cfg), cfg.selfrag.long_form.segment_tokens
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    stop = [engine.ids[RETRIEVAL]]
-    trees = [LongFormTree(text, ids, q, engine.ids, params, tokens, decode, retrieve=True)
-             for (text, ids), q in zip(prompts, questions)]
+async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], question: str,
+                      root_passages: list[dict], own_passages: bool) -> tuple[LongFormResult, dict]:
+    """Decode one row's tree (the row retrieved at the root) with the stage's engine and
+    retriever; returns the result and counters (depths, engine calls, generations, searches)."""
+    cfg = stage.cfg
+    budget, stop = cfg.selfrag.long_form.segment_tokens, [stage.ids[RETRIEVAL]]
+    tree = LongFormTree(prompt, prompt_ids, question, stage.ids, long_form_params(cfg), stage.tokens, stage.decode,
+                        retrieve=True)
     stats = {"depths": 0, "engine_calls": 0, "generations": 0, "searches": 0}
-    while not all(t.done for t in trees):
-        open_rows = [r for r, t in enumerate(trees) if not t.done]
-        passages: dict[int, dict] = {r: {} for r in open_rows}
-        to_search = []  # (row, node key, query)
-        for r in open_rows:
-            for key, query in trees[r].pending_queries():
-                if trees[r].depth == 1 or own_passages[r]:
-                    passages[r][key] = root_passages[r]
-                else:
-                    to_search.append((r, key, query))
+    while not tree.done:
+        pending = tree.pending_queries()
+        passages = {key: root_passages for key, _ in pending if tree.depth == 1 or own_passages}
+        to_search = [(key, query) for key, query in pending if key not in passages]
         if to_search:
-            found = run_isolated(search, [q for *_, q in to_search])
-            stats["searches"] += len(to_search)
-            for (r, key, _), hits in zip(to_search, found):
-                passages[r][key] = [] if isinstance(hits, Exception) else hits
-        requests = [(r, req) for r in open_rows for req in trees[r].requests(passages[r])]
-        results: list = [None] * len(requests)
-        fitting = []
-        for n, (_, req) in enumerate(requests):
             try:
-                engine.check_fits(req.prompt_ids, budget)
+                found = await stage.retriever.search([q for _, q in to_search], cfg.selfrag.top_k)
+            except ServiceUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - those nodes get no passages: their paths stop there
+                found = [[] for _ in to_search]
+            passages.update({key: hits for (key, _), hits in zip(to_search, found)})
+            stats["searches"] += len(to_search)
+        requests = tree.requests(passages)
+        results: list = ["prompt too long"] * len(requests)
+        fitting = []
+        for n, req in enumerate(requests):
+            try:
+                check_fits(len(req.prompt_ids), budget, cfg.engine.max_model_len)
                 fitting.append(n)
             except PromptTooLong:
-                results[n] = "prompt too long"
+                pass
         # a sampled [Retrieval] ends the segment: what follows it would be cut and regenerated
-        outs = run_isolated(lambda ns: engine.generate([requests[n][1].prompt_ids for n in ns], budget, stop),
-                            fitting)
+        outs = await stage.engine.generate([requests[n].prompt_ids for n in fitting], [budget] * len(fitting),
+                                           route, stop) if fitting else []
         for n, out in zip(fitting, outs):
-            results[n] = f"engine error: {out}" if isinstance(out, Exception) else out
+            results[n] = out if isinstance(out, Continuation) else f"engine error: {out}"
         stats["depths"] += 1
         stats["engine_calls"] += 1 if fitting else 0
         stats["generations"] += len(fitting)
-        for r in open_rows:
-            trees[r].advance([res for (row, _), res in zip(requests, results) if row == r])
-    return [t.result() for t in trees], stats
+        tree.advance(results)
+    return tree.result(), stats
 
 
 def result_columns(result: LongFormResult, record: Callable[[Continuation], dict] | None) -> dict:
@@ -99,3 +93,12 @@ def result_columns(result: LongFormResult, record: Callable[[Continuation], dict
     return {"answer": result.text, "answer_raw": result.raw, "segments": segments,
             "citations": result.citations, "docs": docs, "path_depth": result.depth,
             "stop_reason": result.stop_reason}
+
+
+def sum_stats(stats: Sequence[dict]) -> dict:
+    """Counters of several trees added up."""
+    total: dict = {}
+    for s in stats:
+        for key, value in s.items():
+            total[key] = total.get(key, 0) + value
+    return total

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..config import InputConfig, StorageConfig
+from ..config import Config, InputConfig, StorageConfig
 from ..io import configure, read_table, shard_stem
 from ..metrics import Reporter
 from ..selfrag.prompts import PromptTokens, format_prompt
-from ..tokenizer import model_prompt_tokens
-from .columns import OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, column, set_columns
+from ..tokenizer import TokenizerSpec, spec_tokens
+from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, optional_column, set_columns
+from .contract import ANY, Contract
 
 
 def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
@@ -68,9 +69,9 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     table = with_ids(table, shard, cfg.id_column)
     if schema is not None:
         table = conform(table, schema)
-    tasks = [t if t is not None else cfg.default_task for t in column(table, cfg.task_column)]
-    prompts, errors = zip(*map(row_prompt, column(table, cfg.question_column),
-                               column(table, cfg.input_column), tasks)) if n else ((), ())
+    tasks = [t if t is not None else cfg.default_task for t in optional_column(table, cfg.task_column)]
+    prompts, errors = zip(*map(row_prompt, table.column(cfg.question_column).to_pylist(),
+                               optional_column(table, cfg.input_column), tasks)) if n else ((), ())
     values = {name: [None] * n for name in OUTPUT_TYPES}
     values.update(prompt=prompts, error=errors, model=[model] * n, run_id=[run_id] * n,
                   **{SHARD: [shard] * n, OFFSET: range(n)})
@@ -78,11 +79,20 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     return set_columns(table, values)
 
 
+def prepare_contract(cfg: Config, schema: pa.Schema) -> Contract:
+    """Prepare reads the input columns and writes every row's id, the output columns (as nulls,
+    so every block has one schema) and the bookkeeping columns."""
+    i = cfg.input
+    id_type = schema.field(i.id_column).type if i.id_column in schema.names else pa.string()
+    return Contract("prepare", reads={i.question_column: ANY},
+                    writes={i.id_column: id_type, **OUTPUT_TYPES, **INTERNAL_TYPES})
+
+
 def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, model: str, run_id: str,
-                   schema: pa.Schema) -> pa.Table:
+                   schema: pa.Schema, tokenizer: TokenizerSpec) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
     configure(storage)
-    tokens, _ = model_prompt_tokens(model)  # loaded once per worker process
+    tokens = spec_tokens(tokenizer)[0]  # built once per worker process
     with Reporter("prepare").batch(batch.num_rows):
         return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens)
                                  for shard in batch.column("shard").to_pylist()])

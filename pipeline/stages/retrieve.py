@@ -1,21 +1,19 @@
-"""Retrieve stage (actor pool): top-k passages for the rows that asked for evidence.
+"""Retrieve: top-k passages for the rows that asked for evidence.
 
-Rows that bring their own ``ctxs`` use the first k of those; the others are encoded and
-searched in the FAISS index. Rows that need no evidence, or have an error, pass through.
+Rows that bring their own ``ctxs`` use the first k usable ones; the others are searched through
+the retrieval service in one call per batch. Rows that need no evidence, or have an error,
+pass through.
 """
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 
-from .. import io
 from ..config import Config
-from ..metrics import Reporter
-from ..retrieval.index import Retriever
-from .columns import column, set_columns
-from .common import run_isolated
+from ..services.clients import ServiceUnavailable
+from .columns import OUTPUT_TYPES
+from .common import ServiceStage, StageLogic, run_isolated
+from .contract import ANY, Contract
 
 
 def retrieval_query(question: str, input_text: str | None) -> str:
@@ -44,31 +42,29 @@ def ctxs_to_passages(ctxs: list[dict], k: int) -> tuple[list[dict], int]:
     return passages, len(ctxs) - len(usable)
 
 
-class Retrieve:
-    """Callable class for ``map_batches``: loads encoder, index and passage store once."""
+class Retrieve(StageLogic):
+    """Fill ``passages`` for the rows that retrieve; a row that fails gets its ``error``."""
 
-    def __init__(self, cfg: Config):
-        start = time.perf_counter()
-        self.cfg = cfg
-        io.configure(cfg.storage)
-        self.retriever = Retriever(cfg.retrieval)
-        self.reporter = Reporter("retrieve")
-        self.reporter.report(init_seconds=time.perf_counter() - start)
+    name = "retrieve"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.reporter.batch(batch.num_rows):
-            return self.process(batch)
+    @staticmethod
+    def contract(cfg: Config) -> Contract:
+        i = cfg.input
+        return Contract("retrieve", reads={i.question_column: ANY, i.input_column: ANY, i.ctxs_column: ANY,
+                                           "retrieved": pa.bool_(), "error": pa.string()},
+                        writes={name: OUTPUT_TYPES[name] for name in ("passages", "ctxs_dropped", "error")},
+                        optional=frozenset({i.input_column, i.ctxs_column}))
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        """Fill ``passages`` for the rows that retrieve; a row that fails gets its ``error``."""
+    async def process(self, view) -> dict:
         cfg, k = self.cfg, self.cfg.selfrag.top_k
-        passages, errors, dropped = column(batch, "passages"), column(batch, "error"), column(batch, "ctxs_dropped")
-        queries = [retrieval_query(q, x) for q, x in
-                   zip(column(batch, cfg.input.question_column), column(batch, cfg.input.input_column))]
-        ctxs = column(batch, cfg.input.ctxs_column)
-        wanted = [i for i, r in enumerate(column(batch, "retrieved")) if r and errors[i] is None]
+        n = view.num_rows
+        errors, retrieved = view["error"], view["retrieved"]
+        questions, inputs, ctxs = view[cfg.input.question_column], view[cfg.input.input_column], view[cfg.input.ctxs_column]
+        passages, dropped = [None] * n, [None] * n
         to_search = []
-        for i in wanted:
+        for i in range(n):
+            if not retrieved[i] or errors[i] is not None:
+                continue
             if not ctxs[i]:
                 to_search.append(i)
                 continue
@@ -80,10 +76,19 @@ class Retrieve:
             if not passages[i]:
                 passages[i] = None
                 errors[i] = f"ctxs has no usable passage ({dropped[i]} dropped: null, or null/empty text)"
-        found = run_isolated(lambda idx: self.retriever.search([queries[i] for i in idx], k), to_search)
+        found = await run_isolated(
+            lambda idx: self.retriever.search([retrieval_query(questions[i], inputs[i]) for i in idx], k),
+            to_search, fatal=(ServiceUnavailable,))
         for i, result in zip(to_search, found):
             if isinstance(result, Exception):
                 errors[i] = f"retrieval error: {result}"
             else:
                 passages[i] = result
-        return set_columns(batch, {"passages": passages, "error": errors, "ctxs_dropped": dropped})
+        view.set(passages=passages, ctxs_dropped=dropped, error=errors)
+        return {"searched": len(to_search)}
+
+
+class RetrieveStage(ServiceStage):
+    """Ray Data actor running ``Retrieve`` against the retrieval service."""
+
+    logic = Retrieve

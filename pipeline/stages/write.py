@@ -20,7 +20,8 @@ from .. import io
 from ..config import Config, config_hash
 from ..metrics import Reporter
 from ..preflight import marker_path
-from .columns import INTERNAL_TYPES, OFFSET, SHARD
+from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
+from .contract import Contract
 
 SUMMARY_SCHEMA = pa.schema([
     ("shard", pa.string()), ("output", pa.string()), ("rows", pa.int64()),
@@ -45,6 +46,12 @@ def write_shard(rows: pa.Table, shard: str, output: str, config_hash: str) -> di
     summary = shard_summary(shard, dest, rows)
     io.write_text(marker_path(output, shard), json.dumps({**summary, "config_hash": config_hash}))
     return summary
+
+
+def writer_contract(cfg: Config) -> Contract:
+    """The writer reads the bookkeeping columns and what a shard's summary counts."""
+    return Contract("write", reads={SHARD: INTERNAL_TYPES[SHARD], OFFSET: INTERNAL_TYPES[OFFSET],
+                                    "error": OUTPUT_TYPES["error"], "retrieved": OUTPUT_TYPES["retrieved"]})
 
 
 class ShardWriter:

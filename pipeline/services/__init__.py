@@ -1,0 +1,1 @@
+"""Services the stages call through Ray Serve: the engine (vLLM) and the retriever."""

@@ -1,0 +1,110 @@
+"""What the stages call: the engine and the retriever, behind small asynchronous interfaces.
+
+``EngineClient.generate`` and ``RetrieverClient.search`` are all the stage logic knows of the
+models, so the stages can be tested with fakes (``tests/fakes.py``) in seconds. The Serve
+clients here send each call through a deployment handle and retry a call that failed because
+a replica died or its engine is being replaced (bounded by ``retries`` and ``timeout_s``);
+any other failure is the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol, Sequence
+
+from ..config import ServiceConfig
+from ..selfrag.scoring import Continuation
+
+log = logging.getLogger(__name__)
+
+#: Key of the routing key (the row id) in an engine request; read by ``routing.RowAffinityRouter``.
+ROUTE = "route"
+
+
+class EngineClient(Protocol):
+    """The engine as the stages see it."""
+
+    async def generate(self, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], route: str,
+                       stop_ids: Sequence[int] = ()) -> list[Continuation | str]:
+        """Greedy continuations of token-id prompts (one Continuation, or an error string for a
+        prompt the engine refused, per prompt); ``route`` (the row id) keeps a row on one replica."""
+        ...
+
+
+class RetrieverClient(Protocol):
+    """The retriever as the stages see it."""
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[dict]]:
+        """Top-k passages per query (id, title, text, retrieval_score), best first."""
+        ...
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service call kept failing on dead or restarting replicas past its retry budget: the
+    batch fails (no row is written as an error) and a rerun resumes the job."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed call should be retried: a dead or replaced replica, a dead engine, a
+    deployment not (yet) available, or back pressure."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    from .engine import EngineUnavailable
+
+    return isinstance(exc, (EngineUnavailable, RayActorError, BackPressureError, DeploymentUnavailableError,
+                            ReplicaUnavailableError, asyncio.TimeoutError, TimeoutError))
+
+
+async def call_with_retries(call, service: str, svc: ServiceConfig):
+    """``await call()`` with up to ``svc.request_retries`` retries on retryable failures,
+    waiting ``svc.retry_backoff_s``, then twice as long each time (at most 30 s); each try is
+    bounded by ``svc.request_timeout_s``."""
+    delay, last = svc.retry_backoff_s, None
+    for attempt in range(svc.request_retries + 1):
+        try:
+            return await asyncio.wait_for(call(), timeout=svc.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if not retryable(exc):
+                raise
+            last = exc
+            log.warning("%s call failed (%s: %s); retry %d of %d in %.0f s", service, type(exc).__name__,
+                        str(exc).splitlines()[0][:200], attempt + 1, svc.request_retries, delay)
+        if attempt < svc.request_retries:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    raise ServiceUnavailable(f"the {service} service failed {svc.request_retries + 1} times on unavailable "
+                             f"replicas (last: {type(last).__name__}: {last}); rerun the job to resume")
+
+
+class ServeEngineClient:
+    """``EngineClient`` over the engine deployment's handle."""
+
+    def __init__(self, app_name: str, svc: ServiceConfig):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+        self.svc = svc
+
+    async def generate(self, prompts, max_tokens, route, stop_ids=()):
+        if not prompts:
+            return []
+        request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
+                   "stop_ids": list(stop_ids)}
+        return await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+
+
+class ServeRetrieverClient:
+    """``RetrieverClient`` over the retrieval deployment's handle."""
+
+    def __init__(self, app_name: str, svc: ServiceConfig):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+        self.svc = svc
+
+    async def search(self, queries, k):
+        if not queries:
+            return []
+        return await call_with_retries(lambda: self.handle.search.remote(list(queries), k), "retriever", self.svc)
