@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 
-from pipeline import io
-from pipeline.config import Config, ConfigError, config_hash, load_config, to_yaml
+from pipeline import io, staging
+from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.io import InputError, join, write_text
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
 from pipeline.preflight import Plan, PreflightError, marker_path, preflight
 from pipeline.services.deploy import start_services, stop_services
@@ -86,25 +87,37 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return args.config, args.overrides
 
 
-def write_empty_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict:
-    """A shard without rows gets its (empty) output file and marker directly: no row would
-    ever reach the writer to complete it."""
+def commit_ready_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict:
+    """Commit a shard no row will reach the writer for: an empty one (its output file has the
+    output schema and no rows), or one whose rows were all staged by an earlier run."""
     from pipeline.stages.prepare import prepare_table
-    from pipeline.stages.write import write_shard
+    from pipeline.stages.write import commit_shard
 
-    rows = prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id, plan.schema)
-    return write_shard(rows, shard, cfg.output.path, config_hash(cfg))
+    n = plan.todo[shard]
+    held = {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id, plan.schema)]} \
+        if n == 0 else None
+    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held)
 
 
-def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
-    """Run the Ray Data pipeline over the shards still to do; returns (written shards, stage metrics)."""
+def check_lease(lease: Lease | None) -> None:
+    """Stop (IncompleteRun) if another run has taken this run's lease over: its heartbeat was
+    missed for longer than ``output.lease_stale_after_s``, and two runs must not write one output."""
+    if lease is not None and lease.lost:
+        raise IncompleteRun("another run took over the output's lease (this run's heartbeat was missed for longer "
+                            "than output.lease_stale_after_s); stopping here: the shards written are complete")
+
+
+def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) -> tuple[list[dict], dict]:
+    """Run the Ray Data pipeline over the shards still to do; returns (written shards, stage metrics).
+    ``lease``: the run's lease on the output, checked after every shard."""
     import ray
 
     from pipeline.dataflow import build_dataset
     from pipeline.metrics import start_metrics
 
-    written = [write_empty_shard(cfg, plan, shard, run_id) for shard, n in plan.todo.items() if n == 0]
-    todo = {shard: n for shard, n in plan.todo.items() if n > 0}
+    ready = [shard for shard, n in plan.todo.items() if plan.staged.get(shard, 0) == n]
+    written = [commit_ready_shard(cfg, plan, shard, run_id) for shard in ready]
+    todo = {shard: n for shard, n in plan.todo.items() if shard not in ready}
     if not todo:
         return written, {}
     try:
@@ -121,7 +134,9 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     tokenizer = tokenizer_spec(cfg.engine.model)
     services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
     try:
-        for summary in build_dataset(cfg, todo, plan.schema, run_id, tokenizer, services).iter_rows():
+        dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services)
+        for summary in dataset.iter_rows():
+            check_lease(lease)
             written.append(summary)
             print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
                   f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
@@ -135,7 +150,8 @@ def execute(cfg: Config, plan: Plan, run_id: str) -> tuple[list[dict], dict]:
     ray.kill(metrics)
     missing = sorted(set(plan.todo) - {w["shard"] for w in written})
     if missing:
-        raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}")
+        raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
+                            "rows are kept: run the same command again to annotate only the rest")
     return written, stages
 
 
@@ -155,25 +171,45 @@ def stage_metrics(stages: dict, start: float) -> dict:
     return stages
 
 
+def prepare_output(cfg: Config, plan: Plan) -> None:
+    """With the lease held and every check passed: clear what this run replaces (old markers
+    and staged rows with ``overwrite``; staged rows of another annotation identity otherwise),
+    count the rows staged by an earlier run, and write the resolved config."""
+    if cfg.output.overwrite:
+        for shard in plan.todo:
+            io.remove(marker_path(cfg.output.path, shard))
+    removed = staging.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
+    if removed:
+        print(f"removed staged rows of other annotation identities: {removed}", flush=True)
+    plan.staged = {shard: len(staging.staged_offsets(cfg.output.path, plan.annotation_hash, shard))
+                   for shard in plan.todo}
+    write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))
+
+
 def run(cfg: Config) -> dict:
-    """Preflight, annotate the shards not done yet, write the manifest; returns the manifest."""
+    """Preflight, take the output's lease, annotate the shards not done yet, write the manifest;
+    returns the manifest."""
     plan = preflight(cfg)
     duplicates = plan.ids["duplicates"]
     if duplicates["rows"]:
         print(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
               f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
               file=sys.stderr, flush=True)
-    run_id = cfg.run_id or config_hash(cfg)
-    if cfg.output.overwrite:  # only now that every check passed: old markers go before any new work
-        for shard in plan.todo:
-            io.remove(marker_path(cfg.output.path, shard))
-    write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))
-    print(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
-          f"as unreadable -> {cfg.output.path} (run {run_id})", flush=True)
-    started = time.time()
-    written, stages = execute(cfg, plan, run_id) if plan.todo else ([], {})
-    manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
-    write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+    run_id = cfg.run_id or plan.annotation_hash
+    lease = Lease.acquire(cfg.output.path, run_id, stale_after_s=cfg.output.lease_stale_after_s,
+                          heartbeat_s=cfg.output.lease_heartbeat_s)
+    try:
+        prepare_output(cfg, plan)
+        staged = sum(plan.staged.values())
+        print(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
+              f"as unreadable -> {cfg.output.path} (run {run_id})"
+              + (f"; {staged} row(s) staged by an earlier run are kept" if staged else ""), flush=True)
+        started = time.time()
+        written, stages = execute(cfg, plan, run_id, lease) if plan.todo else ([], {})
+        manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
+        write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+    finally:
+        lease.release()
     return manifest
 
 
@@ -199,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(files, overrides)
         manifest = run(cfg)
-    except (ConfigError, InputError, PreflightError) as exc:
+    except (ConfigError, InputError, PreflightError, LeaseHeld) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except IncompleteRun as exc:

@@ -8,8 +8,6 @@ last. Unknown keys and wrong types are refused with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -55,6 +53,18 @@ class OutputConfig:
     #: Also record, per candidate, the generated token ids and the reflection-token logprobs
     #: at every position (large; for auditing scores).
     keep_logprobs: bool = False
+    #: The writer holds at most this many rows in memory; beyond that it stages rows to the
+    #: output location (``_staging/``), as it does every ``flush_s`` seconds.
+    buffer_rows: int = 10000
+    flush_s: float = 60.0
+    #: Rows per staged bucket (a range of input offsets): a shard is committed one bucket at a
+    #: time, so the writer's memory is about buffer_rows + stage_rows rows whatever the shard size.
+    stage_rows: int = 5000
+    #: One run per output: a run holds a lease (``_lease/``) with a heartbeat every
+    #: lease_heartbeat_s; a lease without a heartbeat for lease_stale_after_s (or whose driver
+    #: process is gone, on the same host) is taken over by the next run.
+    lease_heartbeat_s: float = 30.0
+    lease_stale_after_s: float = 600.0
 
 
 @dataclass
@@ -300,6 +310,13 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.output.path), "output.path", "must be set")
     _check(cfg.output.on_bad_shard in ("fail", "skip"), "output.on_bad_shard",
            f"{cfg.output.on_bad_shard!r} is not fail or skip")
+    o = cfg.output
+    for key in ("buffer_rows", "stage_rows"):
+        _check(getattr(o, key) >= 1, f"output.{key}", "must be at least 1")
+    for key in ("flush_s", "lease_heartbeat_s", "lease_stale_after_s"):
+        _check(getattr(o, key) > 0, f"output.{key}", "must be positive")
+    _check(o.lease_stale_after_s > 2 * o.lease_heartbeat_s, "output.lease_stale_after_s",
+           "must exceed twice lease_heartbeat_s (a live run would look stale)")
     _check(cfg.engine.max_model_len > 0, "engine.max_model_len", "must be positive")
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
@@ -418,14 +435,3 @@ def load_config(config_files: List[str] | None = None, overrides: List[str] | No
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_hash(cfg: Config) -> str:
-    """A short stable hash of the resolved config (ignoring the run id, where it runs, whether it
-    overwrites, and debug switches: none of them changes the annotations)."""
-    data = OmegaConf.to_container(OmegaConf.structured(cfg))
-    for key in ("run_id", "debug"):
-        data.pop(key, None)
-    data["ray"].pop("address", None)
-    data["output"].pop("overwrite", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

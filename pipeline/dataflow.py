@@ -60,12 +60,13 @@ def _actor_stage(ds: ray.data.Dataset, cls, stage: StageConfig, cfg: Config, tok
                                            max_tasks_in_flight_per_actor=2 * concurrent))
 
 
-def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str,
+def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str, annotation_hash: str,
                   tokenizer: TokenizerSpec, services: Services) -> ray.data.Dataset:
     """The lazy dataset whose rows are one summary per written shard.
 
     ``shards`` maps each shard to annotate to its row count; ``schema`` is the inputs' unified
-    schema; ``tokenizer`` the model's tokenizer spec. Raises ContractError if the stages do not chain.
+    schema; ``annotation_hash`` names the staged rows to reuse and add to; ``tokenizer`` the
+    model's tokenizer spec. Raises ContractError if the stages do not chain.
     """
     check_chain({f.name: f.type for f in schema}, stage_contracts(cfg, schema))
     # Small blocks: a stage task's rows move on to the next stage a few batches at a time (a
@@ -75,7 +76,8 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     prepare_kwargs = {"cfg": cfg.input, "storage": cfg.storage, "model": cfg.engine.model,
-                      "run_id": run_id, "schema": schema, "tokenizer": tokenizer}
+                      "run_id": run_id, "schema": schema, "tokenizer": tokenizer, "output": cfg.output.path,
+                      "annotation_hash": annotation_hash}
     ds = ds.map_batches(prepare_shards, fn_kwargs=prepare_kwargs, batch_size=st.prepare.batch_size,
                         batch_format="pyarrow", num_cpus=st.prepare.num_cpus)
     if cfg.selfrag.mode == "always":
@@ -89,4 +91,5 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
     # One writer sees every row, so it can tell when a shard is complete and write it at once.
     return ds.map_batches(ShardWriter, batch_format="pyarrow", num_cpus=st.write.num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=1),
-                          fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards})
+                          fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards,
+                                                 "annotation_hash": annotation_hash})

@@ -184,7 +184,7 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
     Readers never see a partial file at ``dest``.
     """
     fs, path = filesystem(dest)
-    _make_parent(fs, path)
+    make_parent(fs, path)
     tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
@@ -194,14 +194,15 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
 def write_text(dest: str, text: str) -> None:
     """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
     fs, path = filesystem(dest)
-    _make_parent(fs, path)
+    make_parent(fs, path)
     tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, path)
 
 
-def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+def make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the local directory a file goes in (object stores need none)."""
     # Only local filesystems need directories; on object stores makedirs could create a bucket.
     if _is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -270,6 +271,25 @@ def listing_fingerprint(files: dict[str, dict]) -> str:
         stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "last_modified") if k in info), "")
         lines.append(f"{name}\t{info.get('size')}\t{stamp}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def directory_fingerprint(path: str, sample_bytes: int = 4 << 20) -> str:
+    """A digest of a local directory's files: their relative names, sizes and contents (of a
+    file larger than twice ``sample_bytes``, its first and last ``sample_bytes``, so that a
+    model of many gigabytes is fingerprinted in a moment)."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}\t{size}\n".encode())
+        with open(file, "rb") as f:
+            if size <= 2 * sample_bytes:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(sample_bytes))
+                f.seek(size - sample_bytes)
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]
 
 
 def localize(path: str, only: tuple[str, ...] | None = None) -> str:

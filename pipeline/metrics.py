@@ -39,6 +39,8 @@ class StageMetrics:
 
 
 def _metrics_actor():
+    if not ray.is_initialized():  # outside Ray (unit tests, benchmarks): never start or join a cluster
+        return None
     try:
         return ray.get_actor(ACTOR_NAME)
     except (ValueError, RuntimeError):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from . import io
-from .config import Config, config_hash
+from .config import Config
+from .identity import annotation_identity, identity_changes, identity_hash
 from .io import InputError, list_shards, read_footer, shard_stem
 from .retrieval.index import build_index_in_process, check_compatible, index_exists, read_meta
 from .tokenizer import load_tokenizer, reflection_ids
@@ -39,14 +40,24 @@ class Plan:
     todo: dict[str, int]
     #: The unified schema of all readable shards.
     schema: pa.Schema
+    #: What decides the annotations (``pipeline.identity``); markers record its hash.
+    identity: dict
     #: Shards whose success marker exists (skipped unless overwrite): their marker contents.
     done: list[dict] = field(default_factory=list)
     #: Unreadable shards skipped under ``on_bad_shard: skip``: {shard, error}.
     bad: list[dict] = field(default_factory=list)
+    #: Rows of each shard to do that an earlier run of the same identity staged (set once the
+    #: run holds the output's lease).
+    staged: dict[str, int] = field(default_factory=dict)
     #: Row count of every readable shard (to do or done).
     rows_in: dict[str, int] = field(default_factory=dict)
     #: Row ids over all readable shards: nulls given derived ids, duplicates (see ``scan_ids``).
     ids: dict = field(default_factory=dict)
+
+    @property
+    def annotation_hash(self) -> str:
+        """The hash of ``identity``: recorded in every marker, and the default run id."""
+        return identity_hash(self.identity)
 
 
 def marker_path(output: str, shard: str) -> str:
@@ -177,21 +188,30 @@ def read_marker(path: str) -> dict | None:
         return None
 
 
-def split_done(cfg: Config, rows: dict[str, int]) -> tuple[dict[str, int], list[dict]]:
-    """(shards to annotate, markers of shards already done). With ``overwrite`` every shard is
-    redone. Refuses to resume into an output written with another config."""
+def read_markers(cfg: Config, rows: dict[str, int]) -> dict[str, dict | None]:
+    """Every readable shard's success marker (None: not done). With ``overwrite``: none."""
     if cfg.output.overwrite:
-        return dict(rows), []
-    todo, done, current = {}, [], config_hash(cfg)
+        return dict.fromkeys(rows)
+    return {shard: read_marker(marker_path(cfg.output.path, shard)) for shard in rows}
+
+
+def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None],
+               identity: dict) -> tuple[dict[str, int], list[dict]]:
+    """(shards to annotate, markers of shards already done). Refuses to resume into an output
+    whose shards were annotated with another annotation identity, naming what differs."""
+    todo, done, current = {}, [], identity_hash(identity)
     for shard, n in rows.items():
-        marker = read_marker(marker_path(cfg.output.path, shard))
+        marker = markers[shard]
         if marker is None:
             todo[shard] = n
-        elif marker.get("config_hash") != current:
+        elif marker.get("annotation_hash") != current:
+            old = marker.get("annotation_identity")
+            why = ("; ".join(identity_changes(old, identity)) if isinstance(old, dict)
+                   else "written by an older version of the job")
             raise PreflightError(
-                f"{cfg.output.path} holds shard outputs written with another config "
-                f"({marker.get('config_hash')}, this run: {current}); use another output.path "
-                "or output.overwrite=true")
+                f"{cfg.output.path} holds shards annotated with another annotation identity "
+                f"({marker.get('annotation_hash')}, this run: {current}): {why}. Use another output.path "
+                "or output.overwrite=true (rescaling, batch sizes and storage settings never cause this)")
         else:
             done.append(marker)
     return todo, done
@@ -266,8 +286,10 @@ def preflight(cfg: Config) -> Plan:
     if ids["null_derived"]:  # derived ids are text: the id column must be a string column
         index = schema.get_field_index(cfg.input.id_column)
         schema = schema.set(index, pa.field(cfg.input.id_column, pa.string()))
-    todo, done = split_done(cfg, rows)
-    if todo:
+    markers = read_markers(cfg, rows)
+    if any(m is None for m in markers.values()):
         check_model(cfg)
-        ensure_index(cfg)
-    return Plan(todo=todo, schema=schema, done=done, bad=bad, rows_in=rows, ids=ids)
+    ensure_index(cfg)  # before the identity, which covers the index
+    identity = annotation_identity(cfg)
+    todo, done = split_done(cfg, rows, markers, identity)
+    return Plan(todo=todo, schema=schema, identity=identity, done=done, bad=bad, rows_in=rows, ids=ids)

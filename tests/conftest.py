@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,6 +69,27 @@ def copy_demo_queries(dest: Path) -> list[str]:
     """Copies of the demo query shards in ``dest``; returns their paths."""
     dest.mkdir(parents=True, exist_ok=True)
     return [str(shutil.copy(p, dest / p.name)) for p in sorted(DEMO_QUERIES.glob("*.parquet"))]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server (the venv's ``moto_server``) on a free port of 127.0.0.1, once it answers:
+    the process (terminate it when done) and its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            return proc, endpoint
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
 
 
 _session = {}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import ConfigError, config_hash, load_config, to_yaml
+from pipeline.config import ConfigError, load_config, to_yaml
 
 
 def test_defaults_are_the_embedded_default():
@@ -47,10 +47,8 @@ def test_unknown_key_in_a_yaml_file_is_refused(tmp_path):
         load_config([str(tmp_path / "missing.yaml")])
 
 
-def test_resolved_yaml_round_trips_and_hash_is_stable(tmp_path):
+def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config([], ["selfrag.top_k=7"])
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
-    again = load_config([str(path)])
-    assert again == cfg and config_hash(again) == config_hash(cfg)
-    assert config_hash(load_config([], ["selfrag.top_k=8"])) != config_hash(cfg)
+    assert load_config([str(path)]) == cfg

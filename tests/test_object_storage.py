@@ -125,7 +125,7 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
     assert manifest["totals"]["rows_out"] == manifest["totals"]["rows_in"] == 40
     assert [b["shard"] for b in manifest["skipped_bad"]] == ["s3://inputs/rt/broken.parquet"]
     assert "cannot read Parquet shard s3://inputs/rt/broken.parquet" in manifest["skipped_bad"][0]["error"]
-    assert manifest["packages"]["ray"] == "2.60.0" and manifest["config_hash"]
+    assert manifest["packages"]["ray"] == "2.60.0" and manifest["annotation_hash"]
 
     # The secret appears in nothing the job wrote or printed.
     assert SECRET not in log

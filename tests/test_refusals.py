@@ -177,13 +177,15 @@ def _marker(out, stem, config_hash):
          "config_hash": config_hash}))
 
 
-def test_resuming_into_an_output_of_another_config_is_refused(capsys, tmp_path):
+def test_resuming_into_an_output_of_an_older_version_is_refused(capsys, tmp_path):
     pq.write_table(pa.table({"instruction": ["Who?"]}), shard_dir(tmp_path) / "q.parquet")
     out = tmp_path / "out"
     _marker(out, "q", "0123456789ab")
     code = main([f"input.paths={tmp_path / 'in' / 'q.parquet'}", f"output.path={out}"])
     assert code == 2
-    assert "holds shard outputs written with another config (0123456789ab" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds shards annotated with another annotation identity" in err
+    assert "written by an older version" in err
 
 
 def test_a_refused_overwrite_run_keeps_the_old_markers(capsys, tmp_path):
@@ -219,3 +221,24 @@ def test_credentials_anywhere_in_config_are_refused_and_never_echoed(capsys, out
 def test_a_secret_in_a_bad_value_is_not_echoed(capsys, out):
     line = refuse(capsys, out, f"selfrag.top_k={SECRET}")
     assert "config key 'selfrag.top_k'" in line and SECRET not in line
+
+
+def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(capsys, tmp_path):
+    import os
+    import socket
+    import time
+
+    pq.write_table(pa.table({"instruction": ["Who?"]}), shard_dir(tmp_path) / "q.parquet")
+    out = tmp_path / "out"
+    (out / "_lease").mkdir(parents=True)
+    holder = {"owner": "nightly", "host": socket.gethostname(), "pid": os.getpid(), "run_id": "night-1",
+              "started_at": "2026-12-01T02:00:00+00:00", "heartbeat_at": time.time(), "released": False,
+              "generation": 1}
+    (out / "_lease" / "0000000001.json").write_text(json.dumps(holder))
+    code = main([f"input.paths={tmp_path / 'in' / 'q.parquet'}", f"output.path={out}", "selfrag.mode=never"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"is in use by another run: run id night-1, owner nightly, host {socket.gethostname()}, pid {os.getpid()}" \
+        in err
+    assert sorted(p.name for p in out.iterdir()) == ["_lease"]  # nothing written, the lease untouched
+    assert json.loads((out / "_lease" / "0000000001.json").read_text()) == holder

@@ -5,7 +5,9 @@ special-token parsing off). A bad row gets ``error`` set, never dropped."""
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from .. import staging
 from ..config import Config, InputConfig, StorageConfig
 from ..io import configure, read_table, shard_stem
 from ..metrics import Reporter
@@ -89,10 +91,17 @@ def prepare_contract(cfg: Config, schema: pa.Schema) -> Contract:
 
 
 def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, model: str, run_id: str,
-                   schema: pa.Schema, tokenizer: TokenizerSpec) -> pa.Table:
-    """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema)."""
+                   schema: pa.Schema, tokenizer: TokenizerSpec, output: str, annotation_hash: str) -> pa.Table:
+    """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema),
+    without the rows a previous run of the same annotation identity staged already."""
     configure(storage)
     tokens = spec_tokens(tokenizer)[0]  # built once per worker process
     with Reporter("prepare").batch(batch.num_rows):
-        return pa.concat_tables([prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens)
-                                 for shard in batch.column("shard").to_pylist()])
+        tables = []
+        for shard in batch.column("shard").to_pylist():
+            rows = prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens)
+            staged = staging.staged_offsets(output, annotation_hash, shard)
+            if len(staged):
+                rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))
+            tables.append(rows)
+        return pa.concat_tables(tables)

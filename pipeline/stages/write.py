@@ -1,23 +1,32 @@
-"""Write stage: one Parquet file per input shard, complete, in input order, written atomically,
-then its success marker.
+"""Write stage: each input shard becomes one Parquet file, complete, in input order, committed
+atomically, then its success marker.
 
-A single writer actor gathers each shard's rows as they stream in (it knows every shard's row
-count) and writes the shard as soon as its last row arrives, so finished shards are safe on
-disk while the rest of the job runs. File names come from the input shard
-(``{output}/{shard stem}.parquet``): the same input and config always give the same files.
+One writer actor sees every row, so it knows when a shard is complete. It holds at most
+``output.buffer_rows`` rows in memory: beyond that, and every ``output.flush_s`` seconds, it
+stages rows to the output location (``pipeline.staging``). A shard is committed when all its
+rows are staged or held: its buckets are read one at a time and streamed into one hidden
+file, which is then moved into place (``{output}/{shard stem}.parquet``), and only then is
+the marker written. The writer's memory is bounded by the buffer and one bucket, whatever the
+shard's size; a writer or driver that dies loses at most the rows it held, and a resume
+annotates only the rows not staged.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import time
+import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from .. import io
-from ..config import Config, config_hash
+from .. import io, staging
+from ..config import Config
 from ..metrics import Reporter
 from ..preflight import marker_path
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
@@ -29,22 +38,49 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def shard_summary(shard: str, dest: str, rows: pa.Table) -> dict:
-    """Counts recorded in a shard's marker and in the run manifest."""
+def _count(rows: pa.Table) -> tuple[int, int]:
+    """(error rows, rows that retrieved) of some output rows."""
     errors = pc.sum(rows.column("error").is_valid().cast(pa.int64())).as_py() or 0
     retrieved = pc.sum(pc.fill_null(rows.column("retrieved"), False).cast(pa.int64())).as_py() or 0
-    return {"shard": shard, "output": dest, "rows": rows.num_rows, "errors": errors,
-            "retrieved": retrieved, "written_at": time.time()}
+    return errors, retrieved
 
 
-def write_shard(rows: pa.Table, shard: str, output: str, config_hash: str) -> dict:
-    """Write one shard's rows (sorted back into input order), then its marker (which records the
-    config hash, so a resume into the same output with another config is refused); return its summary."""
-    rows = rows.sort_by(OFFSET).drop_columns(list(INTERNAL_TYPES))
+def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
+                 held: dict[int, list[pa.Table]] | None = None) -> dict:
+    """Write a complete shard from its staged parts and the rows ``held`` in memory (by bucket),
+    bucket by bucket, to a hidden file moved into place; then its marker (with the annotation
+    hash); then drop its staged parts. Returns its summary. Raises RuntimeError, exposing
+    nothing, when the rows do not number ``expected``."""
+    held = held or {}
+    parts = staging.list_parts(output, annotation_hash, shard)
     dest = io.join(output, f"{io.shard_stem(shard)}.parquet")
-    io.write_parquet_atomic(rows, dest)
-    summary = shard_summary(shard, dest, rows)
-    io.write_text(marker_path(output, shard), json.dumps({**summary, "config_hash": config_hash}))
+    fs, path = io.filesystem(dest)
+    io.make_parent(fs, path)
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    rows = errors = retrieved = 0
+    with fs.open(tmp, "wb") as f:
+        writer = None
+        for bucket in sorted(set(parts) | set(held)):
+            table = staging.bucket_rows(output, parts.get(bucket, []), held.get(bucket, []))
+            table = table.drop_columns([c for c in INTERNAL_TYPES if c in table.column_names])
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += table.num_rows
+            e, r = _count(table)
+            errors, retrieved = errors + e, retrieved + r
+            del table
+            pa.default_memory_pool().release_unused()  # one bucket's buffers at a time, not all of them
+        if writer is not None:
+            writer.close()
+    if rows != expected or writer is None:
+        fs.rm(tmp)
+        raise RuntimeError(f"shard {shard}: {rows} rows staged, {expected} expected; not committed")
+    fs.mv(tmp, path)
+    summary = {"shard": shard, "output": dest, "rows": rows, "errors": errors, "retrieved": retrieved,
+               "written_at": time.time()}
+    io.write_text(marker_path(output, shard), json.dumps({**summary, "annotation_hash": annotation_hash}))
+    staging.remove_shard(output, annotation_hash, shard)
     return summary
 
 
@@ -54,27 +90,82 @@ def writer_contract(cfg: Config) -> Contract:
                                     "error": OUTPUT_TYPES["error"], "retrieved": OUTPUT_TYPES["retrieved"]})
 
 
-class ShardWriter:
-    """Callable class for ``map_batches`` (one replica): buffers rows per shard until the shard
-    is complete, then writes it. Emits one summary row per shard written."""
+@dataclass
+class _Shard:
+    """What the writer knows of one shard: which offsets it has (staged or held), and the held rows."""
 
-    def __init__(self, cfg: Config, expected_rows: dict[str, int]):
+    seen: np.ndarray
+    count: int
+    held: dict[int, list[pa.Table]] = field(default_factory=lambda: defaultdict(list))
+    held_rows: int = 0
+
+
+class ShardWriter:
+    """Callable class for ``map_batches`` (one replica): holds or stages rows per shard until the
+    shard is complete, then commits it. Emits one summary row per shard committed."""
+
+    def __init__(self, cfg: Config, expected_rows: dict[str, int], annotation_hash: str):
         io.configure(cfg.storage)
-        self.output, self.config_hash = cfg.output.path, config_hash(cfg)
+        out = cfg.output
+        self.output, self.hash = out.path, annotation_hash
+        self.stage_rows, self.buffer_rows, self.flush_s = out.stage_rows, out.buffer_rows, out.flush_s
         self.expected = dict(expected_rows)
-        self.pending: dict[str, list[pa.Table]] = defaultdict(list)
-        self.received: dict[str, int] = defaultdict(int)
+        self.shards: dict[str, _Shard] = {}
+        self.committed: set[str] = set()
+        self.held = 0
+        self.last_flush = time.monotonic()
         self.reporter = Reporter("write")
+
+    def _shard(self, shard: str) -> _Shard:
+        if shard not in self.shards:  # first sight (also after a restart): what is staged already
+            seen = np.zeros(self.expected[shard], bool)
+            seen[staging.staged_offsets(self.output, self.hash, shard)] = True
+            self.shards[shard] = _Shard(seen, int(seen.sum()))
+        return self.shards[shard]
+
+    def _hold(self, state: _Shard, rows: pa.Table) -> None:
+        buckets = pc.divide(rows.column(OFFSET), self.stage_rows)
+        for bucket in pc.unique(buckets).to_pylist():
+            state.held[bucket].append(rows.filter(pc.equal(buckets, bucket)))
+        state.held_rows += rows.num_rows
+        self.held += rows.num_rows
+
+    def _spill(self, shard: str) -> None:
+        state = self.shards[shard]
+        if state.held_rows:
+            staging.stage(pa.concat_tables([t for ts in state.held.values() for t in ts]), self.output, self.hash,
+                          shard, self.stage_rows)
+            self.held -= state.held_rows
+            state.held, state.held_rows = defaultdict(list), 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         written = []
         with self.reporter.batch(batch.num_rows):
             shards = batch.column(SHARD)
             for shard in pc.unique(shards).to_pylist():
-                part = batch.filter(pc.equal(shards, shard))
-                self.pending[shard].append(part)
-                self.received[shard] += part.num_rows
-                if self.received[shard] == self.expected[shard]:
-                    written.append(write_shard(pa.concat_tables(self.pending.pop(shard)), shard, self.output,
-                                               self.config_hash))
+                if shard in self.committed:  # rows sent again after their shard was committed
+                    continue
+                state = self._shard(shard)
+                rows = batch.filter(pc.equal(shards, shard))
+                offsets = rows.column(OFFSET).to_numpy()
+                _, first = np.unique(offsets, return_index=True)
+                new = np.zeros(len(offsets), bool)
+                new[first] = ~state.seen[offsets[first]]  # a row sent again (a retried task) counts once
+                if new.any():
+                    state.seen[offsets[new]] = True
+                    state.count += int(new.sum())
+                    self._hold(state, rows.filter(pa.array(new)))
+                if state.count == len(state.seen):
+                    written.append(commit_shard(self.output, self.hash, shard, len(state.seen), state.held))
+                    self.held -= state.held_rows
+                    del self.shards[shard]
+                    self.committed.add(shard)
+            if time.monotonic() - self.last_flush > self.flush_s:
+                for shard in list(self.shards):
+                    self._spill(shard)
+                self.last_flush = time.monotonic()
+            while self.held > self.buffer_rows:  # the shards holding most rows go to storage first
+                self._spill(max(self.shards, key=lambda s: self.shards[s].held_rows))
+        if written or self.held == 0:
+            pa.default_memory_pool().release_unused()  # give freed buffers back: a long run's memory stays flat
         return pa.Table.from_pylist(written, schema=SUMMARY_SCHEMA)

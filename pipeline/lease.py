@@ -1,0 +1,191 @@
+"""One run per output: a lease on an output location (local or ``s3://``), kept alive by a
+heartbeat. Records are ``{output}/_lease/{generation:010d}.json``; the highest generation is
+the current lease. A new generation is only ever created with an exclusive create (``O_EXCL``
+on local disk, ``If-None-Match: *`` on S3), so of several runs taking over the same lease
+exactly one wins; each run only ever rewrites its own generation.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import posixpath
+import re
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+from .io import filesystem, is_remote, join
+
+log = logging.getLogger(__name__)
+_RECORD = re.compile(r"^(\d{10})\.json$")
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run holds the output's lease; the message names the holder and says how to proceed."""
+
+    def __init__(self, output: str, holder: dict, stale_after_s: float):
+        self.holder = holder
+        age = time.time() - holder["heartbeat_at"] if holder.get("heartbeat_at") else None
+        super().__init__(
+            f"output {output} is in use by another run: run id {holder.get('run_id', 'unknown')}, "
+            f"owner {holder.get('owner', 'unknown')}, host {holder.get('host', 'unknown')}, "
+            f"pid {holder.get('pid', 'unknown')}, started at {holder.get('started_at', 'unknown')}, "
+            f"last heartbeat {'unknown' if age is None else f'{age:.0f}'} s ago. Wait for it to finish, "
+            f"or retry once it is stale (no heartbeat for {stale_after_s:g} s).")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in the environment (containers)
+        return "unknown"
+
+
+def _generations(fs, root: str) -> list[int]:
+    fs.invalidate_cache(root)  # s3fs caches listings: a cached one would hide newer generations
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in (_RECORD.match(posixpath.basename(n)) for n in names) if m)
+
+
+def _read(fs, path: str) -> dict:
+    """A lease record. A malformed one (partly written) is held by "unknown", its heartbeat the
+    object's modification time: it becomes stale like any other, never sooner."""
+    try:
+        record = json.loads(fs.cat_file(path))
+        if isinstance(record, dict) and isinstance(record.get("heartbeat_at"), (int, float)):
+            return record
+        heartbeat = fs.modified(path).timestamp()
+    except FileNotFoundError:  # its creator's S3 write has not completed (we got 409 ConditionalRequestConflict)
+        heartbeat = time.time()
+    except (ValueError, UnicodeDecodeError):
+        heartbeat = fs.modified(path).timestamp()
+    return {"owner": "unknown", "host": "unknown", "pid": "unknown", "run_id": "unknown", "released": False,
+            "heartbeat_at": heartbeat}
+
+
+def _read_settled(fs, path: str, wait_s: float = 1.0) -> dict:
+    """``_read``, giving a malformed record a moment: on local disk an exclusively created
+    record exists, empty, until its creator has written it."""
+    deadline = time.time() + wait_s
+    while (record := _read(fs, path))["run_id"] == "unknown" and time.time() < deadline:
+        time.sleep(0.05)
+    return record
+
+
+def _takeable(record: dict, stale_after_s: float) -> bool:
+    if record.get("released") or time.time() - record["heartbeat_at"] > stale_after_s:
+        return True
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        try:
+            os.kill(record["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's process
+            pass
+    return False
+
+
+def _lost_race(exc: Exception) -> bool:
+    # Real S3 answers 409 ConditionalRequestConflict to a conditional write racing another one.
+    code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(exc, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class Lease:
+    """A run's lease on an output location (local or s3://)."""
+
+    def __init__(self, output: str, holder: dict, heartbeat_s: float):
+        self.output, self.holder = output, holder
+        self._fs, self._root = filesystem(join(output, "_lease"))
+        self._path = join(self._root, f"{holder['generation']:010d}.json")
+        self._lost, self._stop, self._lock = False, threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._beat_loop, args=(heartbeat_s,), daemon=True,
+                                        name=f"lease-heartbeat-{holder['run_id']}")
+
+    @classmethod
+    def acquire(cls, output: str, run_id: str, stale_after_s: float = 600.0, heartbeat_s: float = 30.0) -> "Lease":
+        """Take the lease or raise LeaseHeld. Starts a daemon heartbeat thread."""
+        fs, root = filesystem(join(output, "_lease"))
+        generations = _generations(fs, root)
+        current = generations[-1] if generations else 0
+        if current:
+            record = _read_settled(fs, join(root, f"{current:010d}.json"))
+            if not _takeable(record, stale_after_s):
+                raise LeaseHeld(output, record, stale_after_s)
+        now = time.time()
+        holder = {"owner": _user(), "host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
+                  "started_at": datetime.fromtimestamp(now, timezone.utc).isoformat(), "heartbeat_at": now,
+                  "released": False, "generation": current + 1}
+        path = join(root, f"{current + 1:010d}.json")
+        if not is_remote(output):
+            fs.makedirs(root, exist_ok=True)
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(json.dumps(holder).encode())
+        except Exception as exc:
+            if not _lost_race(exc):
+                raise
+            raise LeaseHeld(output, _read_settled(fs, path), stale_after_s) from None  # another run won
+        for old in generations:
+            if old < current + 1 - 2:
+                try:
+                    fs.rm_file(join(root, f"{old:010d}.json"))
+                except Exception:  # noqa: BLE001 - only tidying; a leftover old record is harmless
+                    log.debug("could not delete old lease record %s", old, exc_info=True)
+        lease = cls(output, holder, heartbeat_s)
+        lease._thread.start()
+        return lease
+
+    @property
+    def lost(self) -> bool:
+        """True when another run has taken the lease over (a newer generation exists), as seen by the heartbeat."""
+        return self._lost
+
+    def release(self) -> None:
+        """Stop the heartbeat and mark the lease released (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with self._lock:  # waits for a heartbeat write in progress
+            if not self._lost:
+                self.holder["released"] = True
+                try:
+                    self._write()
+                except Exception:  # noqa: BLE001 - release runs on the way out; the lease goes stale anyway
+                    log.warning("could not mark the lease on %s released; it can be taken once stale",
+                                self.output, exc_info=True)
+        self._thread.join(timeout=5)
+
+    def _beat_loop(self, heartbeat_s: float) -> None:
+        while not self._stop.wait(heartbeat_s):
+            try:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    if max(_generations(self._fs, self._root), default=0) > self.holder["generation"]:
+                        self._lost = True
+                        log.error("lease on %s was taken over by another run; this run (%s) no longer holds it",
+                                  self.output, self.holder["run_id"])
+                        return
+                    self.holder["heartbeat_at"] = time.time()
+                    self._write()
+            except Exception:  # noqa: BLE001 - a failed heartbeat must not kill the run; the next one retries
+                log.exception("lease heartbeat for %s failed", self.output)
+
+    def _write(self) -> None:
+        data = json.dumps(self.holder).encode()
+        if is_remote(self.output):  # an S3 PUT replaces the object atomically
+            self._fs.pipe_file(self._path, data)
+            return
+        tmp = join(self._root, f".{posixpath.basename(self._path)}.{uuid.uuid4().hex}.tmp")
+        with self._fs.open(tmp, "wb") as f:
+            f.write(data)
+        self._fs.mv(tmp, self._path)

@@ -1,0 +1,109 @@
+"""Staged rows: a shard's annotated rows kept at the output location, in parts, until the
+shard is complete and committed as one file.
+
+Parts live under ``{output}/_staging/{annotation hash}/{shard stem}/`` (a ``_`` directory:
+readers and Ray Data skip it). Each part holds rows of one *bucket*, a fixed range of input
+offsets (``bucket = offset // stage_rows``), so a commit reads one bucket at a time and
+writes the shard in input order with the memory of one bucket, whatever the shard's size.
+Parts are written atomically and carry the bookkeeping columns, so a later run (a resume)
+knows which offsets are staged and annotates only the others.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import io
+from .stages.columns import OFFSET
+
+STAGING_DIR = "_staging"
+
+
+def shard_dir(output: str, annotation_hash: str, shard: str) -> str:
+    """Where a shard's staged parts live."""
+    return io.join(output, STAGING_DIR, annotation_hash, io.shard_stem(shard))
+
+
+def part_name(bucket: int) -> str:
+    """A new part's file name: its bucket, then a unique suffix (parts of one bucket accumulate)."""
+    return f"b{bucket:07d}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def list_parts(output: str, annotation_hash: str, shard: str) -> dict[int, list[str]]:
+    """The shard's staged parts by bucket (temporary files of unfinished writes left out)."""
+    fs, root = io.filesystem(shard_dir(output, annotation_hash, shard))
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return {}
+    parts: dict[int, list[str]] = defaultdict(list)
+    for path in sorted(fs.find(root)):
+        name = posixpath.basename(path)
+        if name.startswith("b") and name.endswith(".parquet"):
+            parts[int(name[1:8])].append(path)
+    return dict(parts)
+
+
+def read_part(output: str, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One staged part (``path`` as ``list_parts`` gives it, on the output's filesystem)."""
+    fs, _ = io.filesystem(output)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def staged_offsets(output: str, annotation_hash: str, shard: str) -> np.ndarray:
+    """The input offsets of a shard already staged (sorted, unique)."""
+    found = [read_part(output, p, [OFFSET]).column(OFFSET).to_numpy()
+             for paths in list_parts(output, annotation_hash, shard).values() for p in paths]
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+def stage(rows: pa.Table, output: str, annotation_hash: str, shard: str, stage_rows: int) -> None:
+    """Write a shard's rows as staged parts, one per bucket they fall in."""
+    buckets = pc.divide(rows.column(OFFSET), stage_rows)
+    for bucket in pc.unique(buckets).to_pylist():
+        part = rows.filter(pc.equal(buckets, bucket))
+        io.write_parquet_atomic(part, io.join(shard_dir(output, annotation_hash, shard), part_name(bucket)))
+
+
+def bucket_rows(output: str, paths: list[str], held: list[pa.Table]) -> pa.Table | None:
+    """A bucket's rows, from its staged parts and the rows still held in memory, in input order,
+    each offset once (a row staged twice, by a retried task, counts once)."""
+    tables = [read_part(output, p) for p in paths] + held
+    if not tables:
+        return None
+    rows = pa.concat_tables(tables, promote_options="permissive").sort_by(OFFSET)
+    offsets = rows.column(OFFSET).to_numpy()
+    if len(offsets) > 1 and (offsets[1:] == offsets[:-1]).any():
+        keep = np.concatenate([[True], offsets[1:] != offsets[:-1]])
+        rows = rows.filter(pa.array(keep))
+    return rows
+
+
+def remove_shard(output: str, annotation_hash: str, shard: str) -> None:
+    """Delete a committed shard's staged parts."""
+    fs, root = io.filesystem(shard_dir(output, annotation_hash, shard))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def remove_other_identities(output: str, annotation_hash: str | None) -> list[str]:
+    """Delete staged rows of any other annotation identity (they can never be committed: a
+    resume needs the same identity); ``None``: delete all. Returns the hashes removed."""
+    fs, root = io.filesystem(io.join(output, STAGING_DIR))
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return []
+    removed = []
+    for path in fs.ls(root, detail=False):
+        name = posixpath.basename(path.rstrip("/"))
+        if name != annotation_hash:
+            fs.rm(path, recursive=True)
+            removed.append(name)
+    return removed

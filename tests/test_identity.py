@@ -1,0 +1,90 @@
+"""The annotation identity that guards a resume: run settings never change it, anything that
+changes an annotation does, and a refused resume names what changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO
+from pipeline.config import load_config
+from pipeline.identity import annotation_identity, identity_hash
+from pipeline.preflight import PreflightError, split_done
+
+
+@pytest.fixture
+def base(tmp_path):
+    """Overrides that point at a hand-made index (only its meta.json is read) and a model copy."""
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "meta.json").write_text(json.dumps({"encoder": "e", "corpus_sha256": "c1", "count": 3}))
+    shutil.copytree(REPO / "models" / "tiny-selfrag", tmp_path / "model")
+    return [f"retrieval.index_dir={tmp_path / 'index'}", f"engine.model={tmp_path / 'model'}"]
+
+
+def identity(base, *overrides):
+    return annotation_identity(load_config([], [*base, *overrides]))
+
+
+RUN_SETTINGS = [
+    "stages.critique.replicas=4", "stages.first_pass.batch_size=3", "stages.retrieve.max_concurrent_batches=2",
+    "engine.service.replicas=3", "engine.service.max_ongoing_requests=8", "retrieval.service.num_cpus=2",
+    "engine.gpu_memory_utilization=0.5", "engine.extra.max_num_seqs=64", "engine.tensor_parallel_size=2",
+    "ray.progress_bars=false", "storage.cache_dir=/elsewhere", "storage.endpoint_url=http://127.0.0.1:9",
+    "output.buffer_rows=5", "output.stage_rows=5", "output.lease_stale_after_s=100", "run_id=nightly-2",
+    "input.paths=[/other/inputs]", "debug.exit_after_shards=1",
+]
+
+
+@pytest.mark.parametrize("override", RUN_SETTINGS)
+def test_run_settings_leave_the_identity_unchanged(base, override):
+    assert identity(base, override) == identity(base)
+
+
+ANNOTATION_SETTINGS = [
+    "selfrag.threshold=0.5", "selfrag.top_k=3", "selfrag.long_form.beam_width=3", "engine.dtype=bfloat16",
+    "engine.max_model_len=512", "engine.extra.quantization=fp8", "input.question_column=q",
+    "input.default_task=fever", "output.keep_logprobs=true", "retrieval.nprobe=4", "retrieval.max_length=64",
+]
+
+
+@pytest.mark.parametrize("override", ANNOTATION_SETTINGS)
+def test_annotation_settings_change_the_identity(base, override):
+    assert identity_hash(identity(base, override)) != identity_hash(identity(base))
+
+
+def test_the_model_files_and_the_index_are_part_of_it(base, tmp_path):
+    before = identity_hash(identity(base))
+    with open(tmp_path / "model" / "config.json", "a") as f:
+        f.write("\n")
+    after_model = identity_hash(identity(base))
+    (tmp_path / "index" / "meta.json").write_text(json.dumps({"encoder": "e", "corpus_sha256": "c2", "count": 3}))
+    assert len({before, after_model, identity_hash(identity(base))}) == 3
+    # a model directory moved elsewhere with the same files annotates the same
+    shutil.copytree(tmp_path / "model", tmp_path / "moved")
+    assert identity(base, f"engine.model={tmp_path / 'moved'}") == identity(base)
+
+
+def test_never_mode_does_not_depend_on_the_index(base, tmp_path):
+    shutil.rmtree(tmp_path / "index")
+    assert "retrieval" not in identity(base, "selfrag.mode=never")
+
+
+def test_a_resume_with_new_run_settings_proceeds_and_one_with_a_new_threshold_is_refused(base):
+    written = identity(base)
+    marker = {"shard": "q", "rows": 1, "annotation_hash": identity_hash(written), "annotation_identity": written}
+    cfg = load_config([], base)
+    rows, markers = {"q": 1, "r": 2}, {"q": marker, "r": None}
+    rescaled = identity(base, "stages.critique.replicas=8", "stages.critique.batch_size=4", "engine.service.replicas=2")
+    todo, done = split_done(cfg, rows, markers, rescaled)
+    assert todo == {"r": 2} and done == [marker]
+    with pytest.raises(PreflightError, match=r"selfrag\.threshold: 0\.2 -> 0\.5") as refused:
+        split_done(cfg, rows, markers, identity(base, "selfrag.threshold=0.5"))
+    assert "another annotation identity" in str(refused.value)
+
+
+def test_a_marker_of_an_older_version_is_refused_with_a_reason(base):
+    cfg = load_config([], base)
+    with pytest.raises(PreflightError, match="older version"):
+        split_done(cfg, {"q": 1}, {"q": {"shard": "q", "config_hash": "0123456789ab"}}, identity(base))

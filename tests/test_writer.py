@@ -1,0 +1,131 @@
+"""The writer on plain tables (no Ray): bounded memory through staged parts, commits in input
+order, rows sent twice counted once, and a restarted writer or a resume losing no staged row."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import staging
+from pipeline.config import load_config
+from pipeline.stages.columns import OFFSET
+from pipeline.stages.prepare import prepare_table
+from pipeline.stages.write import ShardWriter, commit_shard
+
+HASH = "abc123"
+SHARD = "/in/part-0.parquet"
+
+
+def writer(tmp_path, n: int, buffer_rows: int = 10, stage_rows: int = 8, flush_s: float = 3600.0) -> ShardWriter:
+    cfg = load_config([], [f"output.path={tmp_path / 'out'}", f"output.buffer_rows={buffer_rows}",
+                           f"output.stage_rows={stage_rows}", f"output.flush_s={flush_s}"])
+    return ShardWriter(cfg, {SHARD: n}, HASH)
+
+
+def rows(n: int) -> pa.Table:
+    """A shard's prepared rows, with the answer a first pass would give."""
+    from pipeline.config import InputConfig
+
+    table = prepare_table(pa.table({"instruction": [f"Question {i}?" for i in range(n)]}), SHARD, InputConfig(),
+                          "m", "r")
+    return table.set_column(table.column_names.index("answer"), "answer",
+                            pa.array([f"answer {i}" for i in range(n)]))
+
+
+def batches(table: pa.Table, size: int, seed: int = 0) -> list[pa.Table]:
+    """The table in shuffled batches (rows reach the writer out of order)."""
+    order = list(range(table.num_rows))
+    random.Random(seed).shuffle(order)
+    return [table.take(order[i:i + size]) for i in range(0, len(order), size)]
+
+
+def visible(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_shard_is_staged_in_bounded_memory_and_committed_whole_in_input_order(tmp_path):
+    table, w = rows(50), writer(tmp_path, 50)
+    parts = batches(table, 7)
+    summaries = []
+    for i, batch in enumerate(parts):
+        summaries += w(batch).to_pylist()
+        assert w.held <= 10  # never more than buffer_rows in memory
+        if i < len(parts) - 1:
+            assert visible(tmp_path) == [] and summaries == []  # nothing exposed before the shard is whole
+    staged_before_commit = staging.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    assert summaries and summaries[0]["rows"] == 50 and summaries[0]["errors"] == 0
+    out = pq.read_table(tmp_path / "out" / "part-0.parquet")
+    assert out.column("answer").to_pylist() == [f"answer {i}" for i in range(50)]
+    assert OFFSET not in out.column_names
+    assert json.loads((tmp_path / "out" / "_done" / "part-0.json").read_text())["annotation_hash"] == HASH
+    assert staged_before_commit == {}  # the staged parts went with the commit
+    assert not (tmp_path / "out" / "_staging" / HASH / "part-0").exists()
+
+
+def test_rows_are_staged_by_bucket_once_the_buffer_is_full(tmp_path):
+    table, w = rows(40), writer(tmp_path, 40, buffer_rows=10, stage_rows=8)
+    for batch in batches(table, 6)[:4]:  # 24 of 40 rows
+        w(batch)
+    parts = staging.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    assert parts and set(parts) <= {0, 1, 2, 3, 4}
+    staged = staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD)
+    assert len(staged) + w.held == 24 and w.held <= 10
+    for bucket, paths in parts.items():  # a part holds rows of its bucket only
+        for p in paths:
+            offsets = pq.read_table(p).column(OFFSET).to_pylist()
+            assert {o // 8 for o in offsets} == {bucket}
+
+
+def test_rows_sent_twice_count_once(tmp_path):
+    table, w = rows(20), writer(tmp_path, 20, buffer_rows=4)
+    parts = batches(table, 5)
+    out = []
+    for batch in parts[:2] + parts[:2] + parts[2:]:  # a retried task sends its rows again
+        out += w(batch).to_pylist()
+    assert [s["rows"] for s in out] == [20]
+    assert pq.read_table(tmp_path / "out" / "part-0.parquet").column("answer").to_pylist() \
+        == [f"answer {i}" for i in range(20)]
+    assert w(parts[0]).num_rows == 0  # rows of a committed shard are ignored
+
+
+def test_a_restarted_writer_keeps_what_was_staged_and_a_resume_adds_only_the_rest(tmp_path):
+    table = rows(30)
+    parts = batches(table, 5)
+    first = writer(tmp_path, 30, buffer_rows=4, stage_rows=8)
+    for batch in parts[:4]:  # 20 rows: at least 16 staged, up to 4 held in memory
+        first(batch)
+    staged = set(staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist())
+    assert len(staged) >= 16
+    del first  # the writer dies: what it held is lost, nothing is exposed
+    assert visible(tmp_path) == []
+
+    second = writer(tmp_path, 30, buffer_rows=4, stage_rows=8)  # the resume sends only unstaged rows
+    rest = table.filter(pa.array([o not in staged for o in table.column(OFFSET).to_pylist()]))
+    out = []
+    for batch in batches(rest, 4, seed=1):
+        out += second(batch).to_pylist()
+    assert [s["rows"] for s in out] == [30]
+    assert pq.read_table(tmp_path / "out" / "part-0.parquet").column("answer").to_pylist() \
+        == [f"answer {i}" for i in range(30)]
+
+
+def test_an_incomplete_commit_exposes_nothing(tmp_path):
+    output = str(tmp_path / "out")
+    staging.stage(rows(10).slice(0, 6), output, HASH, SHARD, stage_rows=4)
+    with pytest.raises(RuntimeError, match="6 rows staged, 10 expected"):
+        commit_shard(output, HASH, SHARD, 10)
+    assert visible(tmp_path) == [] and not (tmp_path / "out" / "_done").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_staged_rows_of_another_identity_are_removed(tmp_path):
+    output = str(tmp_path / "out")
+    staging.stage(rows(4), output, "other", SHARD, stage_rows=4)
+    staging.stage(rows(4), output, HASH, SHARD, stage_rows=4)
+    assert staging.remove_other_identities(output, HASH) == ["other"]
+    assert len(staging.staged_offsets(output, HASH, SHARD)) == 4
+    assert staging.remove_other_identities(output, None) == [HASH]
