@@ -24,7 +24,7 @@ from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.io import InputError, join, write_text
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
-from pipeline.preflight import Plan, PreflightError, marker_path, preflight
+from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, preflight
 from pipeline.services.deploy import start_services, stop_services
 from pipeline.services.engine import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
@@ -172,12 +172,15 @@ def stage_metrics(stages: dict, start: float) -> dict:
 
 
 def prepare_output(cfg: Config, plan: Plan) -> None:
-    """With the lease held and every check passed: clear what this run replaces (old markers
-    and staged rows with ``overwrite``; staged rows of another annotation identity otherwise),
+    """With the lease held and every check passed: clear what this run replaces (temporary files
+    of interrupted writes; old markers and staged rows with ``overwrite``; staged rows of
+    another annotation identity otherwise),
     count the rows staged by an earlier run, and write the resolved config."""
     if cfg.output.overwrite:
         for shard in plan.todo:
             io.remove(marker_path(cfg.output.path, shard))
+    for directory in (cfg.output.path, join(cfg.output.path, DONE_DIR)):  # what an interrupted write left
+        io.remove_temporaries(directory)
     removed = staging.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
     if removed:
         print(f"removed staged rows of other annotation identities: {removed}", flush=True)

@@ -243,6 +243,20 @@ def check_writable(path: str) -> None:
         raise FileNotFoundError(f"bucket does not exist: {path.split('://', 1)[0]}://{bucket}")
 
 
+def remove_temporaries(directory: str) -> int:
+    """Delete the temporary files (``.{name}.{uuid}.tmp``) an interrupted write left directly in a
+    directory; returns how many. Only for a directory no one else writes (a run holding its lease)."""
+    fs, root = filesystem(directory)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return 0
+    found = [p for p in fs.ls(root, detail=False)
+             if posixpath.basename(p).startswith(".") and posixpath.basename(p).endswith(".tmp")]
+    for path in found:
+        fs.rm(path)
+    return len(found)
+
+
 def exists(path: str) -> bool:
     """Whether a file or directory exists at a local path or URL."""
     fs, p = filesystem(path)

@@ -294,3 +294,76 @@ def test_always_mode_retrieves_for_every_row(tmp_path, index_dir, ray_session):
         assert len(r["candidates"]) == len(r["passages"]) == 2
         assert r["best_passage_id"] in {p["id"] for p in r["passages"]}
         assert all(math.isfinite(c["final"]) for c in r["candidates"])
+
+
+def test_export_of_the_run_is_trainable_data(adaptive, tmp_path):
+    """The adaptive run exported (jobs.export_dataset), read back with ``datasets``, and its
+    generator rows fed to the tiny model's training code: the loss covers exactly the answer
+    and reflection tokens, never the prompt or a paragraph, and three optimizer steps run."""
+    import re
+
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import REPO
+    from jobs.export_dataset import main
+    from jobs.train_tiny_model import collate, loss_on_targets
+    from pipeline.export.records import prompt_of
+    from pipeline.export.training import generator_example
+    from pipeline.synthetic.training_data import NOT_IN_LOSS, label_ids, tokenize_pieces
+
+    _, _, rows, out = adaptive
+    dest = tmp_path / "dataset"
+    assert main(["--run", str(out), f"output={dest}", "validation_fraction=0.2"]) == 0
+    summary = json.loads((dest / "_export.json").read_text())
+    counts = summary["counts"]
+    assert counts["rows_in"] == len(rows)
+    assert counts["dropped_errors"] == sum(r["error"] is not None for r in rows) == 6
+    assert counts["rows_out"] == len(rows) - sum(v for k, v in counts.items() if k.startswith("dropped_"))
+    splits = summary["splits"]["generator"]
+    gen = datasets.load_dataset("parquet", data_files={s: str(dest / "generator" / s / "*.parquet") for s in splits},
+                                cache_dir=str(tmp_path / "hf"))
+    as_json = datasets.load_dataset("json", data_files={s: str(dest / "generator" / s / "*.jsonl") for s in splits},
+                                    cache_dir=str(tmp_path / "hf"))
+    records = [r for s in splits for r in gen[s]]
+    assert records == [r for s in splits for r in as_json[s]] and len(records) == counts["rows_out"]
+    for kind in ("critic", "chat"):
+        loaded = datasets.load_dataset("parquet", cache_dir=str(tmp_path / "hf"), data_files={
+            s: str(dest / kind / s / "*.parquet") for s in summary["splits"][kind]})
+        assert sum(len(loaded[s]) for s in loaded) == summary["records"][kind] > 0
+    outputs = [r["output"] for r in records]
+    assert any(o.startswith("[No Retrieval]") for o in outputs)
+    assert any(o.startswith("[Retrieval]<paragraph>") for o in outputs)
+    assert any(o.count("<paragraph>") == 2 for o in outputs)  # a long-form row, a passage per segment
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny-selfrag")
+    para_open, para_close = tok.convert_tokens_to_ids("<paragraph>"), tok.convert_tokens_to_ids("</paragraph>")
+    examples = [generator_example(r) for r in records]
+    for record, ex in zip(records, examples):
+        ids, labels = label_ids(tok, ex)
+        _, offsets = tokenize_pieces(tok, ex.pieces)
+        prompt_end, inside = len(prompt_of(record)), False
+        for token, label, (start, end) in zip(ids, labels, offsets):
+            inside = inside or token == para_open
+            wanted = start >= prompt_end and end > start and not inside
+            assert (label != NOT_IN_LOSS) == wanted, (record["id"], tok.convert_ids_to_tokens(token))
+            inside = inside and token != para_close
+        covered = "".join(ex.text[a:b] for a, b in ex.loss_spans)
+        assert covered == re.sub(r"<paragraph>.*?</paragraph>", "", record["output"], flags=re.S) + "</s>"
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-selfrag")
+    model.train()
+    # a small rate: the tiny model already writes this format, and a large step overshoots
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = collate(tok, examples[:16])
+    losses = []
+    for _ in range(3):
+        loss = loss_on_targets(model, *batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # the exported targets are what the tiny model was trained to write: its loss starts low
+    assert all(math.isfinite(x) for x in losses) and losses[0] < 1.0 and losses[-1] < losses[0]

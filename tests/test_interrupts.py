@@ -89,7 +89,9 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     for stem in visible:
         assert pq.read_table(out / f"{stem}.parquet").num_rows == 3
 
-    resumed = subprocess.run([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", *common],
+    # the resume, rescaled to whole batches in flight (run settings do not block a resume)
+    faster = [*common, "stages.first_pass.batch_size=8", "stages.first_pass.max_concurrent_batches=4"]
+    resumed = subprocess.run([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", *faster],
                              cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{8 - len(markers)} shard(s) to annotate, {len(markers)} already done" in resumed.stdout

@@ -129,3 +129,15 @@ def test_staged_rows_of_another_identity_are_removed(tmp_path):
     assert staging.remove_other_identities(output, HASH) == ["other"]
     assert len(staging.staged_offsets(output, HASH, SHARD)) == 4
     assert staging.remove_other_identities(output, None) == [HASH]
+
+
+def test_temporaries_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
+    from pipeline import io
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".part-0.parquet.0123abcd.tmp", "part-1.parquet", ".keep", "_config.yaml"):
+        (out / name).write_text("x")
+    assert io.remove_temporaries(str(out)) == 1
+    assert sorted(p.name for p in out.iterdir()) == [".keep", "_config.yaml", "part-1.parquet"]
+    assert io.remove_temporaries(str(tmp_path / "missing")) == 0
