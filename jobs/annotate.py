@@ -146,13 +146,27 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
         time.sleep(REPORT_EVERY_S + 0.5)  # the engine replicas' last counters reach the metrics actor
     finally:
         stop_services(services)
-    stages = stage_metrics(ray.get(metrics.get.remote()), start)
-    ray.kill(metrics)
+    stages = collect_stage_metrics(metrics, start)
     missing = sorted(set(plan.todo) - {w["shard"] for w in written})
     if missing:
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
                             "rows are kept: run the same command again to annotate only the rest")
     return written, stages
+
+
+def collect_stage_metrics(metrics, start: float) -> dict:
+    """The metrics actor's totals (``stage_metrics``), then the actor ends. An actor lost with its
+    node costs the run its metrics only: the manifest records ``{"lost": ...}`` instead."""
+    import ray
+
+    try:
+        stages = stage_metrics(ray.get(metrics.get.remote()), start)
+    except ray.exceptions.RayActorError as exc:
+        print(f"warning: the stage metrics were lost ({type(exc).__name__}: the metrics actor died, e.g. with "
+              "its node); the annotations are not affected", file=sys.stderr, flush=True)
+        return {"lost": type(exc).__name__}
+    ray.kill(metrics)
+    return stages
 
 
 def stage_metrics(stages: dict, start: float) -> dict:
