@@ -178,6 +178,12 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
+def temporary_path(path: str) -> str:
+    """A hidden, unique name next to ``path`` (``.{name}.{uuid}.tmp``) to write under before a
+    rename into place; ``remove_temporaries`` recognises it."""
+    return join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
 def write_parquet_atomic(table: pa.Table, dest: str) -> None:
     """Write a Parquet file under a temporary name, then rename it into place.
 
@@ -185,7 +191,7 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
     """
     fs, path = filesystem(dest)
     make_parent(fs, path)
-    tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_path(path)
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, path)
@@ -195,7 +201,7 @@ def write_text(dest: str, text: str) -> None:
     """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
     fs, path = filesystem(dest)
     make_parent(fs, path)
-    tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_path(path)
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, path)

@@ -16,10 +16,9 @@ import re
 import socket
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
-from .io import filesystem, is_remote, join
+from .io import filesystem, is_remote, join, temporary_path
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"^(\d{10})\.json$")
@@ -185,7 +184,7 @@ class Lease:
         if is_remote(self.output):  # an S3 PUT replaces the object atomically
             self._fs.pipe_file(self._path, data)
             return
-        tmp = join(self._root, f".{posixpath.basename(self._path)}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_path(self._path)
         with self._fs.open(tmp, "wb") as f:
             f.write(data)
         self._fs.mv(tmp, self._path)

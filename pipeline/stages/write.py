@@ -14,9 +14,7 @@ annotates only the rows not staged.
 from __future__ import annotations
 
 import json
-import posixpath
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -56,7 +54,7 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     dest = io.join(output, f"{io.shard_stem(shard)}.parquet")
     fs, path = io.filesystem(dest)
     io.make_parent(fs, path)
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = io.temporary_path(path)
     rows = errors = retrieved = 0
     with fs.open(tmp, "wb") as f:
         writer = None
