@@ -25,6 +25,7 @@ from pipeline.io import InputError, join, write_text
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
 from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, preflight
+from pipeline.ray_connect import init_ray
 from pipeline.services.deploy import start_services, stop_services
 from pipeline.services.engine import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
@@ -121,7 +122,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     if not todo:
         return written, {}
     try:
-        ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+        init_ray(cfg.ray.address)
     except SystemExit as exc:  # Ray's own SIGTERM handler, installed while it starts, exits with the signal
         if exc.code == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM) from None

@@ -20,6 +20,7 @@ import time
 
 from pipeline import io
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.ray_connect import init_ray
 from pipeline.retrieval.index import IndexBuilder, corpus_fingerprint
 
 
@@ -34,7 +35,7 @@ def build(cfg: Config) -> dict:
     r, st = cfg.retrieval, cfg.stages.embed
     if not io.exists(r.corpus):
         raise FileNotFoundError(f"corpus not found: {r.corpus}")
-    ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    init_ray(cfg.ray.address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     context.execution_options.preserve_order = True  # index row i must be corpus row i

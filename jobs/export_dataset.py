@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections import Counter
@@ -29,6 +28,7 @@ from pipeline.export.config import ExportConfig, config_dict, load_export_config
 from pipeline.export.convert import KINDS, convert_table, find_duplicates
 from pipeline.export.source import ExportError, Run, check_locations, open_run
 from pipeline.export.writer import write_records
+from pipeline.ray_connect import init_ray
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -102,7 +102,7 @@ def export(cfg: ExportConfig) -> dict:
     # A Ray this driver did not find running is ended with the job (a local one it started goes
     # down; on a cluster, only this driver disconnects); one already running (tests) is left alone.
     started = not ray.is_initialized()
-    ray.init(address=cfg.ray.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    init_ray(cfg.ray.address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,13 @@ DEMO_QUERIES = REPO / "data" / "demo" / "queries"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every Ray of the suite (in-process, subprocesses, test clusters) lives under a temporary
+# directory of its own: the suite neither joins a Ray that runs on this machine nor follows the
+# address file a killed cluster left in /tmp/ray, and leaves no such file behind. Short, because
+# Ray's socket paths under it must stay within the 107 bytes of a unix socket name.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
+os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +116,7 @@ def pytest_unconfigure(config):
     would turn a passing run into a failing exit status."""
     import sys
 
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
     session = _session.get("session")
     if session is not None and ({"vllm", "ray"} & set(sys.modules)):
         sys.stdout.flush()
