@@ -10,8 +10,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install demo test bench bench-writer bench-index eval clean
+.PHONY: install browser demo test bench bench-writer bench-index eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +26,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the report's browser test (Debian's package; root or sudo).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
 demo: install
 	$(PY) -m jobs.annotate --config conf/demo.yaml
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests
 
 bench: install

@@ -26,6 +26,7 @@ from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
 from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, preflight
 from pipeline.ray_connect import init_ray
+from pipeline.run_log import RunLog, capture_workers, quiet, quiet_libraries
 from pipeline.services.deploy import start_services, stop_services
 from pipeline.services.engine import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
@@ -95,8 +96,8 @@ def commit_ready_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict
     from pipeline.stages.write import commit_shard
 
     n = plan.todo[shard]
-    held = {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id, plan.schema)]} \
-        if n == 0 else None
+    held = None if n else {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id,
+                                             plan.schema, selfrag=cfg.selfrag)]}
     return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held)
 
 
@@ -122,12 +123,13 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     if not todo:
         return written, {}
     try:
-        init_ray(cfg.ray.address)
+        init_ray(cfg.ray.address, configure_logging=not quiet())
     except SystemExit as exc:  # Ray's own SIGTERM handler, installed while it starts, exits with the signal
         if exc.code == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM) from None
         raise
     catch_interrupts()  # ours again, over Ray's
+    capture_workers()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
@@ -140,7 +142,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
             check_lease(lease)
             written.append(summary)
             print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
-                  f"[{len(written)}/{len(plan.todo)} shards]", flush=True)
+                  f"[{progress(written, plan, time.time() - start)}]", flush=True)
             if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
                 print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
                 os._exit(3)  # fault injection: die like a killed process, no cleanup
@@ -153,6 +155,14 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
                             "rows are kept: run the same command again to annotate only the rest")
     return written, stages
+
+
+def progress(written: list[dict], plan: Plan, seconds: float) -> str:
+    """``3/8 shards, 15/40 rows, 0.41 rows/s, ETA 1m01s`` for the shards written so far."""
+    done, total = sum(w["rows"] for w in written), sum(plan.todo.values())
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = f", ETA {int((total - done) / rate) // 60}m{int((total - done) / rate) % 60:02d}s" if rate and done < total else ""
+    return f"{len(written)}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.3g} rows/s{eta}"
 
 
 def collect_stage_metrics(metrics, start: float) -> dict:
@@ -226,9 +236,38 @@ def run(cfg: Config) -> dict:
         written, stages = execute(cfg, plan, run_id, lease) if plan.todo else ([], {})
         manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
         write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+        if cfg.output.report:
+            report_run(cfg.output.path)
     finally:
         lease.release()
     return manifest
+
+
+def report_run(path: str) -> None:
+    """Write the output's report.html; a failure costs the report only (one warning line)."""
+    from jobs.report import write_report
+
+    try:
+        print(f"report: {write_report(path)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the annotations are written; the report is a view of them
+        print(f"warning: no report written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+
+
+def print_examples(cfg: Config, n: int, scan_rows: int = 5000) -> None:
+    """``n`` example annotations of the output (from its first shards, at most ``scan_rows`` rows read)."""
+    from pipeline.report import examples
+
+    question = cfg.input.question_column
+    rows: list[dict] = []
+    for shard in io.list_shards([cfg.output.path]):
+        rows += io.read_columns(shard, (*examples.COLUMNS, question)).to_pylist()
+        if len(rows) >= scan_rows:
+            break
+    chosen = examples.pick(rows, n)
+    if chosen:
+        print(f"\n{len(chosen)} example annotation(s):")
+    for i, row in enumerate(chosen, 1):
+        print(f"\n{i}. {examples.describe(row, row.get(question) or '')}", flush=True)
 
 
 def print_summary(manifest: dict) -> None:
@@ -250,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides = parse_args(argv)
     catch_interrupts()
+    run_log, keep_log = None, True
     try:
         cfg = load_config(files, overrides)
+        run_log = RunLog(cfg.log_level)
+        run_log.start()
         manifest = run(cfg)
     except (ConfigError, InputError, PreflightError, LeaseHeld) as exc:
+        keep_log = False  # refused before any work: nothing is written to the output
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except IncompleteRun as exc:
@@ -267,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     finally:
         restore_signals()
+        if run_log is not None:
+            saved = run_log.close(cfg.output.path if keep_log else None, cfg.run_id or "run")
+            if saved:
+                print(f"log: {saved}", flush=True)
     print_summary(manifest)
+    if cfg.output.examples:
+        print_examples(cfg, cfg.output.examples)
     return 0
 
 

@@ -24,7 +24,9 @@ mode, and report.json.
 
 Accuracy: free-form tasks use the paper's match metric (a gold string occurs in the answer;
 case-insensitive substring after stripping both); fever and arc_c use exact accuracy after
-normalisation (fever: lowercase "true"/"false"; arc_c: the letter). Error rows count as wrong.
+normalisation (fever: lowercase "true"/"false"; arc_c: the letter), or with
+--closed-set-metric substring the evaluation scripts' case-sensitive substring test (their
+--metric match, which the paper's Table 2 used for PubHealth and ARC). Error rows count as wrong.
 Retrieval rate: retrieved rows over rows with a retrieval decision.
 
 The synthetic report's JSON keys (all rates are fractions in [0, 1], null when not measured):
@@ -82,10 +84,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from jobs.report import write_evaluation_report
 from pipeline import io
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.evaluation import layouts, synthetic
-from pipeline.evaluation.metrics import TokenInfo, report_runs
+from pipeline.evaluation.metrics import CLOSED_METRICS, TokenInfo, report_runs
 from pipeline.io import InputError
 from pipeline.preflight import PreflightError
 
@@ -133,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default=None, metavar="TASK",
                         help="task of qa-layout rows that name none (e.g. popqa, triviaqa, fever); "
                              "default: none (free-form)")
+    parser.add_argument("--closed-set-metric", choices=CLOSED_METRICS, default="exact",
+                        help="how fever and arc_c answers are scored: exact (accuracy after "
+                             "normalising; default) or substring (the evaluation scripts' --metric "
+                             "match, with which the paper's Table 2 was computed)")
     parser.add_argument("--modes", default=None, metavar="M1,M2",
                         help=f"retrieval modes to annotate with, in order (default: {','.join(MODES)}); "
                              "the synthetic probes need 'always'")
@@ -415,12 +422,12 @@ def evaluate(args) -> dict:
     if args.annotated:
         if args.modes:
             raise EvalError("--modes applies when annotating; --annotated scores existing outputs")
-        runs = {}
+        runs, outputs = {}, {}
         for i, path in enumerate(args.annotated):
             rows = read_output(path)
             label = output_mode(path, rows) or f"run{i + 1}"
             label = label if label not in runs else f"{label}{i + 1}"
-            runs[label] = rows
+            runs[label], outputs[label] = rows, path
             log(f"{path}: {len(rows)} rows (label {label})")
         seconds: dict[str, float] = {}
         model = next((r.get("model") for rows in runs.values() for r in rows if r.get("model")), None)
@@ -445,6 +452,7 @@ def evaluate(args) -> dict:
             configs = run_configs(args, inputs, root)
             write_synthetic(suite, root)
         runs, seconds = annotate_all(configs, args.resume)
+        outputs = {mode: c.output.path for mode, c in configs.items()}
         model = cfg.engine.model
     tokens = token_info(model)
     synthetic_rows = any(r.get("probe") is not None for rows in runs.values() for r in rows)
@@ -453,7 +461,7 @@ def evaluate(args) -> dict:
         rep["gold_in_corpus"] = gold_in_corpus(cfg, [r for rows in runs.values() for r in rows])
         print_synthetic(rep, args.modes)
     else:
-        rep = report_runs(runs, tokens)
+        rep = report_runs(runs, tokens, closed_metric=args.closed_set_metric)
         print_generic(rep)
     rep["run_seconds"] = seconds
     rep["seconds"] = round(time.time() - started, 1)
@@ -461,6 +469,10 @@ def evaluate(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=2) + "\n")
     print(f"\nreport: {out}", flush=True)
+    try:
+        print(f"report: {write_evaluation_report(str(out.parent), rep, outputs)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the figures are written; the page is a view of them
+        print(f"warning: no report.html written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
     return rep
 
 

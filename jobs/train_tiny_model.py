@@ -28,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, format_prompt
+from pipeline.selfrag.prompts import PAPER_INSTRUCTIONS, format_prompt
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS, IRRELEVANT, RELEVANT
 from pipeline.synthetic.training_data import (
     NOT_IN_LOSS, direct_example, evidence_example, label_ids, long_form_example, sample_example)
@@ -53,7 +53,7 @@ def tokenizer_corpus(seed: int = 0, examples: int = 4000) -> list[str]:
     texts = [piece for _ in range(examples) for piece in special.split(sample_example(rng).text) if piece]
     words = lexicon().words() + [v for pool in lexicon().pools.values() for v in pool if v.isdigit()]
     texts += [" ".join([w] * 8) for w in words] + [" ".join(str(n) for n in range(100))] * 8
-    texts += [format_prompt(t) for t in TASK_INSTRUCTIONS.values()] + ["A: B: C: D: true false"]
+    texts += [format_prompt(t) for t in PAPER_INSTRUCTIONS.values()] + ["A: B: C: D: true false"]
     return texts
 
 

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .secrets import WHERE_CREDENTIALS_BELONG, find_credentials, redact
 
-from .selfrag.prompts import KNOWN_TASKS
+from .selfrag.prompts import KNOWN_TASKS, PROMPT_STYLES
 from .selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
 
 
@@ -65,6 +65,10 @@ class OutputConfig:
     #: process is gone, on the same host) is taken over by the next run.
     lease_heartbeat_s: float = 30.0
     lease_stale_after_s: float = 600.0
+    #: Write report.html (plots of the whole output, python -m jobs.report) at the end of a run.
+    report: bool = True
+    #: Print this many example annotations after the run's summary (the demo shows 3).
+    examples: int = 0
 
 
 @dataclass
@@ -171,6 +175,10 @@ class LongFormConfig:
     #: Drop segments judged [No support / Contradictory] from the answer.
     ignore_cont: bool = False
 
+    def covers(self, task: str | None) -> bool:
+        """Whether rows of ``task`` (the default task already applied) are decoded as a tree."""
+        return self.enabled and ("*" in self.tasks or task in self.tasks)
+
 
 @dataclass
 class SelfRagConfig:
@@ -186,6 +194,9 @@ class SelfRagConfig:
     w_sup: float = 1.0
     w_use: float = 0.5
     use_seqscore: bool = False
+    #: Task prompts: reference (the authors' evaluation scripts' exact strings, with which the
+    #: released models were evaluated) or paper (the paper's Table 5 wording).
+    prompt_style: str = "reference"
     #: New-token budgets for free-form and closed-set (fever, arc_c) tasks.
     max_new_tokens: int = 100
     max_new_tokens_closed: int = 50
@@ -264,7 +275,8 @@ class StagesConfig:
 class RayConfig:
     #: Cluster address; null connects to RAY_ADDRESS when set (ray job submit), else starts a local Ray.
     address: Optional[str] = None
-    progress_bars: bool = True
+    #: Ray Data's per-operator progress bars (off: the job prints a line per finished shard).
+    progress_bars: bool = False
 
 
 @dataclass
@@ -280,6 +292,9 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     #: Run id recorded on every row; null derives it from the config hash.
     run_id: Optional[str] = None
+    #: info: a quiet console (a line per shard, the summary, warnings and errors), every other
+    #: log line in {output.path}/_logs/; debug: everything on the console too.
+    log_level: str = "info"
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -293,6 +308,7 @@ def validate(cfg: Config) -> None:
     _check(s.mode in RETRIEVAL_MODES, "selfrag.mode", f"{s.mode!r} is not one of {list(RETRIEVAL_MODES)}")
     _check(s.retrieval_rule in RETRIEVAL_RULES, "selfrag.retrieval_rule", f"{s.retrieval_rule!r} is not one of {list(RETRIEVAL_RULES)}")
     _check(0.0 <= s.threshold <= 1.0, "selfrag.threshold", f"{s.threshold} is outside [0, 1]")
+    _check(s.prompt_style in PROMPT_STYLES, "selfrag.prompt_style", f"{s.prompt_style!r} is not one of {list(PROMPT_STYLES)}")
     _check(s.top_k >= 1, "selfrag.top_k", "must be at least 1")
     _check(s.max_new_tokens >= 1, "selfrag.max_new_tokens", "must be at least 1")
     _check(s.max_new_tokens_closed >= 1, "selfrag.max_new_tokens_closed", "must be at least 1")
@@ -308,6 +324,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.input.default_task is None or cfg.input.default_task in KNOWN_TASKS,
            "input.default_task", f"{cfg.input.default_task!r} is not one of {sorted(KNOWN_TASKS)}")
     _check(bool(cfg.output.path), "output.path", "must be set")
+    _check(cfg.output.examples >= 0, "output.examples", "must be 0 or more")
+    _check(cfg.log_level in ("info", "debug"), "log_level", f"{cfg.log_level!r} is not one of ['info', 'debug']")
     _check(cfg.output.on_bad_shard in ("fail", "skip"), "output.on_bad_shard",
            f"{cfg.output.on_bad_shard!r} is not fail or skip")
     o = cfg.output

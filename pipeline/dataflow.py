@@ -75,7 +75,7 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
     ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    prepare_kwargs = {"cfg": cfg.input, "storage": cfg.storage, "model": cfg.engine.model,
+    prepare_kwargs = {"cfg": cfg.input, "selfrag": cfg.selfrag, "storage": cfg.storage, "model": cfg.engine.model,
                       "run_id": run_id, "schema": schema, "tokenizer": tokenizer, "output": cfg.output.path,
                       "annotation_hash": annotation_hash}
     ds = ds.map_batches(prepare_shards, fn_kwargs=prepare_kwargs, batch_size=st.prepare.batch_size,

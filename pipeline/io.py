@@ -160,6 +160,14 @@ def read_table(shard: str) -> pa.Table:
         return pq.read_table(f)
 
 
+def read_columns(shard: str, names: tuple[str, ...] | list[str]) -> pa.Table:
+    """The columns of ``names`` that a Parquet shard has (only those are read)."""
+    fs, path = filesystem(shard)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        return parquet.read(columns=[n for n in names if n in parquet.schema_arrow.names])
+
+
 def read_column(shard: str, name: str) -> pa.ChunkedArray:
     """One column of a Parquet shard (only that column is read)."""
     fs, path = filesystem(shard)

@@ -56,10 +56,12 @@ def resolve_address(address: str | None) -> str | None:
     return "local"
 
 
-def init_ray(address: str | None) -> None:
-    """``ray.init`` on the resolved address (nothing when this process is already connected)."""
+def init_ray(address: str | None, configure_logging: bool = True) -> None:
+    """``ray.init`` on the resolved address (nothing when this process is already connected);
+    ``configure_logging=False`` leaves the driver's logging to the caller (no console handler of Ray's)."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=resolve_address(address), ignore_reinit_error=True, logging_level=logging.WARNING)
+    ray.init(address=resolve_address(address), ignore_reinit_error=True, logging_level=logging.WARNING,
+             configure_logging=configure_logging)

@@ -58,14 +58,16 @@ def reflection_ids():
 
 
 def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) -> tuple[dict, pa.Table]:
-    """Run ``jobs.annotate`` in this process; returns this run's summary (the manifest's
-    ``this_run``) and all output rows."""
+    """Run ``jobs.annotate`` in this process, in the prompt style the tiny model was trained on
+    (the subprocess runs of other modules keep the default style); returns this run's summary
+    (the manifest's ``this_run``) and all output rows."""
     from jobs.annotate import run
     from pipeline.config import load_config
+    from pipeline.synthetic.world import TRAINED_PROMPT_STYLE
 
     cfg = load_config([], [
         f"input.paths=[{','.join(inputs)}]", f"output.path={output}", f"retrieval.index_dir={index_dir}",
-        "ray.progress_bars=false", *overrides,
+        "ray.progress_bars=false", f"selfrag.prompt_style={TRAINED_PROMPT_STYLE}", *overrides,
     ])
     summary = run(cfg)["this_run"]
     table = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("*.parquet"))],

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import copy_demo_queries, run_job
+from test_report import check_in_browser
 from pipeline.selfrag.scoring import Continuation, ScoreWeights, score_continuation
-from pipeline.selfrag.selection import clean_answer, select_answer
+from pipeline.selfrag.selection import select_answer, short_form_answer
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.world import build_world, fact_sentence, passage_id, passage_text
 
@@ -210,7 +211,7 @@ def test_rows_without_evidence_have_no_candidates(adaptive):
     assert direct
     for r in direct:
         assert r["candidates"] == [] and r["passages"] is None and r["best_passage_id"] is None
-        assert r["answer_raw"] is not None and r["answer"] == clean_answer(r["answer_raw"])
+        assert r["answer_raw"] is not None and r["answer"] == short_form_answer(r["answer_raw"])
 
 
 def test_rows_with_evidence_have_one_candidate_per_passage(adaptive):
@@ -249,7 +250,7 @@ def test_recorded_scores_equal_pure_scoring_of_engine_logprobs(adaptive, reflect
             s = score_continuation(cont, reflection_ids, weights)
             assert (c["s_rel"], c["s_sup"], c["s_use"], c["seq"], c["final"]) == pytest.approx(
                 (s.s_rel, s.s_sup, s.s_use, s.seq, s.final), rel=1e-9, abs=1e-12)
-            assert c["answer"] == clean_answer(c["raw"])
+            assert c["answer"] == short_form_answer(c["raw"])
             checked += 1
         chosen = select_answer([c["answer"] for c in r["candidates"]], [c["final"] for c in r["candidates"]],
                                closed_set=r.get("task") in ("fever", "arc_c"))
@@ -367,3 +368,14 @@ def test_export_of_the_run_is_trainable_data(adaptive, tmp_path):
         losses.append(loss.item())
     # the exported targets are what the tiny model was trained to write: its loss starts low
     assert all(math.isfinite(x) for x in losses) and losses[0] < 1.0 and losses[-1] < losses[0]
+
+
+def test_the_run_writes_a_report_that_renders_with_every_plot_drawn(adaptive):
+    """The report written at the end of the run, opened in headless Chromium: no console
+    message, and every plot has data (this run has first-pass decisions, candidates, long-form
+    rows with citations, and stage metrics)."""
+    _, _, rows, out = adaptive
+    page = out / "report.html"
+    assert check_in_browser(page) == 12
+    history = json.loads((out / "_history.json").read_text())
+    assert len(history) == 1 and history[0]["rows"] == len(rows)

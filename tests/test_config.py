@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ("selfrag.top_k=abc", "config key 'selfrag.top_k'"),
     ("selfrag.mode=sometimes", "config key 'selfrag.mode': 'sometimes' is not one of"),
     ("selfrag.threshold=1.5", "config key 'selfrag.threshold'"),
+    ("selfrag.prompt_style=Paper", "config key 'selfrag.prompt_style': 'Paper' is not one of"),
     ("stages.first_pass.replicas=0", "config key 'stages.first_pass.replicas'"),
     ("input.default_task=poetry", "config key 'input.default_task'"),
     ("selfrag.top_k", "is not of the form key=value"),

@@ -80,6 +80,21 @@ def test_exact_accuracy_of_closed_set_answers():
     assert fever_label("mixture") is None and fever_label(2) is None
     # no gold: not scored; the task picks the metric
     assert is_correct("x", None, None) is None and is_correct("x", [""], "qa") is None
+
+
+def test_the_scripts_substring_metric_for_closed_set_tasks():
+    """--closed-set-metric substring: case-sensitive, unstripped, SUPPORTS/REFUTES mapped."""
+    def sub(answer, gold, task):
+        return is_correct(answer, [gold], task, closed_metric="substring")
+    assert sub("it is true", "true", "fever") is True  # exact accuracy says False
+    assert sub("True", "true", "fever") is False        # exact accuracy says True
+    assert sub("SUPPORTS.", "true", "fever") is True and sub("REFUTES", "true", "fever") is False
+    assert sub("B", "B", "arc_c") is True and sub("b", "B", "arc_c") is False
+    assert sub("A or B", "B", "arc_c") is True
+    assert sub("Paris", "paris", "popqa") is True  # free-form rows keep the paper's match
+    rep = report_runs({"always": [{"answer": "it is true", "answers": ["true"], "task": "fever", "retrieved": True}]},
+                      closed_metric="substring")
+    assert rep["accuracy_always"] == 1.0 and rep["per_task"]["always"]["fever"]["metric"] == "substring"
     assert is_correct("it is true", ["true"], None) is True and is_correct("it is true", ["true"], "fever") is False
 
 
@@ -277,6 +292,30 @@ def test_jsonl_question_answers_with_ctxs(tmp_path):
     assert rows[1]["id"] == "popqa:1" and rows[1]["answers"] == ["Dorsk"] and rows[1]["ctxs"] is None
 
 
+@pytest.mark.parametrize("name, record, task, prompt", [
+    ("popqa_longtail_w_gs.jsonl", {"id": 1, "question": "What is Tashkin's occupation?", "answers": ["poet"],
+                                   "s_pop": 12, "ctxs": [{"id": "1", "title": "T", "text": "x", "score": "1.2",
+                                                          "hasanswer": True}]},
+     "popqa", "### Instruction:\nWhat is Tashkin's occupation?\n\n### Response:\n"),
+    ("triviaqa_test_w_gs.jsonl", {"question": "Which river flows through Dorsk?", "answers": ["Yu", "the Yu"]},
+     "triviaqa", "### Instruction:\nWhich river flows through Dorsk?\n\n### Response:\n"),
+    ("health_claims_processed.jsonl", {"question": "Vitamin C cures colds.", "answers": ["false"]}, "fever",
+     "### Instruction:\nIs the following statement correct or not? Say true if it's correct; otherwise say "
+     "false.\n\n## Input:\n\nVitamin C cures colds.\n\n### Response:\n"),
+    ("arc_challenge_processed.jsonl", {"id": "Mercury_7", "question": "Which is a metal?", "answerKey": "C",
+                                       "choices": {"text": ["wood", "glass", "iron"], "label": ["A", "B", "C"]}},
+     None, "### Instruction:\nGiven four answer candidates, A, B, C and D, choose the best answer choice."
+           "\n\n### Input:\nWhich is a metal?\nA: wood\nB: glass\nC: iron\n\n### Response:\n"),
+])
+def test_official_files_give_the_evaluation_scripts_prompts(tmp_path, name, record, task, prompt):
+    """A record shaped like each official evaluation file, read with the README's Table 2
+    command options, becomes exactly the prompt the authors' short-form script builds for it
+    (ARC with only the choices it has)."""
+    _, rows = layouts.load_file(write_lines(tmp_path / name, [record]), task=task)
+    assert format_prompt(rows[0]["instruction"], rows[0]["input"], rows[0]["task"]) == prompt
+    assert rows[0]["answers"] == ([record["answerKey"]] if "answerKey" in record else record["answers"])
+
+
 def test_jsonl_instruction_output(tmp_path):
     path = write_lines(tmp_path / "alpaca.jsonl", [
         {"instruction": "Name the capital of Velmora.", "input": "Answer briefly.", "output": "Dorsk"},
@@ -290,7 +329,7 @@ def test_jsonl_instruction_output(tmp_path):
 
 
 def test_arc_choices_and_answer_key(tmp_path):
-    instr = TASK_INSTRUCTIONS["arc_c"]
+    instr, paper = TASK_INSTRUCTIONS["reference"]["arc_c"], TASK_INSTRUCTIONS["paper"]["arc_c"]
     path = write_lines(tmp_path / "arc.jsonl", [
         {"id": "Mercury_1", "question": "Which gas do plants take in?",
          "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
@@ -300,6 +339,9 @@ def test_arc_choices_and_answer_key(tmp_path):
         # already carrying the task instruction: not repeated
         {"id": "pre", "question": f"{instr}\n\n### Input:\nWhich is wet?",
          "choices": {"text": ["water", "sand"], "label": ["A", "B"]}, "answerKey": "A"},
+        {"id": "pre-paper", "question": f"{paper}\n\nWhich is dry?",
+         "choices": {"text": ["sand", "rain", "sea", "ice", "dust"], "label": ["A", "B", "C", "D", "E"]},
+         "answerKey": "E"},
     ])
     layout, rows = layouts.load_file(path)
     assert layout == "arc"
@@ -307,9 +349,12 @@ def test_arc_choices_and_answer_key(tmp_path):
                                       "C: helium\nD: neon")
     assert (rows[0]["task"], rows[0]["answers"], rows[0]["id"]) == ("arc_c", ["B"], "Mercury_1")
     assert rows[1]["instruction"].endswith("\nC: iron\nD: salt") and rows[1]["answers"] == ["C"]
+    # only the choices a question has: no empty D line for two, an E line for five
     assert rows[2]["instruction"] == "Which is wet?\nA: water\nB: sand"
+    assert rows[3]["instruction"] == "Which is dry?\nA: sand\nB: rain\nC: sea\nD: ice\nE: dust"
+    assert rows[3]["answers"] == ["E"]
     prompt = format_prompt(rows[2]["instruction"], rows[2]["input"], rows[2]["task"])
-    assert prompt.count(instr) == 1 and "Which is wet?\nA: water" in prompt
+    assert prompt == f"### Instruction:\n{instr}\n\n### Input:\nWhich is wet?\nA: water\nB: sand\n\n### Response:\n"
 
 
 def test_pubhealth_claims_with_true_false_labels(tmp_path):
@@ -383,7 +428,8 @@ def test_converted_shard_is_read_by_the_annotation_job(tmp_path):
     assert sorted(rows.values()) == [1, 1]
     prepared = prepare_table(pq.read_table(shards[1]), shards[1], cfg.input, "m", "r").to_pylist()
     assert prepared[0]["error"] is None
-    assert prepared[0]["prompt"].startswith("### Instruction:\n" + TASK_INSTRUCTIONS["arc_c"] + "\n\nQ?\nA: a\nB: b")
+    assert prepared[0]["prompt"].startswith(
+        "### Instruction:\n" + TASK_INSTRUCTIONS["reference"]["arc_c"] + "\n\n### Input:\nQ?\nA: a\nB: b\n\n")
 
 
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys):
@@ -488,6 +534,9 @@ def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, cap
     rows = evaluate.read_output(str(work / "synthetic" / "always"))
     assert len(rows) == 12 and all(c["token_ids"] for r in rows if r["kind"] != "long_form" for c in r["candidates"])
     assert all(r["segments"] and r["candidates"] is None for r in rows if r["kind"] == "long_form")
+    page = (work / "synthetic" / "report.html").read_text()  # the accuracy table, then the run's figures
+    assert "Evaluation: accuracy per task and mode" in page and "Mode always:" in page
+    assert f"<td>always</td><td>knowledge</td><td></td><td></td><td class=\"n\">{rep['accuracy_always']:.4g}</td>" in page
 
 
 def test_long_form_figures_of_handmade_rows():

@@ -21,7 +21,8 @@ from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, render
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.stages.columns import OUTPUT_TYPES
 
-COLUMNS = {"id": "id", "question": "instruction", "input": "input", "task": "task", "default_task": None}
+COLUMNS = {"id": "id", "question": "instruction", "input": "input", "task": "task", "default_task": None,
+           "prompt_style": "reference", "long_form_tasks": ["asqa", "factscore"]}
 IDS = {t: 100 + i for i, t in enumerate(ALL_REFLECTION_TOKENS)}  # a made-up tokenizer's reflection ids
 P1 = {"id": "p1", "title": "Xo", "text": "Xo was founded by Ana.", "retrieval_score": 0.9}
 P2 = {"id": "p2", "title": "Yu", "text": "Yu is a river.", "retrieval_score": 0.5}
@@ -101,7 +102,9 @@ def test_generator_output_interleaves_evidence_and_reflection_tokens():
     long = generator_record(LONG, COLUMNS, "h")
     assert long["output"] == (EV1 + "[Relevant]Xo was founded by Ana.[Fully supported]"
                               + EV3 + "[Relevant]Xo lies on the Yu.[Partially supported][Utility:5]")
-    assert long["instruction"] == TASK_INSTRUCTIONS["asqa"] + "\n\nWho founded Xo and where is it?"
+    assert long["instruction"] == TASK_INSTRUCTIONS["reference"]["asqa"] + "## Input:\n\nWho founded Xo and where is it?"
+    paper = generator_record(LONG, {**COLUMNS, "prompt_style": "paper"}, "h")
+    assert paper["instruction"] == TASK_INSTRUCTIONS["paper"]["asqa"] + "\n\nWho founded Xo and where is it?"
     assert long["dataset_name"] == "asqa"
     assert generator_record(rows["c"], COLUMNS, "c") is None
 

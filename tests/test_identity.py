@@ -31,9 +31,10 @@ RUN_SETTINGS = [
     "stages.critique.replicas=4", "stages.first_pass.batch_size=3", "stages.retrieve.max_concurrent_batches=2",
     "engine.service.replicas=3", "engine.service.max_ongoing_requests=8", "retrieval.service.num_cpus=2",
     "engine.gpu_memory_utilization=0.5", "engine.extra.max_num_seqs=64", "engine.tensor_parallel_size=2",
-    "ray.progress_bars=false", "storage.cache_dir=/elsewhere", "storage.endpoint_url=http://127.0.0.1:9",
+    "ray.progress_bars=true", "storage.cache_dir=/elsewhere", "storage.endpoint_url=http://127.0.0.1:9",
     "output.buffer_rows=5", "output.stage_rows=5", "output.lease_stale_after_s=100", "run_id=nightly-2",
-    "input.paths=[/other/inputs]", "debug.exit_after_shards=1",
+    "input.paths=[/other/inputs]", "debug.exit_after_shards=1", "log_level=debug", "output.report=false",
+    "output.examples=3",
 ]
 
 
@@ -43,8 +44,8 @@ def test_run_settings_leave_the_identity_unchanged(base, override):
 
 
 ANNOTATION_SETTINGS = [
-    "selfrag.threshold=0.5", "selfrag.top_k=3", "selfrag.long_form.beam_width=3", "engine.dtype=bfloat16",
-    "engine.max_model_len=512", "engine.extra.quantization=fp8", "input.question_column=q",
+    "selfrag.threshold=0.5", "selfrag.top_k=3", "selfrag.long_form.beam_width=3", "selfrag.prompt_style=paper",
+    "engine.dtype=bfloat16", "engine.max_model_len=512", "engine.extra.quantization=fp8", "input.question_column=q",
     "input.default_task=fever", "output.keep_logprobs=true", "retrieval.nprobe=4", "retrieval.max_length=64",
 ]
 

@@ -206,7 +206,14 @@ def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path):
     again = annotate(env, endpoint, tmp_path, *common)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "0 shard(s) to annotate, 8 already done" in again.stdout
-    assert "Loading safetensors" not in again.stdout + again.stderr  # no engine was started
+    # the runs' logs went to the output (the console stays quiet); the last one started no engine,
+    # and no log holds the secret key of the environment
+    logs = sorted(fs.glob("outputs/resume/_logs/run-*.log"))
+    assert len(logs) == 2, logs  # the killed run never got to copy its log
+    texts = [fs.cat(p).decode() for p in logs]
+    assert "Loading safetensors" in texts[0] and "Loading safetensors" not in texts[1]
+    assert not any(SECRET in t for t in texts)
+    assert "Loading safetensors" not in again.stdout + again.stderr
     manifest = json.loads(fs.cat("outputs/resume/_manifest.json"))
     assert manifest["this_run"]["shards"] == 0 and manifest["stages"] == {}
     assert len(manifest["skipped_done"]) == 8

@@ -40,3 +40,26 @@ def test_default_task_applies_to_rows_without_one():
     table = pa.table({"instruction": ["Claim."], "task": pa.array([None], pa.string())})
     out = prepare_table(table, "x.parquet", InputConfig(default_task="fever"), "m", "r").to_pylist()
     assert "Say true if it's correct" in out[0]["prompt"]
+
+
+def test_prompts_follow_the_style_and_the_long_form_template():
+    """asqa rows are decoded long-form by default, so they get the long-form script's template
+    (no newline before the marker); with long form off, the short-form one; paper style joins
+    with a blank line either way."""
+    from pipeline.config import LongFormConfig, SelfRagConfig
+    from pipeline.selfrag.prompts import PAPER_INSTRUCTIONS, REFERENCE_INSTRUCTIONS
+
+    table = pa.table({"instruction": ["Who?", "Claim."], "task": ["asqa", "fever"]})
+
+    def prompts(**selfrag):
+        return [r["prompt"] for r in prepare_table(table, "x.parquet", InputConfig(), "m", "r",
+                                                   selfrag=SelfRagConfig(**selfrag)).to_pylist()]
+
+    asqa, fever = REFERENCE_INSTRUCTIONS["asqa"], REFERENCE_INSTRUCTIONS["fever"]
+    assert prompts() == [f"### Instruction:\n{asqa}## Input:\n\nWho?\n\n### Response:\n",
+                         f"### Instruction:\n{fever}\n\n## Input:\n\nClaim.\n\n### Response:\n"]
+    assert prompts(long_form=LongFormConfig(enabled=False))[0] == (
+        f"### Instruction:\n{asqa}\n\n## Input:\n\nWho?\n\n### Response:\n")
+    assert prompts(prompt_style="paper") == [
+        f"### Instruction:\n{PAPER_INSTRUCTIONS['asqa']}\n\nWho?\n\n### Response:\n",
+        f"### Instruction:\n{PAPER_INSTRUCTIONS['fever']}\n\nClaim.\n\n### Response:\n"]

@@ -59,9 +59,11 @@ def cluster(tmp_path):
                 time.sleep(1)
         yield env, address
     finally:
+        # A short grace period: `ray start --block` takes about 30 s to stop its processes one by
+        # one on SIGTERM, and nothing of this throw-away cluster needs keeping.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()

@@ -34,12 +34,39 @@ def test_prompt_formats_are_exact():
     assert prompts.no_evidence_prompt("P") == "P[No Retrieval]"
 
 
+ASQA = ("Answer the following question. The question may be ambiguous and have multiple correct answers, "
+        "and in that case, you have to provide a long-form answer including all correct answers.")
+
+
+def test_reference_templates_are_the_evaluation_scripts_strings():
+    """The default style, character for character as the authors' scripts build them."""
+    assert prompts.format_prompt("Water is wet.", task="fever") == (
+        "### Instruction:\nIs the following statement correct or not? Say true if it's correct; otherwise say "
+        "false.\n\n## Input:\n\nWater is wet.\n\n### Response:\n")
+    assert prompts.format_prompt("Q?\nA: x\nB: y\nC: z", task="arc_c") == (
+        "### Instruction:\nGiven four answer candidates, A, B, C and D, choose the best answer choice."
+        "\n\n### Input:\nQ?\nA: x\nB: y\nC: z\n\n### Response:\n")
+    assert prompts.format_prompt("Which?", task="asqa") == (
+        f"### Instruction:\n{ASQA}\n\n## Input:\n\nWhich?\n\n### Response:\n")
+    assert prompts.format_prompt("Which?", task="asqa", long_form=True) == (
+        f"### Instruction:\n{ASQA}## Input:\n\nWhich?\n\n### Response:\n")
+    assert prompts.format_prompt("Who?", task="popqa", long_form=True) == "### Instruction:\nWho?\n\n### Response:\n"
+
+
+def test_paper_templates_are_table_5():
+    assert prompts.task_instruction("Water is wet.", "fever", "paper") == (
+        "Is the following statement correct or not? Say true if it's correct; otherwise say false. Don't "
+        'capitalize or add periods, just say "true" or "false".\n\nWater is wet.')
+    assert prompts.task_instruction("Q?\nA: x", "arc_c", "paper") == (
+        "Given four answer candidates, A, B, C and D, choose the best answer choice. Please answer with the "
+        "capitalized alphabet only, without adding any extra phrase or period.\n\nQ?\nA: x")
+    for long_form in (False, True):
+        assert prompts.task_instruction("Which?", "asqa", "paper", long_form) == f"{ASQA}\n\nWhich?"
+    with pytest.raises(ValueError, match="unknown prompt style 'papers'"):
+        prompts.task_instruction("Who?", "fever", "papers")
+
+
 def test_task_templates():
-    fever = prompts.format_prompt("Water is wet.", task="fever")
-    assert fever.startswith("### Instruction:\nIs the following statement correct or not?")
-    assert fever.endswith('just say "true" or "false".\n\nWater is wet.\n\n### Response:\n')
-    arc = prompts.task_instruction("Q?\nA: x\nB: y", "arc_c")
-    assert arc.startswith("Given four answer candidates, A, B, C and D") and arc.endswith("\n\nQ?\nA: x\nB: y")
     assert prompts.task_instruction("Ada Lovelace", "factscore") == "Tell me a bio about Ada Lovelace"
     assert prompts.task_instruction("Tell me a bio about Ada", "factscore") == "Tell me a bio about Ada"
     assert prompts.task_instruction("Which?", "asqa").startswith("Answer the following question. The question may")
@@ -53,6 +80,21 @@ def test_clean_answer_strips_reflection_tokens_and_markup():
     raw = "[Relevant]Dorsk is the capital.[Fully supported][Utility:5]</s>"
     assert selection.clean_answer(raw) == "Dorsk is the capital."
     assert selection.clean_answer("<paragraph>x</paragraph> true[Utility:4]") == "x true"
+
+
+def test_short_form_answers_drop_one_leading_hash_or_colon():
+    assert selection.short_form_answer("[Relevant]: true[Utility:5]") == "true"
+    assert selection.short_form_answer("#B[Utility:4]</s>") == "B"
+    assert selection.short_form_answer("##x") == "#x"
+    assert selection.short_form_answer("a: b") == "a: b"
+
+
+def test_closed_set_groups_merge_whitespace_and_prefix_variants():
+    """" true", "true" and ":true" are one answer (the reference script keeps three): their
+    summed 0.3 + 0.3 + 0.3 beats "false" at 0.8."""
+    answers = [selection.short_form_answer(r) for r in (" true", "false", "true[Utility:5]", ":true")]
+    chosen = selection.select_answer(answers, [0.3, 0.8, 0.3, 0.3], closed_set=True)
+    assert chosen.answer == "true" and chosen.answer_scores == pytest.approx({"true": 0.9, "false": 0.8})
 
 
 # --- retrieval decision -------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.training_data import (
     NOT_IN_LOSS, direct_example, evidence_example, label_ids, long_form_example, sample_example, tokenize_pieces)
 from pipeline.tokenizer import prompt_tokens
-from pipeline.synthetic.world import lexicon
+from pipeline.synthetic.world import TRAINED_PROMPT_STYLE, lexicon
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_long_form_examples_have_two_segments_and_the_decoders_depth_two_prompt(
     alone after segment 1 (no paragraph before it, as the tree decoder prompts depth 2), and a
     single [Irrelevant] segment. The loss never covers the prompt, a paragraph or, in the
     depth-2 shape, segment 1."""
-    asqa = TASK_INSTRUCTIONS["asqa"]
+    asqa = TASK_INSTRUCTIONS[TRAINED_PROMPT_STYLE]["asqa"]
     rng = random.Random(0)
     seg1 = r"\[Relevant\]The ([a-z ]+) of (\w+) is (\w+)\.\[Fully supported\]"
     seg2 = r"(\[Relevant\]The ([a-z ]+) of (\w+) is (\w+)\.\[Fully supported\]\[Utility:5\]|\[Irrelevant\]I do not know\.\[Utility:1\])</s>"

@@ -172,10 +172,11 @@ def _fail(path: str, where: str, row_id: str, message: str) -> LayoutError:
 
 
 def strip_task_instruction(text: str, task: str | None) -> str:
-    """The question without the task's own instruction, for files that already prepend it
-    (``pipeline.selfrag.prompts`` adds it again, and it must not appear twice)."""
-    instruction = TASK_INSTRUCTIONS.get(task or "")
-    if not instruction or not text.startswith(instruction):
+    """The question without the task's own instruction (in either prompt style), for files that
+    already prepend it (``pipeline.selfrag.prompts`` adds it again, and it must not appear twice)."""
+    instructions = sorted({i[task] for i in TASK_INSTRUCTIONS.values() if task in i}, key=len, reverse=True)
+    instruction = next((i for i in instructions if text.startswith(i)), None)
+    if instruction is None:
         return text
     rest = text[len(instruction):].lstrip()
     for marker in ("### Input:", "## Input:"):

@@ -14,6 +14,11 @@ Accuracy, per row (``is_correct``):
     lowercased; the gold is mapped to ``"true"``/``"false"`` by ``fever_label`` (which also
     understands ``SUPPORTS``/``REFUTES``). Correct iff they are equal.
   - ``arc_c``: the same stripping, uppercased; correct iff it equals the gold letter.
+  - With ``closed_metric="substring"``, closed-set rows are scored as the authors' short-form
+    script scores them with ``--metric match`` (which Table 2 of the paper used for PubHealth
+    and ARC-Challenge too): an answer containing ``SUPPORTS``/``REFUTES`` becomes
+    ``true``/``false``, then it is correct iff some gold string occurs in it, case-sensitive
+    and not stripped.
 - A row with an ``error`` (null answer) counts as wrong. A row without gold answers is not
   scored (it counts in ``rows`` but not in ``scored``).
 
@@ -29,6 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 CLOSED_SET_TASKS = ("fever", "arc_c")
+#: How closed-set rows are scored: exact accuracy after normalising (default), or the
+#: evaluation scripts' case-sensitive substring test.
+CLOSED_METRICS = ("exact", "substring")
 FREE_FORM_LABEL = "free-form"
 _PUNCT = " \t\r\n.,;:!\"'"
 
@@ -85,19 +93,31 @@ def exact(answer: str | None, golds: Iterable[str], task: str) -> bool:
     return got in wanted
 
 
-def metric_name(task: str | None) -> str:
-    """``"exact"`` for closed-set tasks, ``"match"`` otherwise."""
-    return "exact" if task in CLOSED_SET_TASKS else "match"
+def substring(answer: str | None, golds: Iterable[str]) -> bool:
+    """The evaluation scripts' closed-set ``match``: ``SUPPORTS``/``REFUTES`` in the answer
+    become ``true``/``false``; then some non-empty gold string occurs in it (case-sensitive)."""
+    if answer is None:
+        return False
+    if "SUPPORTS" in answer:
+        answer = "true"
+    elif "REFUTES" in answer:
+        answer = "false"
+    return any(g and g in answer for g in golds)
 
 
-def is_correct(answer: str | None, answers: Any, task: str | None) -> bool | None:
+def metric_name(task: str | None, closed_metric: str = "exact") -> str:
+    """``closed_metric`` for closed-set tasks, ``"match"`` otherwise."""
+    return closed_metric if task in CLOSED_SET_TASKS else "match"
+
+
+def is_correct(answer: str | None, answers: Any, task: str | None, closed_metric: str = "exact") -> bool | None:
     """Whether an answer is correct for its gold answers under its task's metric; None when
     the row has no gold answer (not scored)."""
     golds = as_golds(answers)
     if not any(g.strip() for g in golds):
         return None
     if task in CLOSED_SET_TASKS:
-        return exact(answer, golds, task)
+        return substring(answer, golds) if closed_metric == "substring" else exact(answer, golds, task)
     return match(answer, golds)
 
 
@@ -112,14 +132,14 @@ def fraction(values: Iterable[bool | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def stats(rows: Sequence[dict], task_column: str = "task") -> dict:
+def stats(rows: Sequence[dict], task_column: str = "task", closed_metric: str = "exact") -> dict:
     """Counts and rates of a group of rows: ``rows``, ``errors``, ``scored``, ``correct``,
     ``accuracy`` (correct / scored), ``metric``, ``decided``, ``retrieved``,
     ``retrieval_rate`` (retrieved / decided)."""
-    verdicts = [is_correct(r.get("answer"), r.get("answers"), r.get(task_column)) for r in rows]
+    verdicts = [is_correct(r.get("answer"), r.get("answers"), r.get(task_column), closed_metric) for r in rows]
     scored = [v for v in verdicts if v is not None]
     decided = [r.get("retrieved") for r in rows if r.get("retrieved") is not None]
-    metrics = sorted({metric_name(r.get(task_column)) for r in rows})
+    metrics = sorted({metric_name(r.get(task_column), closed_metric) for r in rows})
     return {
         "rows": len(rows),
         "errors": sum(r.get("error") is not None for r in rows),
@@ -134,15 +154,15 @@ def stats(rows: Sequence[dict], task_column: str = "task") -> dict:
 
 
 def summarize(rows: Sequence[dict], key: Callable[[dict], str] | None = None,
-              task_column: str = "task") -> dict:
+              task_column: str = "task", closed_metric: str = "exact") -> dict:
     """``{"overall": stats(rows), "groups": {label: stats(group)}}``; groups by task by default
     (``key`` picks another grouping), in order of first appearance."""
     key = key or (lambda r: task_label(r.get(task_column)))
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
-    return {"overall": stats(rows, task_column),
-            "groups": {label: stats(group, task_column) for label, group in groups.items()}}
+    return {"overall": stats(rows, task_column, closed_metric),
+            "groups": {label: stats(group, task_column, closed_metric) for label, group in groups.items()}}
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -254,7 +274,7 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
 
 
 def report_runs(runs: dict[str, list[dict]], tokens: TokenInfo | None = None,
-                task_column: str = "task") -> dict:
+                task_column: str = "task", closed_metric: str = "exact") -> dict:
     """The report of annotated runs of one query set (``{label: rows}``, label = the mode):
     per run ``accuracy_<label>``, ``retrieval_rate_<label>``, ``error_rows_<label>``,
     ``rows_<label>`` over all rows, ``per_task`` (``{label: {task: stats}}``) and the
@@ -262,7 +282,7 @@ def report_runs(runs: dict[str, list[dict]], tokens: TokenInfo | None = None,
     out: dict = {}
     per_task: dict = {}
     for label, rows in runs.items():
-        summary = summarize(rows, task_column=task_column)
+        summary = summarize(rows, task_column=task_column, closed_metric=closed_metric)
         overall = summary["overall"]
         out[f"accuracy_{label}"] = rounded(overall["accuracy"])
         out[f"retrieval_rate_{label}"] = rounded(overall["retrieval_rate"])

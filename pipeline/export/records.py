@@ -24,9 +24,13 @@ ASPECTS = {"isrel": ISREL_GROUP, "issup": ISSUP_GROUP, "isuse": ISUSE_GROUP}
 
 
 def instruction_and_input(row: dict, columns: dict) -> tuple[str, str]:
-    """The row's instruction (its task template applied, as in its prompt) and input ("" if none)."""
+    """The row's instruction (its task template applied in the run's style, as in its prompt)
+    and input ("" if none)."""
     task = row.get(columns["task"]) or columns.get("default_task")
-    return task_instruction(row[columns["question"]], task), row.get(columns["input"]) or ""
+    tasks = columns.get("long_form_tasks", ())
+    instruction = task_instruction(row[columns["question"]], task, columns.get("prompt_style", "reference"),
+                                   "*" in tasks or task in tasks)
+    return instruction, row.get(columns["input"]) or ""
 
 
 def dataset_name(row: dict, columns: dict) -> str:

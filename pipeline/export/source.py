@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from .. import io
+from ..config import LongFormConfig
 from ..stages.columns import OUTPUT_TYPES
 
 #: Output columns an export reads; a run whose shards lack one is refused.
@@ -33,11 +34,16 @@ class Run:
 
     @property
     def columns(self) -> dict:
-        """Input column names and default task of the run (the annotation config's defaults when absent)."""
-        inp = self.config.get("input") or {}
+        """Input column names, default task and prompt template settings of the run (the
+        annotation config's defaults when absent; runs made before ``selfrag.prompt_style``
+        existed used the paper's wording)."""
+        inp, selfrag = self.config.get("input") or {}, self.config.get("selfrag") or {}
+        long_form = selfrag.get("long_form") or {}
         return {"id": inp.get("id_column", "id"), "question": inp.get("question_column", "instruction"),
                 "input": inp.get("input_column", "input"), "task": inp.get("task_column", "task"),
-                "default_task": inp.get("default_task")}
+                "default_task": inp.get("default_task"), "prompt_style": selfrag.get("prompt_style", "paper"),
+                "long_form_tasks": long_form.get("tasks", LongFormConfig().tasks) if long_form.get("enabled", True)
+                else []}
 
     @property
     def config_hash(self) -> str | None:

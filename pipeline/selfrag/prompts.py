@@ -15,8 +15,29 @@ from typing import Callable, Iterable, Sequence, Union
 
 from .tokens import NO_RETRIEVAL, PARAGRAPH_CLOSE, PARAGRAPH_OPEN, RETRIEVAL, ReflectionIds
 
-#: Task instructions of the paper's Table 5; the question follows the instruction.
-TASK_INSTRUCTIONS = {
+#: ``selfrag.prompt_style`` values: the authors' evaluation scripts' exact strings (the
+#: default: the released models were evaluated with them) or the paper's Table 5 wording.
+PROMPT_STYLES = ("reference", "paper")
+
+#: The evaluation scripts' task instructions (``TASK_INST`` of the reference code).
+REFERENCE_INSTRUCTIONS = {
+    "fever": "Is the following statement correct or not? Say true if it's correct; otherwise say false.",
+    "arc_c": "Given four answer candidates, A, B, C and D, choose the best answer choice.",
+    "asqa": (
+        "Answer the following question. The question may be ambiguous and have multiple correct "
+        "answers, and in that case, you have to provide a long-form answer including all correct answers."
+    ),
+}
+
+#: What the evaluation scripts put between the instruction and the question: the short-form
+#: script writes ``## Input:`` with blank lines, except for ARC (``### Input:`` and one newline);
+#: the long-form script (asqa rows decoded as a tree) writes ``## Input:`` with no newline before it.
+REFERENCE_SEPARATORS = {"fever": "\n\n## Input:\n\n", "arc_c": "\n\n### Input:\n", "asqa": "\n\n## Input:\n\n"}
+REFERENCE_LONG_FORM_SEPARATOR = "## Input:\n\n"
+
+#: The paper's Table 5 instructions, joined to the question with a blank line (``prompt_style: paper``;
+#: the embedded tiny model was trained on these).
+PAPER_INSTRUCTIONS = {
     "fever": (
         "Is the following statement correct or not? Say true if it's correct; otherwise say false. "
         "Don't capitalize or add periods, just say \"true\" or \"false\"."
@@ -25,11 +46,11 @@ TASK_INSTRUCTIONS = {
         "Given four answer candidates, A, B, C and D, choose the best answer choice. Please answer "
         "with the capitalized alphabet only, without adding any extra phrase or period."
     ),
-    "asqa": (
-        "Answer the following question. The question may be ambiguous and have multiple correct "
-        "answers, and in that case, you have to provide a long-form answer including all correct answers."
-    ),
+    "asqa": REFERENCE_INSTRUCTIONS["asqa"],
 }
+
+#: Instructions by style.
+TASK_INSTRUCTIONS = {"reference": REFERENCE_INSTRUCTIONS, "paper": PAPER_INSTRUCTIONS}
 
 #: Tasks whose answers come from a closed set: candidates' scores are summed per answer.
 CLOSED_SET_TASKS = frozenset({"fever", "arc_c"})
@@ -37,28 +58,36 @@ CLOSED_SET_TASKS = frozenset({"fever", "arc_c"})
 #: Free-form tasks: the question itself is the instruction.
 FREE_FORM_TASKS = frozenset({"popqa", "triviaqa", "qa"})
 
-KNOWN_TASKS = frozenset(TASK_INSTRUCTIONS) | CLOSED_SET_TASKS | FREE_FORM_TASKS | {"factscore"}
+KNOWN_TASKS = frozenset(REFERENCE_INSTRUCTIONS) | CLOSED_SET_TASKS | FREE_FORM_TASKS | {"factscore"}
 
 
-def task_instruction(question: str, task: str | None) -> str:
+def task_instruction(question: str, task: str | None, style: str = "reference", long_form: bool = False) -> str:
     """The instruction text for a question under a task template.
 
     ``None`` or a free-form task returns the question itself; ``factscore`` treats the question
     as a person's name (``"Tell me a bio about {name}"``), unless it is already phrased so.
-    Raises ValueError for an unknown task.
+    Templated tasks (fever, arc_c, asqa) put their instruction before the question, in
+    ``style``; ``long_form`` marks a row decoded as a tree (the reference's long-form script
+    joins asqa without a newline). Raises ValueError for an unknown task or style.
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {list(PROMPT_STYLES)}")
     if task is None or task in FREE_FORM_TASKS:
         return question
     if task == "factscore":
         return question if question.lower().startswith("tell me a bio") else f"Tell me a bio about {question}"
-    if task in TASK_INSTRUCTIONS:
-        return f"{TASK_INSTRUCTIONS[task]}\n\n{question}"
-    raise ValueError(f"unknown task {task!r}; known tasks: {sorted(KNOWN_TASKS)}")
+    if task not in REFERENCE_INSTRUCTIONS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(KNOWN_TASKS)}")
+    if style == "paper":
+        return f"{PAPER_INSTRUCTIONS[task]}\n\n{question}"
+    separator = REFERENCE_LONG_FORM_SEPARATOR if long_form and task == "asqa" else REFERENCE_SEPARATORS[task]
+    return f"{REFERENCE_INSTRUCTIONS[task]}{separator}{question}"
 
 
-def format_prompt(question: str, input_text: str | None = None, task: str | None = None) -> str:
-    """The Self-RAG prompt, ending with ``"### Response:\\n"``."""
-    instruction = task_instruction(question, task)
+def format_prompt(question: str, input_text: str | None = None, task: str | None = None,
+                  style: str = "reference", long_form: bool = False) -> str:
+    """The Self-RAG prompt, ending with ``"### Response:\\n"`` (``task_instruction`` for the rest)."""
+    instruction = task_instruction(question, task, style, long_form)
     if input_text:
         return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
     return f"### Instruction:\n{instruction}\n\n### Response:\n"

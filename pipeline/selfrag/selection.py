@@ -13,6 +13,16 @@ def clean_answer(raw: str) -> str:
     return strip_reflection_tokens(raw).strip()
 
 
+def short_form_answer(raw: str) -> str:
+    """A short-form answer: ``clean_answer``, then one leading ``#`` or ``:`` dropped, as the
+    reference short-form script does to its predictions (a model may echo the end of an
+    ``## Input:`` marker). Closed-set candidates are grouped on this text, so answers differing
+    only in outer whitespace or that prefix are one answer here (the reference groups before
+    stripping and keeps whitespace)."""
+    answer = clean_answer(raw)
+    return answer[1:].lstrip() if answer[:1] in ("#", ":") else answer
+
+
 @dataclass
 class Selection:
     """The chosen answer and the candidate it comes from."""

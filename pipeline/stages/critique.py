@@ -15,7 +15,7 @@ from ..config import Config
 from ..engine import PromptTooLong, check_fits
 from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
-from ..selfrag.selection import clean_answer, select_answer
+from ..selfrag.selection import select_answer, short_form_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
 from .columns import INTERNAL_TYPES, OUTPUT_TYPES, PROMPT_IDS
 from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_buckets, route_key
@@ -111,7 +111,7 @@ class Critique(StageLogic):
                 cand["error"] = f"engine error: {cont}"
                 continue
             s = score_continuation(cont, self.ids, cfg.selfrag.weights())
-            cand.update(raw=cont.text, answer=clean_answer(cont.text), s_rel=s.s_rel, s_sup=s.s_sup,
+            cand.update(raw=cont.text, answer=short_form_answer(cont.text), s_rel=s.s_rel, s_sup=s.s_sup,
                         s_use=s.s_use, seq=s.seq, final=s.final)
             if cfg.output.keep_logprobs:
                 cand.update(logprob_record(cont, reflection_ids))

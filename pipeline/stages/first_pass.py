@@ -16,7 +16,7 @@ import pyarrow as pa
 from ..config import Config
 from ..engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
-from ..selfrag.selection import clean_answer
+from ..selfrag.selection import short_form_answer
 from .columns import OUTPUT_TYPES, PROMPT_IDS, INTERNAL_TYPES
 from .common import ServiceStage, StageLogic, by_route, max_new_tokens, route_buckets
 from .contract import ANY, Contract
@@ -75,7 +75,7 @@ class FirstPass(StageLogic):
                 if isinstance(answer, str):
                     errors[i] = f"engine error: {answer}"
                     continue
-                out["answer_raw"][i], out["answer"][i], out["candidates"][i] = answer.text, clean_answer(answer.text), []
+                out["answer_raw"][i], out["answer"][i], out["candidates"][i] = answer.text, short_form_answer(answer.text), []
                 if cfg.output.keep_logprobs:
                     out["answer_token_ids"][i] = answer.token_ids
 

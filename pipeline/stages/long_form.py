@@ -24,8 +24,7 @@ from .common import effective_task
 
 def is_long_form(task: str | None, cfg: Config) -> bool:
     """Whether a row of this task is decoded as a tree."""
-    lf = cfg.selfrag.long_form
-    return lf.enabled and ("*" in lf.tasks or effective_task(task, cfg) in lf.tasks)
+    return cfg.selfrag.long_form.covers(effective_task(task, cfg))
 
 
 def long_form_params(cfg: Config) -> LongFormParams:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import staging
-from ..config import Config, InputConfig, StorageConfig
+from ..config import Config, InputConfig, SelfRagConfig, StorageConfig
 from ..io import configure, read_table, shard_stem
 from ..metrics import Reporter
 from ..selfrag.prompts import PromptTokens, format_prompt
@@ -17,8 +17,9 @@ from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, op
 from .contract import ANY, Contract
 
 
-def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
-    """(prompt, error) for one row's question, optional input and task."""
+def row_prompt(question, input_text, task, selfrag: SelfRagConfig) -> tuple[str | None, str | None]:
+    """(prompt, error) for one row's question, optional input and task, in the configured
+    prompt style (a row decoded long-form gets the long-form template)."""
     if question is None:
         return None, "question is null"
     if not isinstance(question, str):
@@ -30,7 +31,7 @@ def row_prompt(question, input_text, task) -> tuple[str | None, str | None]:
     if task is not None and not isinstance(task, str):
         return None, f"task is not a string (got {type(task).__name__})"
     try:
-        return format_prompt(question, input_text, task), None
+        return format_prompt(question, input_text, task, selfrag.prompt_style, selfrag.long_form.covers(task)), None
     except ValueError as exc:
         return None, str(exc)
 
@@ -61,19 +62,23 @@ def with_ids(table: pa.Table, shard: str, id_column: str) -> pa.Table:
 
 
 def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run_id: str,
-                  schema: pa.Schema | None = None, tokens: PromptTokens | None = None) -> pa.Table:
+                  schema: pa.Schema | None = None, tokens: PromptTokens | None = None,
+                  selfrag: SelfRagConfig | None = None) -> pa.Table:
     """Add ids (derived where the input has none), bookkeeping, prompts (and with ``tokens``
     their token ids), errors and empty output columns.
 
-    With ``schema`` (the unified input schema) the input columns are conformed to it.
+    With ``schema`` (the unified input schema) the input columns are conformed to it; prompts
+    follow ``selfrag`` (the defaults when None).
     """
+    selfrag = selfrag or SelfRagConfig()
     n = table.num_rows
     table = with_ids(table, shard, cfg.id_column)
     if schema is not None:
         table = conform(table, schema)
     tasks = [t if t is not None else cfg.default_task for t in optional_column(table, cfg.task_column)]
-    prompts, errors = zip(*map(row_prompt, table.column(cfg.question_column).to_pylist(),
-                               optional_column(table, cfg.input_column), tasks)) if n else ((), ())
+    prompts, errors = zip(*[row_prompt(q, i, t, selfrag) for q, i, t in zip(
+        table.column(cfg.question_column).to_pylist(), optional_column(table, cfg.input_column), tasks)]) \
+        if n else ((), ())
     values = {name: [None] * n for name in OUTPUT_TYPES}
     values.update(prompt=prompts, error=errors, model=[model] * n, run_id=[run_id] * n,
                   **{SHARD: [shard] * n, OFFSET: range(n)})
@@ -90,8 +95,9 @@ def prepare_contract(cfg: Config, schema: pa.Schema) -> Contract:
                     writes={i.id_column: id_type, **OUTPUT_TYPES, **INTERNAL_TYPES})
 
 
-def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, model: str, run_id: str,
-                   schema: pa.Schema, tokenizer: TokenizerSpec, output: str, annotation_hash: str) -> pa.Table:
+def prepare_shards(batch: pa.Table, cfg: InputConfig, selfrag: SelfRagConfig, storage: StorageConfig, model: str,
+                   run_id: str, schema: pa.Schema, tokenizer: TokenizerSpec, output: str,
+                   annotation_hash: str) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema),
     without the rows a previous run of the same annotation identity staged already."""
     configure(storage)
@@ -99,7 +105,7 @@ def prepare_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig, mo
     with Reporter("prepare").batch(batch.num_rows):
         tables = []
         for shard in batch.column("shard").to_pylist():
-            rows = prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens)
+            rows = prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
             staged = staging.staged_offsets(output, annotation_hash, shard)
             if len(staged):
                 rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))

@@ -39,7 +39,7 @@ from typing import Sequence, Union
 from ..selfrag.prompts import Piece, Special, evidence_pieces, format_prompt, render
 from ..selfrag.tokens import FULLY_SUPPORTED, IRRELEVANT, NO_RETRIEVAL, RELEVANT, RETRIEVAL, UTILITY
 from .world import (
-    ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, LONG_FORM_FRAMES, LONG_FORM_TASK, REPEAT, Entity,
+    ARITHMETIC, GREETINGS, KNOWLEDGE_FRAMES, LONG_FORM_FRAMES, LONG_FORM_TASK, REPEAT, TRAINED_PROMPT_STYLE, Entity,
     fact_sentence, lexicon, long_form_question_text, no_knowledge_question, passage_text,
     question_text, random_entity)
 
@@ -122,7 +122,7 @@ def long_form_example(rng: random.Random, one_fact: float = 0.2, split: str = "t
     entity = random_entity(rng, "x")
     attrs = tuple(rng.sample(list(entity.attributes), 2))
     prompt = format_prompt(long_form_question_text(entity, attrs, rng.choice(LONG_FORM_FRAMES[split])),
-                           task=LONG_FORM_TASK)
+                           task=LONG_FORM_TASK, style=TRAINED_PROMPT_STYLE)
     facts = [fact_sentence(entity, a, entity.attributes[a]) for a in attrs]
 
     def other_passage() -> tuple[str, str]:
@@ -165,7 +165,7 @@ def sample_example(rng: random.Random, one_fact: float = 0.2, split: str = "trai
         if rng.random() < 0.5:
             attrs = tuple(rng.sample(list(entity.attributes), 2))
             question = long_form_question_text(entity, attrs, rng.choice(LONG_FORM_FRAMES[split]))
-            prompt = format_prompt(question, task=LONG_FORM_TASK)
+            prompt = format_prompt(question, task=LONG_FORM_TASK, style=TRAINED_PROMPT_STYLE)
         else:
             frame = rng.choice(KNOWLEDGE_FRAMES[split])
             prompt = format_prompt(question_text(entity, rng.choice(list(entity.attributes)), frame))

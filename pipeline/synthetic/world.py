@@ -117,6 +117,9 @@ LONG_FORM_FRAMES = {
     "heldout": ["Please describe the {n1} and the {n2} of {e}.", "I want to know the {n1} and the {n2} of {e}."],
 }
 LONG_FORM_TASK = "asqa"
+#: The prompt style the tiny model's training examples use for templated tasks (the paper's
+#: wording, joined with a blank line); runs of that model set ``selfrag.prompt_style`` to it.
+TRAINED_PROMPT_STYLE = "paper"
 PER_WORDING = 20  # arithmetic and repeat questions generated per wording
 
 SPLITS = ("train", "heldout")
