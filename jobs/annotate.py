@@ -25,8 +25,9 @@ from pipeline.io import InputError, join, write_text
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
 from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, preflight
+from pipeline.progress import Progress
 from pipeline.ray_connect import init_ray
-from pipeline.run_log import RunLog, capture_workers, quiet, quiet_libraries
+from pipeline.run_log import RunLog, capture_workers, quiet
 from pipeline.services.deploy import start_services, stop_services
 from pipeline.services.engine import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
@@ -135,17 +136,28 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     metrics = start_metrics()
     start = time.time()
     tokenizer = tokenizer_spec(cfg.engine.model)
+    print(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
+          + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...", flush=True)
     services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
+    print(f"services ready after {time.time() - start:.0f} s", flush=True)
+    total = sum(plan.todo.values())
+    before = sum(w["rows"] for w in written) + sum(plan.staged.get(s, 0) for s in todo)  # no model work left
+
+    def rows_done() -> int:  # rows that reached the writer in this run, and those done before
+        return before + int(ray.get(metrics.get.remote(), timeout=5).get("write", {}).get("rows", 0))
+
     try:
         dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services)
-        for summary in dataset.iter_rows():
-            check_lease(lease)
-            written.append(summary)
-            print(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
-                  f"[{progress(written, plan, time.time() - start)}]", flush=True)
-            if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
-                print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
-                os._exit(3)  # fault injection: die like a killed process, no cleanup
+        with Progress(total, rows_done) as shown:
+            for summary in dataset.iter_rows():
+                check_lease(lease)
+                written.append(summary)
+                done = sum(w["rows"] for w in written)
+                shown.line(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
+                           f"[{len(written)}/{len(plan.todo)} shards, {shown.status(done)}]", done)
+                if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
+                    print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
+                    os._exit(3)  # fault injection: die like a killed process, no cleanup
         time.sleep(REPORT_EVERY_S + 0.5)  # the engine replicas' last counters reach the metrics actor
     finally:
         stop_services(services)
@@ -155,14 +167,6 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
                             "rows are kept: run the same command again to annotate only the rest")
     return written, stages
-
-
-def progress(written: list[dict], plan: Plan, seconds: float) -> str:
-    """``3/8 shards, 15/40 rows, 0.41 rows/s, ETA 1m01s`` for the shards written so far."""
-    done, total = sum(w["rows"] for w in written), sum(plan.todo.values())
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = f", ETA {int((total - done) / rate) // 60}m{int((total - done) / rate) % 60:02d}s" if rate and done < total else ""
-    return f"{len(written)}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.3g} rows/s{eta}"
 
 
 def collect_stage_metrics(metrics, start: float) -> dict:
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_signals()
         if run_log is not None:
-            saved = run_log.close(cfg.output.path if keep_log else None, cfg.run_id or "run")
+            saved = run_log.close(cfg.output.path if keep_log else None, cfg.run_id)
             if saved:
                 print(f"log: {saved}", flush=True)
     print_summary(manifest)

@@ -91,6 +91,7 @@ from pipeline.evaluation import layouts, synthetic
 from pipeline.evaluation.metrics import CLOSED_METRICS, TokenInfo, report_runs
 from pipeline.io import InputError
 from pipeline.preflight import PreflightError
+from pipeline.run_log import RunLog
 
 MODES = synthetic.MODES
 #: Config keys this job sets itself; overriding them is refused.
@@ -482,9 +483,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # A quiet console, as for the annotation job; the log goes to {workdir}/_logs/.
+    run_log = RunLog("debug" if "log_level=debug" in args.overrides else "info")
+    run_log.start()
+    refused = False
     try:
         rep = evaluate(args)
     except (EvalError, layouts.LayoutError, ConfigError, InputError, PreflightError) as exc:
+        refused = True
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except IncompleteRun as exc:
@@ -492,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutdown_ray()
+        saved = run_log.close(None if refused else args.workdir)
+        if saved:
+            print(f"log: {saved}", flush=True)
     print(json.dumps(rep), flush=True)
     return 0
 

@@ -148,7 +148,7 @@ class RunLog:
                 root.addHandler(handler)
             self._saved_root = None
 
-    def close(self, output: str | None, run_id: str) -> str | None:
+    def close(self, output: str | None, run_id: str | None = None) -> str | None:
         """Restore logging and standard error, and copy the log to ``{output}/_logs/``; returns
         its location there (None when there is no output or the copy failed, with a warning)."""
         global _active
@@ -158,7 +158,8 @@ class RunLog:
         if not output:
             os.remove(self.path)
             return None
-        dest = io.join(output, LOG_DIR, f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{run_id}.log")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = io.join(output, LOG_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
         try:
             fs, path = io.filesystem(dest)
             io.make_parent(fs, path)

@@ -214,6 +214,9 @@ def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path):
     assert "Loading safetensors" in texts[0] and "Loading safetensors" not in texts[1]
     assert not any(SECRET in t for t in texts)
     assert "Loading safetensors" not in again.stdout + again.stderr
+    # each run's report went to the bucket too, and the history has the runs that reported
+    assert "<svg class=\"plot\"" in fs.cat("outputs/resume/report.html").decode()
+    assert len(json.loads(fs.cat("outputs/resume/_history.json"))) == 2
     manifest = json.loads(fs.cat("outputs/resume/_manifest.json"))
     assert manifest["this_run"]["shards"] == 0 and manifest["stages"] == {}
     assert len(manifest["skipped_done"]) == 8
