@@ -63,6 +63,7 @@ class Progress:
         with self._lock:
             if done is not None:
                 self.done = min(max(done, self.done), self.total)
+            text = "".join(ch if ch.isprintable() else "?" for ch in text)  # e.g. a shard named with escapes
             self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
             self._draw()
 

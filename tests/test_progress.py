@@ -23,8 +23,8 @@ class Terminal(io.StringIO):
 def test_lines_go_above_a_live_bar_on_a_terminal_only():
     plain = io.StringIO()
     with Progress(40, lambda: 0, stream=plain) as shown:
-        shown.line("wrote a")
-    assert plain.getvalue() == "wrote a\n"  # not a terminal: no bar, no control characters
+        shown.line("wrote a\x1b[2J")
+    assert plain.getvalue() == "wrote a?[2J\n"  # not a terminal: no bar, no control characters
 
     count = iter(range(0, 1000, 5))
     term = Terminal()

@@ -127,6 +127,8 @@ def test_examples_show_a_long_form_answer_then_both_decisions():
     assert "retrieved (P[Retrieval] 0.90)" in text and "'Velmora' (rank 2 of 2)" in text
     assert "final 2.35" in text and "A: Dorsk is the capital." in text
     assert "[1] Velmora" in describe(chosen[0], "Tell me about Velmora.")
+    hostile = describe(chosen[2], "Say \x1b]0;owned\x07hello\x1b[2J.")
+    assert "\x1b" not in hostile and "\x07" not in hostile and "Say ]0;owned hello [2J." in hostile
 
 
 def render_in_chromium(page: Path, screenshot: Path | None = None) -> tuple[str, str]:
@@ -162,3 +164,16 @@ def check_in_browser(page: Path, screenshot: Path | None = None) -> int:
 def test_the_report_renders_in_a_browser_with_every_plot_drawn(output):
     page = Path(report.write_report(str(output)))
     assert check_in_browser(page, SCREENSHOT) == len(plots(page.read_text())) == 12
+
+
+def test_text_from_the_rows_is_escaped(tmp_path):
+    """A hostile task name or error message is shown as text, never as markup."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{**ROWS[1], "task": "<b>x</b>"}, {**ROWS[4], "error": "<img src=x onerror=alert(1)>: boom"}]
+    pq.write_table(table(rows), out / "part-0.parquet")
+    (out / "_manifest.json").write_text(json.dumps({**MANIFEST, "run_id": "<script>alert(1)</script>"}))
+    html = Path(report.write_report(str(out))).read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(N)&gt;" in html  # digits -> N: an error kind
+    assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html

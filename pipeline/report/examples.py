@@ -27,7 +27,10 @@ def pick(rows: list[dict], n: int) -> list[dict]:
 
 
 def _short(text: str | None, width: int = 200) -> str:
-    return textwrap.shorten(" ".join((text or "").split()), width=width, placeholder=" ...")
+    """One line of at most ``width`` characters, without control characters (text from the rows
+    must not drive the operator's terminal, e.g. with escape sequences)."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
+    return textwrap.shorten(" ".join(printable.split()), width=width, placeholder=" ...")
 
 
 def describe(row: dict, question: str) -> str:
