@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 
+from ..config import LongFormConfig
 from ..selfrag.longform import cite
 from ..selfrag.prompts import format_prompt, render, evidence_pieces, task_instruction
 from ..selfrag.tokens import (ALL_REFLECTION_TOKENS, ISREL_GROUP, ISSUP_GROUP, ISUSE_GROUP, NO_RETRIEVAL,
@@ -27,9 +28,8 @@ def instruction_and_input(row: dict, columns: dict) -> tuple[str, str]:
     """The row's instruction (its task template applied in the run's style, as in its prompt)
     and input ("" if none)."""
     task = row.get(columns["task"]) or columns.get("default_task")
-    tasks = columns.get("long_form_tasks", ())
-    instruction = task_instruction(row[columns["question"]], task, columns.get("prompt_style", "reference"),
-                                   "*" in tasks or task in tasks)
+    long_form = LongFormConfig(tasks=list(columns.get("long_form_tasks", ()))).covers(task)
+    instruction = task_instruction(row[columns["question"]], task, columns.get("prompt_style", "reference"), long_form)
     return instruction, row.get(columns["input"]) or ""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from html import escape
 
+from ..evaluation.synthetic import MODES
 from . import svg
 from .summary import BINS, SCORE_RANGES, RunFigures, throughput, timeline
 
@@ -133,7 +134,7 @@ def evaluation_section(report: dict) -> list[str]:
         for key, value in sorted(report.items()):
             if key.startswith("accuracy_") and isinstance(value, (int, float)):
                 mode, _, kind = key[len("accuracy_"):].partition("_")
-                if mode not in ("adaptive", "never", "always"):  # a probe figure, e.g. accuracy_with_gold_ctx
+                if mode not in MODES:  # a probe figure, e.g. accuracy_with_gold_ctx
                     mode, kind = "always", key[len("accuracy_"):]
                 rows.append([mode, kind or "knowledge", None, None, value, "match", None, None])
     labels = [f"{r[0]}/{r[1]}" for r in rows if r[4] is not None]
