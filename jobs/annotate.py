@@ -99,7 +99,7 @@ def commit_ready_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict
     n = plan.todo[shard]
     held = None if n else {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id,
                                              plan.schema, selfrag=cfg.selfrag)]}
-    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held)
+    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held, plan.versions.get(shard))
 
 
 def check_lease(lease: Lease | None) -> None:
@@ -147,7 +147,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
         return before + int(ray.get(metrics.get.remote(), timeout=5).get("write", {}).get("rows", 0))
 
     try:
-        dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services)
+        dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
+                                plan.versions)
         with Progress(total, rows_done) as shown:
             for summary in dataset.iter_rows():
                 check_lease(lease)
@@ -203,8 +204,8 @@ def stage_metrics(stages: dict, start: float) -> dict:
 def prepare_output(cfg: Config, plan: Plan) -> None:
     """With the lease held and every check passed: clear what this run replaces (temporary files
     of interrupted writes; old markers and staged rows with ``overwrite``; staged rows of
-    another annotation identity otherwise),
-    count the rows staged by an earlier run, and write the resolved config."""
+    another annotation identity, or of input shards replaced since, otherwise), count the rows
+    staged by an earlier run, and write the resolved config."""
     if cfg.output.overwrite:
         for shard in plan.todo:
             io.remove(marker_path(cfg.output.path, shard))
@@ -213,6 +214,10 @@ def prepare_output(cfg: Config, plan: Plan) -> None:
     removed = staging.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
     if removed:
         print(f"removed staged rows of other annotation identities: {removed}", flush=True)
+    for shard in plan.todo:
+        if staging.discard_if_changed(cfg.output.path, plan.annotation_hash, shard, plan.versions.get(shard)):
+            print(f"input shard {shard} changed since an earlier run staged its rows: they are discarded and the "
+                  "shard is annotated whole", flush=True)
     plan.staged = {shard: len(staging.staged_offsets(cfg.output.path, plan.annotation_hash, shard))
                    for shard in plan.todo}
     write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))

@@ -291,12 +291,24 @@ def remove(path: str) -> None:
         fs.rm(p)
 
 
+VERSION_KEYS = ("ETag", "etag", "LastModified", "mtime", "last_modified")
+
+
+def file_version(path: str) -> dict:
+    """What tells one version of a file from another without reading it: ``{"size", "stamp"}``,
+    the stamp being the object's ETag on S3 (its content digest) or the modification time on disk."""
+    fs, p = filesystem(path)
+    info = fs.info(p)
+    stamp = next((info[k] for k in VERSION_KEYS if k in info), "")
+    return {"size": int(info.get("size") or 0), "stamp": str(stamp).strip('"')}
+
+
 def listing_fingerprint(files: dict[str, dict]) -> str:
     """A digest of a listing (``fs.find(path, detail=True)``: names, sizes, ETags or modification
     times): it changes when a file is added, removed or replaced."""
     lines = []
     for name, info in sorted(files.items()):
-        stamp = next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "last_modified") if k in info), "")
+        stamp = next((info[k] for k in VERSION_KEYS if k in info), "")
         lines.append(f"{name}\t{info.get('size')}\t{stamp}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 

@@ -79,10 +79,24 @@ def _read_settled(fs, path: str, wait_s: float = 1.0) -> dict:
     return record
 
 
+def process_namespace() -> str | None:
+    """Where this process's pid means something: the boot and the pid namespace (Linux), or None.
+    Containers that share a host name (host networking) have pid namespaces of their own, and a
+    pid recorded before a reboot names nobody: a holder's pid is only looked up in the same one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def _takeable(record: dict, stale_after_s: float) -> bool:
     if record.get("released") or time.time() - record["heartbeat_at"] > stale_after_s:
         return True
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+    here = process_namespace()
+    if (here is not None and record.get("pid_namespace") == here and record.get("host") == socket.gethostname()
+            and isinstance(record.get("pid"), int)):
         try:
             os.kill(record["pid"], 0)
         except ProcessLookupError:
@@ -120,7 +134,8 @@ class Lease:
             if not _takeable(record, stale_after_s):
                 raise LeaseHeld(output, record, stale_after_s)
         now = time.time()
-        holder = {"owner": _user(), "host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
+        holder = {"owner": _user(), "host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_namespace": process_namespace(), "run_id": run_id,
                   "started_at": datetime.fromtimestamp(now, timezone.utc).isoformat(), "heartbeat_at": now,
                   "released": False, "generation": current + 1}
         path = join(root, f"{current + 1:010d}.json")

@@ -53,6 +53,9 @@ class Plan:
     rows_in: dict[str, int] = field(default_factory=dict)
     #: Row ids over all readable shards: nulls given derived ids, duplicates (see ``scan_ids``).
     ids: dict = field(default_factory=dict)
+    #: The version of every readable shard (``io.file_version``): markers and staged rows record
+    #: it, so that a shard replaced under the same name is never taken for the one annotated.
+    versions: dict[str, dict] = field(default_factory=dict)
 
     @property
     def annotation_hash(self) -> str:
@@ -195,11 +198,19 @@ def read_markers(cfg: Config, rows: dict[str, int]) -> dict[str, dict | None]:
     return {shard: read_marker(marker_path(cfg.output.path, shard)) for shard in rows}
 
 
+def describe_change(old: dict, new: dict) -> str:
+    """How a shard's version changed, e.g. ``size 1200 -> 1350``."""
+    return ", ".join(f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new))
+                     if old.get(key) != new.get(key))
+
+
 def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None],
-               identity: dict) -> tuple[dict[str, int], list[dict]]:
+               identity: dict, versions: dict[str, dict] | None = None) -> tuple[dict[str, int], list[dict]]:
     """(shards to annotate, markers of shards already done). Refuses to resume into an output
-    whose shards were annotated with another annotation identity, naming what differs."""
-    todo, done, current = {}, [], identity_hash(identity)
+    whose shards were annotated with another annotation identity, naming what differs, or whose
+    input shards were replaced since they were annotated (``versions``: each shard's current
+    ``io.file_version``; markers written before versions were recorded are not checked)."""
+    todo, done, current, changed = {}, [], identity_hash(identity), []
     for shard, n in rows.items():
         marker = markers[shard]
         if marker is None:
@@ -214,6 +225,15 @@ def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None
                 "or output.overwrite=true (rescaling, batch sizes and storage settings never cause this)")
         else:
             done.append(marker)
+            recorded, now = marker.get("input"), (versions or {}).get(shard)
+            if isinstance(recorded, dict) and now is not None and recorded != now:
+                changed.append(f"{shard} ({describe_change(recorded, now)}; marker "
+                               f"{marker_path(cfg.output.path, shard)})")
+    if changed:
+        raise PreflightError(
+            f"{len(changed)} input shard(s) changed since {cfg.output.path} annotated them: {'; '.join(changed[:5])}"
+            f"{'; ...' if len(changed) > 5 else ''}. Their outputs annotate the old content. Delete a shard's "
+            "marker to annotate it again, or use another output.path (or output.overwrite=true to redo every shard)")
     return todo, done
 
 
@@ -291,5 +311,7 @@ def preflight(cfg: Config) -> Plan:
         check_model(cfg)
     ensure_index(cfg)  # before the identity, which covers the index
     identity = annotation_identity(cfg)
-    todo, done = split_done(cfg, rows, markers, identity)
-    return Plan(todo=todo, schema=schema, identity=identity, done=done, bad=bad, rows_in=rows, ids=ids)
+    versions = {shard: io.file_version(shard) for shard in rows}
+    todo, done = split_done(cfg, rows, markers, identity, versions)
+    return Plan(todo=todo, schema=schema, identity=identity, done=done, bad=bad, rows_in=rows, ids=ids,
+                versions=versions)

@@ -6,11 +6,14 @@ readers and Ray Data skip it). Each part holds rows of one *bucket*, a fixed ran
 offsets (``bucket = offset // stage_rows``), so a commit reads one bucket at a time and
 writes the shard in input order with the memory of one bucket, whatever the shard's size.
 Parts are written atomically and carry the bookkeeping columns, so a later run (a resume)
-knows which offsets are staged and annotates only the others.
+knows which offsets are staged and annotates only the others. ``_input.json`` beside them
+records the version of the input shard they annotate; a resume discards staged rows of a
+shard replaced since (``discard_if_changed``).
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import uuid
 from collections import defaultdict
@@ -24,6 +27,7 @@ from . import io
 from .stages.columns import OFFSET
 
 STAGING_DIR = "_staging"
+VERSION_FILE = "_input.json"
 
 
 def shard_dir(output: str, annotation_hash: str, shard: str) -> str:
@@ -70,6 +74,28 @@ def stage(rows: pa.Table, output: str, annotation_hash: str, shard: str, stage_r
     for bucket in pc.unique(buckets).to_pylist():
         part = rows.filter(pc.equal(buckets, bucket))
         io.write_parquet_atomic(part, io.join(shard_dir(output, annotation_hash, shard), part_name(bucket)))
+
+
+def record_version(output: str, annotation_hash: str, shard: str, version: dict) -> None:
+    """Record which version of the input shard (``io.file_version``) the staged rows annotate."""
+    io.write_text(io.join(shard_dir(output, annotation_hash, shard), VERSION_FILE), json.dumps(version))
+
+
+def discard_if_changed(output: str, annotation_hash: str, shard: str, version: dict | None) -> bool:
+    """Delete the shard's staged rows unless they annotate this ``version`` of it (staged rows
+    with no recorded version are deleted too); returns whether any were deleted."""
+    root = shard_dir(output, annotation_hash, shard)
+    if not list_parts(output, annotation_hash, shard):
+        return False
+    record = io.join(root, VERSION_FILE)
+    try:
+        recorded = json.loads(io.read_text(record)) if io.exists(record) else None
+    except ValueError:
+        recorded = None
+    if recorded is not None and recorded == version:
+        return False
+    remove_shard(output, annotation_hash, shard)
+    return True
 
 
 def bucket_rows(output: str, paths: list[str], held: list[pa.Table]) -> pa.Table | None:

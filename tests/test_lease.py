@@ -18,7 +18,7 @@ import pytest
 from conftest import start_moto
 from pipeline import io
 from pipeline.config import StorageConfig
-from pipeline.lease import Lease, LeaseHeld
+from pipeline.lease import Lease, LeaseHeld, process_namespace
 
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.integration)]
 
@@ -201,13 +201,28 @@ def test_the_heartbeat_advances(tmp_path, take):
 def test_a_dead_holder_on_this_host_is_taken_over_a_live_one_is_not(tmp_path, take):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    here = process_namespace()
+    assert here is not None and "pid:[" in here
     output = str(tmp_path / "dead")
-    write_record(output, host=socket.gethostname(), pid=dead.pid, run_id="crashed")
+    write_record(output, host=socket.gethostname(), pid=dead.pid, pid_namespace=here, run_id="crashed")
     assert take(output, "after-crash").holder["generation"] == 2
+    assert read_record(output, 2)["pid_namespace"] == here
 
     output = str(tmp_path / "live")
-    write_record(output, host=socket.gethostname(), pid=os.getpid(), run_id="alive")
+    write_record(output, host=socket.gethostname(), pid=os.getpid(), pid_namespace=here, run_id="alive")
     with pytest.raises(LeaseHeld, match="alive"):
+        Lease.acquire(output, "other-run")
+
+
+@pytest.mark.parametrize("namespace", ["another-boot/pid:[4026531836]", None])
+def test_a_pid_from_another_pid_namespace_or_boot_is_not_looked_up(tmp_path, namespace):
+    """A container sharing the host name, a driver from before a reboot, or a record that does not
+    say: its pid may be alive elsewhere, so the lease waits to go stale."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    output = str(tmp_path / "out")
+    write_record(output, host=socket.gethostname(), pid=dead.pid, pid_namespace=namespace, run_id="elsewhere")
+    with pytest.raises(LeaseHeld, match="elsewhere"):
         Lease.acquire(output, "other-run")
 
 

@@ -3,6 +3,7 @@ kill, and the safety refusals. Jobs run as subprocesses, as a user would run the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -155,6 +156,29 @@ def test_a_replaced_remote_directory_is_downloaded_again(s3, tmp_path, monkeypat
         second = io.localize("s3://assets/swap")
         assert second != first and Path(second, "config.json").read_bytes() == b'{"v": 22}'
         assert Path(second, "weights.bin").read_bytes() == b"1111"
+    finally:
+        io.configure(StorageConfig())
+
+
+def test_an_s3_shard_version_is_its_content_digest(s3, tmp_path, monkeypatch):
+    """io.file_version on S3: the same bytes uploaded again keep the version (the ETag is their
+    MD5), other bytes under the same key change it, so a resume tells a replaced shard."""
+    from pipeline import io
+    from pipeline.config import StorageConfig
+
+    endpoint, env, fs = s3
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, env[key])
+    io.configure(StorageConfig(endpoint_url=endpoint))
+    try:
+        fs.pipe("inputs/versions/q.parquet", b"first content")
+        first = io.file_version("s3://inputs/versions/q.parquet")
+        assert first == {"size": 13, "stamp": hashlib.md5(b"first content").hexdigest()}
+        fs.pipe("inputs/versions/q.parquet", b"first content")
+        assert io.file_version("s3://inputs/versions/q.parquet") == first
+        fs.pipe("inputs/versions/q.parquet", b"other content")
+        io.filesystem("s3://inputs")[0].invalidate_cache()
+        assert io.file_version("s3://inputs/versions/q.parquet")["stamp"] != first["stamp"]
     finally:
         io.configure(StorageConfig())
 

@@ -44,11 +44,11 @@ def _count(rows: pa.Table) -> tuple[int, int]:
 
 
 def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
-                 held: dict[int, list[pa.Table]] | None = None) -> dict:
+                 held: dict[int, list[pa.Table]] | None = None, version: dict | None = None) -> dict:
     """Write a complete shard from its staged parts and the rows ``held`` in memory (by bucket),
     bucket by bucket, to a hidden file moved into place; then its marker (with the annotation
-    hash); then drop its staged parts. Returns its summary. Raises RuntimeError, exposing
-    nothing, when the rows do not number ``expected``."""
+    hash and the input shard's ``version``); then drop its staged parts. Returns its summary.
+    Raises RuntimeError, exposing nothing, when the rows do not number ``expected``."""
     held = held or {}
     parts = staging.list_parts(output, annotation_hash, shard)
     dest = io.join(output, f"{io.shard_stem(shard)}.parquet")
@@ -77,7 +77,8 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     fs.mv(tmp, path)
     summary = {"shard": shard, "output": dest, "rows": rows, "errors": errors, "retrieved": retrieved,
                "written_at": time.time()}
-    io.write_text(marker_path(output, shard), json.dumps({**summary, "annotation_hash": annotation_hash}))
+    marker = {**summary, "annotation_hash": annotation_hash, **({"input": version} if version else {})}
+    io.write_text(marker_path(output, shard), json.dumps(marker))
     staging.remove_shard(output, annotation_hash, shard)
     return summary
 
@@ -102,12 +103,15 @@ class ShardWriter:
     """Callable class for ``map_batches`` (one replica): holds or stages rows per shard until the
     shard is complete, then commits it. Emits one summary row per shard committed."""
 
-    def __init__(self, cfg: Config, expected_rows: dict[str, int], annotation_hash: str):
+    def __init__(self, cfg: Config, expected_rows: dict[str, int], annotation_hash: str,
+                 versions: dict[str, dict] | None = None):
         io.configure(cfg.storage)
         out = cfg.output
         self.output, self.hash = out.path, annotation_hash
         self.stage_rows, self.buffer_rows, self.flush_s = out.stage_rows, out.buffer_rows, out.flush_s
         self.expected = dict(expected_rows)
+        self.versions = versions or {}  # the input shards' versions, recorded with their staged rows and marker
+        self.recorded: set[str] = set()
         self.shards: dict[str, _Shard] = {}
         self.committed: set[str] = set()
         self.held = 0
@@ -131,6 +135,9 @@ class ShardWriter:
     def _spill(self, shard: str) -> None:
         state = self.shards[shard]
         if state.held_rows:
+            if shard not in self.recorded and shard in self.versions:  # before the first part of this writer
+                staging.record_version(self.output, self.hash, shard, self.versions[shard])
+                self.recorded.add(shard)
             staging.stage(pa.concat_tables([t for ts in state.held.values() for t in ts]), self.output, self.hash,
                           shard, self.stage_rows)
             self.held -= state.held_rows
@@ -154,7 +161,8 @@ class ShardWriter:
                     state.count += int(new.sum())
                     self._hold(state, rows.filter(pa.array(new)))
                 if state.count == len(state.seen):
-                    written.append(commit_shard(self.output, self.hash, shard, len(state.seen), state.held))
+                    written.append(commit_shard(self.output, self.hash, shard, len(state.seen), state.held,
+                                                self.versions.get(shard)))
                     self.held -= state.held_rows
                     del self.shards[shard]
                     self.committed.add(shard)
