@@ -134,7 +134,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
-    start = time.time()
+    start = plan.timeline_origin = time.time()
     tokenizer = tokenizer_spec(cfg.engine.model)
     print(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
           + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...", flush=True)

@@ -13,13 +13,23 @@
    on exactly the pipeline's work. ``engine_ratio`` = the pipeline's generated tokens/s over
    its generation window (first engine request to last) / the bare engine's tokens/s.
 4. Runs the per-query baseline (``jobs.reference_baseline``: one question at a time,
-   whole-vocabulary logprobs, the reference retrieval rule) on the first ``--baseline-rows``
-   short-form rows, with the passages the pipeline used. ``baseline_speedup`` = the pipeline's
-   rows/s over its generation window / the baseline's rows/s (its engine start-up not timed;
-   long-form rows, the pipeline's most expensive, are not in the baseline's subset, so the
-   figure is conservative). The pipeline annotates the same subset again with the reference
-   rule and equal weights (1, 1, 1) set on both sides; ``baseline_agree`` counts the rows whose
-   selected answers agree.
+   whole-vocabulary logprobs, the reference retrieval rule; long-form rows decoded over their
+   passages as the authors' static long-form script does) on the first ``--baseline-rows``
+   rows of the workload, which have its mix of kinds, with the passages the pipeline used.
+   ``baseline_speedup`` = the pipeline's rows/s over its generation window / the baseline's
+   rows/s (its engine start-up not timed; the pipeline also searches again per long-form
+   segment, which the baseline does not, so the figure is conservative).
+   ``baseline_speedup_short_form_only`` divides by the baseline's rows/s on the short-form rows
+   alone (the figure reported before long-form rows were in the baseline). The pipeline
+   annotates the same subset again with the reference rule, equal weights (1, 1, 1) and the
+   same passages at every long-form depth, set on both sides; ``baseline_agree`` counts the
+   short-form rows whose selected answers agree (two independent implementations), and
+   ``baseline_agree_long_form`` the long-form rows (the same tree, run per query with
+   whole-vocabulary logprobs).
+
+5. Accounts for the machine's CPU (``jobs.cpu_account``): the mean cores each role used
+   (engine worker, engine core, engine replica front end, retriever, stage actors, Ray, the
+   driver) over the pipeline's generation window and over the bare engine's run.
 
 The figures are printed one per line; the last line is one JSON object.
 """
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import time
@@ -37,7 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.annotate import run
-from jobs.reference_baseline import ReferenceSettings, annotate_one
+from jobs.cpu_account import CpuAccount
+from jobs.reference_baseline import ReferenceSettings, annotate_long_form, annotate_one
 from pipeline.config import Config, load_config
 from pipeline.stages.common import max_new_tokens
 from pipeline.stages.long_form import is_long_form
@@ -124,31 +136,40 @@ def bare_engine(cfg: Config, requests: list[dict]) -> dict:
     startup = time.perf_counter() - start
     prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests]
     params = [sampling_params(engine.ids, r["max_tokens"], r["stop_ids"], detokenize=False) for r in requests]
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.time()
     outputs = engine.llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     engine.shutdown()
-    return {"startup_seconds": startup, "seconds": seconds,
+    return {"startup_seconds": startup, "seconds": seconds, "window": (began, began + seconds),
             "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
 
 def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict:
     """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
-    passages); returns its answers by id and its rows/s (engine start-up not timed)."""
+    passages); returns its answers by id, its rows/s, and its seconds by kind of row (engine
+    start-up not timed)."""
     from pipeline.engine import Engine
     from pipeline.tokenizer import model_prompt_tokens
 
     tokens = model_prompt_tokens(cfg.engine.model)
     engine = Engine(cfg.engine, max_logprobs=-1)  # -1: whole-vocabulary logprobs allowed
     vocabulary = engine.llm.llm_engine.model_config.get_vocab_size()
-    start = time.perf_counter()
-    answers = {}
+    answers, by_kind = {}, {}
     for r in rows:
-        answers[r["id"]] = annotate_one(engine, tokens, tokens.prompt(r["prompt"]), r["passages"] or [],
-                                        r["task"], max_new_tokens(r["task"], cfg), vocabulary, settings)
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        prompt_ids, budget = tokens.prompt(r["prompt"]), max_new_tokens(r["task"], cfg)
+        if is_long_form(r["task"], cfg):
+            answers[r["id"]] = annotate_long_form(cfg, engine, tokens, r, prompt_ids, budget, vocabulary, settings)
+        else:
+            answers[r["id"]] = annotate_one(engine, tokens, prompt_ids, r["passages"] or [], r["task"], budget,
+                                            vocabulary, settings)
+        by_kind.setdefault(r["kind"], []).append(time.perf_counter() - start)
     engine.shutdown()
-    return {"answers": answers, "seconds": seconds, "rows_per_s": len(rows) / seconds, "vocabulary": vocabulary}
+    seconds = sum(sum(v) for v in by_kind.values())
+    short = [t for kind, v in by_kind.items() if kind != "long_form" for t in v]
+    return {"answers": answers, "seconds": seconds, "rows_per_s": len(rows) / seconds, "vocabulary": vocabulary,
+            "short_form_rows_per_s": len(short) / sum(short) if short else None,
+            "seconds_per_row_by_kind": {kind: round(sum(v) / len(v), 3) for kind, v in sorted(by_kind.items())}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,29 +177,34 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1600)
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--baseline-rows", type=int, default=48)
+    parser.add_argument("--baseline-rows", type=int, default=64)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
     rows = workload(args.rows)
     recorded = BENCH_DIR / "engine-requests"
     shutil.rmtree(recorded, ignore_errors=True)
+    account = CpuAccount().start()
     manifest, out = annotate("main", rows, args.shards,
                              [f"debug.record_engine_requests={recorded.absolute()}", *args.overrides])
     summary, stages = manifest["this_run"], manifest["stages"]
     engine = stages["engine"]
     cfg = load_config([], list(args.overrides))
     bare = bare_engine(cfg, read_requests(recorded))
+    account.stop()
+    origin = summary["timeline_origin"]
 
-    # the agreement subset: short-form rows, annotated again with the reference rule and equal weights
+    # the baseline's subset (the workload's mix), annotated again with the reference rule, equal
+    # weights and the same passages at every long-form depth, as the baseline runs it
     settings = ReferenceSettings(threshold=cfg.selfrag.threshold)
-    short = [r for r in rows if not is_long_form(r["task"], cfg)][: args.baseline_rows]
+    subset = rows[: args.baseline_rows]
     ref_overrides = ["selfrag.retrieval_rule=reference_logprob_ratio", "selfrag.w_rel=1.0", "selfrag.w_sup=1.0",
-                     "selfrag.w_use=1.0", *args.overrides]
-    _, ref_out = annotate("reference", short, 2, ref_overrides)
+                     "selfrag.w_use=1.0", "selfrag.long_form.retrieve_per_segment=false", *args.overrides]
+    _, ref_out = annotate("reference", subset, 2, ref_overrides)
     base = baseline(cfg, ref_out, settings)
-    agree = sum(r["answer"] == base["answers"][r["id"]]["answer"] and
-                r["retrieved"] == base["answers"][r["id"]]["retrieved"] for r in ref_out)
+    agrees = {r["id"]: r["answer"] == base["answers"][r["id"]]["answer"] and
+              r["retrieved"] == base["answers"][r["id"]]["retrieved"] for r in ref_out}
+    long_ids = {r["id"] for r in subset if is_long_form(r["task"], cfg)}
 
     window = engine["last_end"] - engine["first_start"]
     tokens = engine["generated_tokens"]
@@ -203,12 +229,19 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_engine_seconds": round(bare["seconds"], 2),
         "bare_engine_tokens_per_s": round(bare["tokens"] / bare["seconds"], 1),
         "engine_ratio": round((tokens / window) / (bare["tokens"] / bare["seconds"]), 3),
-        "baseline_rows": len(short),
+        "baseline_rows": len(subset),
+        "baseline_rows_by_kind": {k: sum(r["kind"] == k for r in subset) for k in MIX},
+        "baseline_seconds_per_row_by_kind": base["seconds_per_row_by_kind"],
         "baseline_rows_per_s": round(base["rows_per_s"], 3),
         "baseline_speedup": round((summary["rows"] / window) / base["rows_per_s"], 1),
         "baseline_speedup_end_to_end": round((summary["rows"] / summary["seconds"]) / base["rows_per_s"], 1),
-        "baseline_agree": agree,
+        "baseline_speedup_short_form_only": round((summary["rows"] / window) / base["short_form_rows_per_s"], 1),
+        "baseline_agree": f"{sum(v for i, v in agrees.items() if i not in long_ids)}/{len(agrees) - len(long_ids)}",
+        "baseline_agree_long_form": f"{sum(v for i, v in agrees.items() if i in long_ids)}/{len(long_ids)}",
         "baseline_vocabulary_logprobs": base["vocabulary"],
+        "cpu_cores": {"machine": os.cpu_count(),
+                      "pipeline_window": account.cores(origin + engine["first_start"], origin + engine["last_end"]),
+                      "bare_engine": account.cores(*bare["window"])},
     }
     print_figures("benchmark figures", result)
     return result

@@ -13,14 +13,22 @@ that the benchmark's agreement count compares two implementations of the same al
   ISSUP token, utility at the first utility token, optional ``exp(seq)``; open tasks take the
   best score, closed-set tasks (fever, arc_c) sum scores per answer.
 
+Long-form rows (``annotate_long_form``) are decoded one question at a time as the authors'
+static long-form script does: the decision as above, then the segment tree over the row's
+passages (the same passages at every depth), every generation with whole-vocabulary logprobs.
+The tree itself is the pipeline's (``pipeline.selfrag.longform``): for these rows the baseline
+measures the per-query way of running it, and is no independent check of the tree.
+
 Prompts are the pipeline's token ids (``PromptTokens``), so both sides condition on the same
 tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from pipeline.selfrag import tokens as T
 
@@ -75,17 +83,26 @@ def _score(cont, ids, s: ReferenceSettings) -> float:
     return final + (math.exp(seq) if s.use_seqscore else 0.0)
 
 
-def annotate_one(engine, tokens, prompt_ids: list[int], passages: list[dict], task: str | None, budget: int,
-                 vocabulary: int, s: ReferenceSettings) -> dict:
-    """One question, the reference way; returns {retrieved, answer, best_passage_id}."""
+def _decide(engine, prompt_ids: list[int], vocabulary: int, s: ReferenceSettings) -> bool:
+    """The reference retrieval rule on one whole-vocabulary decision token."""
     ids = engine.ids
     (decision,) = engine.generate([prompt_ids], 1, vocabulary_logprobs=vocabulary)
     first = decision.logprobs[0] if decision.logprobs else {}
     lp_r, lp_n = _lp(first, ids[T.RETRIEVAL]), _lp(first, ids[T.NO_RETRIEVAL])
-    retrieve = (lp_r / (lp_r + lp_n) if lp_r + lp_n else 0.0) > s.threshold
-    if not retrieve or not passages:
-        (cont,) = engine.generate([tokens.no_evidence(prompt_ids)], budget, vocabulary_logprobs=vocabulary)
-        return {"retrieved": False, "answer": _clean(cont.text), "best_passage_id": None}
+    return (lp_r / (lp_r + lp_n) if lp_r + lp_n else 0.0) > s.threshold
+
+
+def _no_evidence(engine, tokens, prompt_ids: list[int], budget: int, vocabulary: int) -> dict:
+    (cont,) = engine.generate([tokens.no_evidence(prompt_ids)], budget, vocabulary_logprobs=vocabulary)
+    return {"retrieved": False, "answer": _clean(cont.text), "best_passage_id": None}
+
+
+def annotate_one(engine, tokens, prompt_ids: list[int], passages: list[dict], task: str | None, budget: int,
+                 vocabulary: int, s: ReferenceSettings) -> dict:
+    """One question, the reference way; returns {retrieved, answer, best_passage_id}."""
+    ids = engine.ids
+    if not _decide(engine, prompt_ids, vocabulary, s) or not passages:
+        return _no_evidence(engine, tokens, prompt_ids, budget, vocabulary)
     prompts = [tokens.evidence(prompt_ids, p["title"], p["text"]) for p in passages]
     conts = engine.generate(prompts, budget, vocabulary_logprobs=vocabulary)
     scored = [(_clean(c.text), _score(c, ids, s), p["id"]) for c, p in zip(conts, passages)]
@@ -98,3 +115,33 @@ def annotate_one(engine, tokens, prompt_ids: list[int], passages: list[dict], ta
     else:
         best = max(scored, key=lambda x: x[1])  # first of equal scores
     return {"retrieved": True, "answer": best[0], "best_passage_id": best[2]}
+
+
+class _PerQueryStage:
+    """What ``decode_tree`` asks of a stage, served by a synchronous engine in this process with
+    whole-vocabulary logprobs; no retriever: the static script keeps the row's passages."""
+
+    def __init__(self, cfg, engine, tokens, vocabulary: int):
+        self.cfg, self.ids, self.tokens, self.retriever = cfg, engine.ids, tokens, None
+        self.decode = lambda token_ids: engine.tokenizer.decode(token_ids, skip_special_tokens=False)
+        self.engine = self
+        self._engine, self._vocabulary = engine, vocabulary
+
+    async def generate(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], route: str,
+                       stop_ids: Sequence[int] = ()) -> list:
+        return self._engine.generate(prompts, list(budgets), stop_ids, vocabulary_logprobs=self._vocabulary)
+
+
+def annotate_long_form(cfg, engine, tokens, row: dict, prompt_ids: list[int], budget: int, vocabulary: int,
+                       s: ReferenceSettings) -> dict:
+    """One long-form question, as the static long-form script does; returns {retrieved, answer,
+    best_passage_id} (no single best passage: None)."""
+    from pipeline.stages.long_form import decode_tree
+
+    passages = row.get("passages") or []
+    if not _decide(engine, prompt_ids, vocabulary, s) or not passages:
+        return _no_evidence(engine, tokens, prompt_ids, budget, vocabulary)
+    stage = _PerQueryStage(cfg, engine, tokens, vocabulary)
+    result, _ = asyncio.run(decode_tree(stage, row["id"], row["prompt"], prompt_ids, row[cfg.input.question_column],
+                                        passages, own_passages=True))
+    return {"retrieved": True, "answer": result.text, "best_passage_id": None}

@@ -56,6 +56,9 @@ class Plan:
     #: The version of every readable shard (``io.file_version``): markers and staged rows record
     #: it, so that a shard replaced under the same name is never taken for the one annotated.
     versions: dict[str, dict] = field(default_factory=dict)
+    #: When the model stages started (epoch seconds; set by the run): the origin of the
+    #: manifest's stage timeline.
+    timeline_origin: float | None = None
 
     @property
     def annotation_hash(self) -> str:
