@@ -35,7 +35,7 @@ demo: install
 	$(PY) -m jobs.annotate --config conf/demo.yaml
 
 test: install browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: install
 	$(PY) -m jobs.bench

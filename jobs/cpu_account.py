@@ -23,7 +23,7 @@ ROLES = (
     ("FirstPassStage", "first_pass"), ("RetrieveStage", "retrieve"), ("CritiqueStage", "critique"),
     ("ShardWriter", "write"),
     ("ServeController", "ray_serve_controller"),
-    ("ray", "ray_other"),
+    ("ray::", "ray_other"), ("/ray/", "ray_other"), ("ray-dashboard", "ray_other"),
 )
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

@@ -145,9 +145,13 @@ class EngineConfig:
     #: (the CPU default is 128) so the prefix cache can share a prompt shorter than 128 tokens.
     extra: Dict[str, Any] = field(default_factory=lambda: {"max_num_seqs": 512, "block_size": 32})
     #: Environment variables of each engine replica's process (set before vLLM is imported).
-    #: On CPU the engine's threads are pinned to core 0 and the rest of the job uses the others.
+    #: On CPU the engine's compute threads are pinned to core 0, and the model runs in the
+    #: engine core process itself (VLLM_ENABLE_V1_MULTIPROCESSING=0 lets the CPU backend use
+    #: the one-process executor, as GPUs do for one device: no second process to start, and no
+    #: two processes spinning while they wait for each other).
     env: Dict[str, str] = field(
-        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0",
+                                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     )
     #: The engine service: replicas, resources, concurrency, retries.
     service: ServiceConfig = field(default_factory=ServiceConfig)
