@@ -6,6 +6,7 @@ remote directories. Local paths and ``s3://`` URLs (s3fs, with the options of th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -282,6 +283,14 @@ def read_text(path: str) -> str:
     fs, p = filesystem(path)
     with fs.open(p, "r") as f:
         return f.read()
+
+
+def read_json(path: str) -> dict | list | None:
+    """A small JSON file, or None when it is absent or unreadable (e.g. partly written)."""
+    try:
+        return json.loads(read_text(path)) if exists(path) else None
+    except (ValueError, OSError):
+        return None
 
 
 def remove(path: str) -> None:

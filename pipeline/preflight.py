@@ -8,7 +8,6 @@ path, column or key.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -188,10 +187,7 @@ def check_output(cfg: Config) -> None:
 
 def read_marker(path: str) -> dict | None:
     """A shard's success marker, or None when absent or unreadable (then the shard is redone)."""
-    try:
-        return json.loads(io.read_text(path)) if io.exists(path) else None
-    except (ValueError, OSError):
-        return None
+    return io.read_json(path)
 
 
 def read_markers(cfg: Config, rows: dict[str, int]) -> dict[str, dict | None]:

@@ -84,14 +84,9 @@ def record_version(output: str, annotation_hash: str, shard: str, version: dict)
 def discard_if_changed(output: str, annotation_hash: str, shard: str, version: dict | None) -> bool:
     """Delete the shard's staged rows unless they annotate this ``version`` of it (staged rows
     with no recorded version are deleted too); returns whether any were deleted."""
-    root = shard_dir(output, annotation_hash, shard)
     if not list_parts(output, annotation_hash, shard):
         return False
-    record = io.join(root, VERSION_FILE)
-    try:
-        recorded = json.loads(io.read_text(record)) if io.exists(record) else None
-    except ValueError:
-        recorded = None
+    recorded = io.read_json(io.join(shard_dir(output, annotation_hash, shard), VERSION_FILE))
     if recorded is not None and recorded == version:
         return False
     remove_shard(output, annotation_hash, shard)
