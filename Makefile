@@ -4,6 +4,7 @@
 #   make bench  throughput benchmark (prints figures; last line is JSON)
 #   make bench-writer  the writer's peak memory for shards of 20k and 200k rows (about 1 min)
 #   make bench-index  index build and search benchmark on 200k generated passages (about 20 min here)
+#   make bench-encoder  passage encoder: passages/s as the build embeds vs the model alone (last line is JSON)
 #   make eval   evaluate the committed model on the synthetic world's held-out split (last line is JSON)
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test bench bench-writer bench-index eval clean
+.PHONY: install browser demo test bench bench-writer bench-index bench-encoder eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ bench-writer: install
 
 bench-index: install
 	$(PY) -m jobs.bench_index
+
+bench-encoder: install
+	$(PY) -m jobs.bench_encoder
 
 eval: install
 	$(PY) -m jobs.evaluate --synthetic --config conf/demo.yaml --workdir outputs/eval

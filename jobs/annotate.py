@@ -19,20 +19,23 @@ import sys
 import threading
 import time
 
-from pipeline import io, staging
+from pipeline import io, phases, staging
 from pipeline.config import Config, ConfigError, load_config, to_yaml
+from pipeline.console import no_space, print_error, say
 from pipeline.io import InputError, join, write_text
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import build_manifest
 from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, preflight
 from pipeline.progress import Progress
-from pipeline.ray_connect import init_ray
+from pipeline.ray_connect import init_ray, stop_ray
 from pipeline.run_log import RunLog, capture_workers, quiet
-from pipeline.services.deploy import start_services, stop_services
+from pipeline.services.deploy import ServicesUnavailable, start_services, stop_services
 from pipeline.services.engine import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
 
 CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteRun(RuntimeError):
@@ -71,12 +74,10 @@ def restore_signals() -> None:
 
 
 def shutdown_ray() -> None:
-    """Stop this driver's Ray (a local cluster it started goes down; on a cluster its actors end)."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    """Stop this driver's Ray, in whatever phase it is: a local Ray it started goes down with
+    every process of it (Ray's agents included), even one a signal caught inside ``ray.init``;
+    on a cluster the job's actors end with its connection (``pipeline.ray_connect.stop_ray``)."""
+    stop_ray()
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
@@ -99,7 +100,8 @@ def commit_ready_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict
     n = plan.todo[shard]
     held = None if n else {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id,
                                              plan.schema, selfrag=cfg.selfrag)]}
-    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held, plan.versions.get(shard))
+    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held, plan.versions.get(shard),
+                        stage_rows=cfg.output.stage_rows, identity=plan.identity)
 
 
 def check_lease(lease: Lease | None) -> None:
@@ -123,21 +125,22 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     todo = {shard: n for shard, n in plan.todo.items() if shard not in ready}
     if not todo:
         return written, {}
+    phases.reached("before_ray_init")
     try:
         init_ray(cfg.ray.address, configure_logging=not quiet())
+        catch_interrupts()  # ours again, over Ray's
     except SystemExit as exc:  # Ray's own SIGTERM handler, installed while it starts, exits with the signal
         if exc.code == signal.SIGTERM:
-            raise Interrupted(signal.SIGTERM) from None
+            _interrupt(signal.SIGTERM, None)  # one clean stop, as if ours had caught it: raises Interrupted
         raise
-    catch_interrupts()  # ours again, over Ray's
     capture_workers()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     metrics = start_metrics()
     start = plan.timeline_origin = time.time()
     tokenizer = tokenizer_spec(cfg.engine.model)
-    print(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
-          + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...", flush=True)
+    say(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
+        + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...")
     services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
     print(f"services ready after {time.time() - start:.0f} s", flush=True)
     total = sum(plan.todo.values())
@@ -148,7 +151,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
 
     try:
         dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
-                                plan.versions)
+                                plan.versions, identity=plan.identity)
         with Progress(total, rows_done) as shown:
             for summary in dataset.iter_rows():
                 check_lease(lease)
@@ -213,11 +216,11 @@ def prepare_output(cfg: Config, plan: Plan) -> None:
         io.remove_temporaries(directory)
     removed = staging.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
     if removed:
-        print(f"removed staged rows of other annotation identities: {removed}", flush=True)
+        say(f"removed staged rows of other annotation identities: {removed}")
     for shard in plan.todo:
         if staging.discard_if_changed(cfg.output.path, plan.annotation_hash, shard, plan.versions.get(shard)):
-            print(f"input shard {shard} changed since an earlier run staged its rows: they are discarded and the "
-                  "shard is annotated whole", flush=True)
+            say(f"input shard {shard} changed since an earlier run staged its rows: they are discarded and the "
+                "shard is annotated whole")
     plan.staged = {shard: len(staging.staged_offsets(cfg.output.path, plan.annotation_hash, shard))
                    for shard in plan.todo}
     write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))
@@ -229,18 +232,18 @@ def run(cfg: Config) -> dict:
     plan = preflight(cfg)
     duplicates = plan.ids["duplicates"]
     if duplicates["rows"]:
-        print(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
-              f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
-              file=sys.stderr, flush=True)
+        say(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
+            f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
+            file=sys.stderr)
     run_id = cfg.run_id or plan.annotation_hash
     lease = Lease.acquire(cfg.output.path, run_id, stale_after_s=cfg.output.lease_stale_after_s,
                           heartbeat_s=cfg.output.lease_heartbeat_s)
     try:
         prepare_output(cfg, plan)
         staged = sum(plan.staged.values())
-        print(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
-              f"as unreadable -> {cfg.output.path} (run {run_id})"
-              + (f"; {staged} row(s) staged by an earlier run are kept" if staged else ""), flush=True)
+        say(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
+            f"as unreadable -> {cfg.output.path} (run {run_id})"
+            + (f"; {staged} row(s) staged by an earlier run are kept" if staged else ""))
         started = time.time()
         written, stages = execute(cfg, plan, run_id, lease) if plan.todo else ([], {})
         manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
@@ -259,7 +262,7 @@ def report_run(path: str) -> None:
     try:
         print(f"report: {write_report(path)}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the annotations are written; the report is a view of them
-        print(f"warning: no report written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+        say(f"warning: no report written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def print_examples(cfg: Config, n: int, scan_rows: int = 5000) -> None:
@@ -293,12 +296,23 @@ def print_summary(manifest: dict) -> None:
     )
 
 
+def failure_message(exc: BaseException, output: str) -> str:
+    """The one line that says why a run failed after it started (a full disk, or anything else)."""
+    full = no_space(exc)
+    if full is not None:
+        return (f"no space left on the device or quota holding {output} ({full}); the shards written "
+                "are complete and marked done, nothing partial is visible: free space and run the same command "
+                "again to resume")
+    return (f"the run failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+            f"(the traceback is in the run log; shards written are complete: run the same command again to resume)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint: returns the process exit code (2: refused before any work; 1: incomplete run)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides = parse_args(argv)
     catch_interrupts()
-    run_log, keep_log = None, True
+    cfg, run_log, keep_log = None, None, True
     try:
         cfg = load_config(files, overrides)
         run_log = RunLog(cfg.log_level)
@@ -306,10 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run(cfg)
     except (ConfigError, InputError, PreflightError, LeaseHeld) as exc:
         keep_log = False  # refused before any work: nothing is written to the output
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return 2
     except IncompleteRun as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
+        return 1
+    except ServicesUnavailable as exc:
+        shutdown_ray()
+        print_error(exc)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line on the console; the traceback goes to the run log
+        log.info("the run failed", exc_info=True)
+        shutdown_ray()
+        print_error(failure_message(exc, cfg.output.path if cfg is not None else "the output"))
         return 1
     except Interrupted as exc:
         shutdown_ray()

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     from jobs.build_index import build
     from pipeline.config import load_config
     from pipeline.retrieval.encoder import Encoder
+    from pipeline.retrieval.index import INDEX_FILE, resolve_index
 
     out = args.out
     corpus = out / "corpus.parquet"
@@ -163,11 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
             "flat_build_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "embedding_actor_peak_uss_mb": actor_memory.stop(),
         }
-        flat = faiss.read_index(str(out / "flat" / "index.faiss"))
+        flat = faiss.read_index(str(out / "flat" / meta["version"] / INDEX_FILE))  # the version just built
         np.save(vectors_path, flat.reconstruct_n(0, flat.ntotal))
         (out / "embedding.json").write_text(json.dumps(embedding))
     embedding = json.loads((out / "embedding.json").read_text())
-    flat = faiss.read_index(str(out / "flat" / "index.faiss"))
+    flat = faiss.read_index(str(Path(resolve_index(str(out / "flat"))) / INDEX_FILE))
     queries = Encoder(cfg.retrieval).encode(random.Random(1).sample(questions, args.queries))
     exact, flat_qps = search(flat, queries)
     result = {**embedding, "flat_search_qps": round(flat_qps, 1), "indexes": {}}

@@ -87,10 +87,12 @@ import pyarrow as pa
 from jobs.report import write_evaluation_report
 from pipeline import io
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.console import print_error
 from pipeline.evaluation import layouts, synthetic
 from pipeline.evaluation.metrics import CLOSED_METRICS, TokenInfo, report_runs
 from pipeline.io import InputError
 from pipeline.preflight import PreflightError
+from pipeline.ray_connect import stop_ray
 from pipeline.run_log import RunLog
 
 MODES = synthetic.MODES
@@ -332,16 +334,6 @@ def annotate_all(configs: dict[str, Config], resume: bool) -> tuple[dict[str, li
     return runs, seconds
 
 
-def shutdown_ray() -> None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001 - best effort at exit
-        pass
-
-
 # ----------------------------------------------------------------------------- printing
 
 def pct(value) -> str:
@@ -491,13 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         rep = evaluate(args)
     except (EvalError, layouts.LayoutError, ConfigError, InputError, PreflightError) as exc:
         refused = True
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return 2
     except IncompleteRun as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return 1
     finally:
-        shutdown_ray()
+        stop_ray()  # a local Ray this job started goes down with all its processes
         saved = run_log.close(None if refused else args.workdir)
         if saved:
             print(f"log: {saved}", flush=True)

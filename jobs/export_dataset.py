@@ -23,12 +23,13 @@ from collections import Counter
 
 from pipeline import io
 from pipeline.config import ConfigError
+from pipeline.console import print_error
 from pipeline.export.card import render_card
 from pipeline.export.config import ExportConfig, config_dict, load_export_config
 from pipeline.export.convert import KINDS, convert_table, find_duplicates
 from pipeline.export.source import ExportError, Run, check_locations, open_run
 from pipeline.export.writer import write_records
-from pipeline.ray_connect import init_ray
+from pipeline.ray_connect import init_ray, stop_ray
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -118,7 +119,7 @@ def export(cfg: ExportConfig) -> dict:
         results = [json.loads(r["payload"]) for r in over_shards(shard_task(cfg, run.columns, ids, duplicates))]
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
     counts, labels, records, files = Counter(), Counter(), Counter(), []
     for r in results:
         counts.update(r["counts"])
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = export(load_export_config(run, overrides))
     except (ConfigError, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print_error(exc)
         return 2
     c = summary["counts"]
     print(f"exported {c.get('rows_out', 0)} of {c.get('rows_in', 0)} rows (train {c.get('rows_train', 0)}, "

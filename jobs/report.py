@@ -21,6 +21,7 @@ from html import escape
 
 from pipeline import io
 from pipeline.config import StorageConfig
+from pipeline.console import print_error
 from pipeline.report.page import evaluation_section, history_section, render, run_sections
 from pipeline.report.summary import COLUMNS, RunFigures
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"report: {write_report(args.output)}")
     except (ReportError, io.InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     return 0
 

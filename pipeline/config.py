@@ -8,6 +8,8 @@ last. Unknown keys and wrong types are refused with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -18,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .secrets import WHERE_CREDENTIALS_BELONG, find_credentials, redact
 
 from .selfrag.prompts import KNOWN_TASKS, PROMPT_STYLES
+from .retrieval.encoder import DTYPES as ENCODER_DTYPES
 from .selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
 
 
@@ -127,6 +130,10 @@ class ServiceConfig:
     request_timeout_s: float = 900.0
     #: Serve's health check period (a replica whose engine died fails it and is replaced).
     health_check_period_s: float = 5.0
+    #: The job stops with one line (the resources asked and available) when the service is not
+    #: running this long after it was deployed: replicas that cannot be scheduled, or whose
+    #: start-up (model download and load) takes longer than this.
+    start_timeout_s: float = 900.0
 
 
 @dataclass
@@ -224,13 +231,30 @@ class RetrievalConfig:
     encode_batch_size: int = 64
     #: "cpu" or "cuda".
     device: str = "cpu"
+    #: Encoder compute dtype: float32, float16 or bfloat16; null (or "auto"): float16 on cuda (as
+    #: the Contriever authors' embedding script), float32 on cpu. Vectors are float32 whatever it is.
+    dtype: Optional[str] = None
     #: Passage corpus (Parquet with id, title, text) used to build the index when missing.
     corpus: str = "data/demo/corpus.parquet"
-    #: Directory holding index.faiss, passages.arrow and meta.json.
+    #: Index location: immutable version directories (index.faiss, passages.arrow, meta.json
+    #: each) and a CURRENT file naming the current one. A run resolves it once, in preflight,
+    #: and searches that version to the end; a directory with the files directly in it (the
+    #: layout before versions, or one version named on its own) is that one version.
     index_dir: str = "outputs/index/demo"
     #: Build the index from the corpus on first run when index_dir has none (in the driver;
     #: for large corpora use ``python -m jobs.build_index``).
     build_if_missing: bool = True
+    #: jobs.build_index only: build the index from precomputed passage vectors instead of
+    #: encoding the corpus (no encoder replicas, no Ray): a glob, file or directory, local or
+    #: s3://, whose files in natural name order hold the corpus's passages in corpus order (ids
+    #: and count are checked against retrieval.corpus, the dimension against retrieval.encoder's,
+    #: which must be the encoder that produced them: it still encodes the queries).
+    embeddings: Optional[str] = None
+    #: Format of retrieval.embeddings: contriever_pickle (the (ids, vectors) pickles of
+    #: Contriever's generate_passage_embeddings.py, read by a restricted unpickler), npy (2-D
+    #: float arrays, no ids: row i of the files in order is corpus passage i) or parquet
+    #: (columns id and embedding, a list of floats).
+    embeddings_format: str = "contriever_pickle"
     #: FAISS index factory string, inner-product metric: Flat (exact), e.g. IVF4096,PQ64 or HNSW32.
     factory: str = "Flat"
     #: Trainable indexes (IVF, PQ): vectors used for training (the first ones of the corpus).
@@ -294,7 +318,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    #: Run id recorded on every row; null derives it from the config hash.
+    #: Run id recorded on every row and in the run log's name; null derives it from the config
+    #: hash. A safe name: letters, digits, '.', '_' and '-', at most 128, not starting with '.'.
     run_id: Optional[str] = None
     #: info: a quiet console (a line per shard, the summary, warnings and errors), every other
     #: log line in {output.path}/_logs/; debug: everything on the console too.
@@ -306,8 +331,34 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+#: A name that is one path component anywhere: no separator, no ``.``/``..``, no control character.
+#: Layouts of precomputed passage vectors ``jobs.build_index`` imports (``retrieval.embeddings_format``).
+EMBEDDINGS_FORMATS = ("contriever_pickle", "npy", "parquet")
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def non_finite_floats(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or infinite float in a config tree (dataclasses, dicts, lists)."""
+    if isinstance(node, float):
+        return [] if math.isfinite(node) else [prefix]
+    if dataclasses.is_dataclass(node):
+        items = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = enumerate(node)
+    else:
+        return []
+    return [key for name, value in items for key in non_finite_floats(value, f"{prefix}.{name}" if prefix else str(name))]
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks the type system cannot express; raises ConfigError naming the key."""
+    for key in non_finite_floats(cfg):  # NaN compares false with everything: no later check would catch it
+        _check(False, key, "must be a finite number (NaN and infinities are refused)")
+    _check(cfg.run_id is None or SAFE_NAME.fullmatch(cfg.run_id) is not None, "run_id",
+           "must be a safe name: letters, digits, '.', '_' and '-' (at most 128, not starting with '.')")
     s = cfg.selfrag
     _check(s.mode in RETRIEVAL_MODES, "selfrag.mode", f"{s.mode!r} is not one of {list(RETRIEVAL_MODES)}")
     _check(s.retrieval_rule in RETRIEVAL_RULES, "selfrag.retrieval_rule", f"{s.retrieval_rule!r} is not one of {list(RETRIEVAL_RULES)}")
@@ -343,6 +394,12 @@ def validate(cfg: Config) -> None:
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
     _check(cfg.retrieval.pooling in ("mean", "cls"), "retrieval.pooling", f"{cfg.retrieval.pooling!r} is not mean or cls")
+    _check(cfg.retrieval.dtype in (None, "auto", *ENCODER_DTYPES), "retrieval.dtype",
+           f"{cfg.retrieval.dtype!r} is not one of {list(ENCODER_DTYPES)} (or null/auto: by device)")
+    _check(cfg.retrieval.embeddings_format in EMBEDDINGS_FORMATS, "retrieval.embeddings_format",
+           f"{cfg.retrieval.embeddings_format!r} is not one of {list(EMBEDDINGS_FORMATS)}")
+    _check(cfg.retrieval.embeddings is None or bool(cfg.retrieval.embeddings.strip()), "retrieval.embeddings",
+           "must name a glob, file or directory of passage vectors (or be null)")
     _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1, "retrieval",
            "train_size and add_chunk_size must be at least 1")
     for name in ("prepare", "first_pass", "retrieve", "critique", "write", "embed"):
@@ -362,6 +419,7 @@ def validate(cfg: Config) -> None:
         _check(svc.request_retries >= 0 and svc.request_timeout_s > 0 and svc.retry_backoff_s >= 0,
                f"{name}.request_retries", "retries and retry_backoff_s must be >= 0, request_timeout_s > 0")
         _check(svc.num_cpus >= 0 and svc.num_gpus >= 0, name, "resources must be >= 0")
+        _check(svc.start_timeout_s > 0, f"{name}.start_timeout_s", "must be positive")
 
 
 def check_no_credentials(cfg: Config) -> None:
@@ -437,9 +495,9 @@ def load_config(config_files: List[str] | None = None, overrides: List[str] | No
                 merged = OmegaConf.merge(merged, OmegaConf.load(path))
             except FileNotFoundError:
                 raise ConfigError(f"config file not found: {path}") from None
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
+        for number, item in enumerate(overrides or [], 1):
+            if "=" not in item:  # never echoed: a stray argument may be a token pasted by mistake
+                raise ConfigError(f"argument {number} is not of the form key=value")
             key, value = item.split("=", 1)
             verbatim = _verbatim(key, value)
             if verbatim is _PARSE:

@@ -62,12 +62,13 @@ def _actor_stage(ds: ray.data.Dataset, cls, stage: StageConfig, cfg: Config, tok
 
 def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str, annotation_hash: str,
                   tokenizer: TokenizerSpec, services: Services,
-                  versions: dict[str, dict] | None = None) -> ray.data.Dataset:
+                  versions: dict[str, dict] | None = None, identity: dict | None = None) -> ray.data.Dataset:
     """The lazy dataset whose rows are one summary per written shard.
 
     ``shards`` maps each shard to annotate to its row count; ``schema`` is the inputs' unified
     schema; ``annotation_hash`` names the staged rows to reuse and add to; ``tokenizer`` the
-    model's tokenizer spec; ``versions`` the input shards' versions, which the writer records.
+    model's tokenizer spec; ``versions`` the input shards' versions and ``identity`` the annotation
+    identity of ``annotation_hash``, which the writer records in each shard's marker.
     Raises ContractError if the stages do not chain.
     """
     check_chain({f.name: f.type for f in schema}, stage_contracts(cfg, schema))
@@ -94,4 +95,5 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
     return ds.map_batches(ShardWriter, batch_format="pyarrow", num_cpus=st.write.num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=1),
                           fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards,
-                                                 "annotation_hash": annotation_hash, "versions": versions})
+                                                 "annotation_hash": annotation_hash, "versions": versions,
+                                                 "identity": identity})

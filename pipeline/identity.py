@@ -3,7 +3,8 @@
 A shard's success marker records the identity it was written with; a resume into the same
 output must have the same one. It covers the model (a fingerprint of its files, or the hub
 id at a resolved revision), the settings that change generation, every ``selfrag.*`` setting,
-the retrieval index (its ``meta.json``) with the query-side settings, the input column
+the retrieval index version the run searches (its ``meta.json``, which names the version) with
+the query-side settings, the input column
 mapping and the output's optional columns. Replicas, batch sizes, concurrency, storage
 options, progress bars and cache paths are run settings: changing them never blocks a resume.
 """
@@ -50,7 +51,9 @@ def hub_commit(model: str, revision: str | None) -> str | None:
 
 
 def index_fingerprint(index_dir: str) -> str:
-    """A digest of the index's ``meta.json`` (it records the corpus digest, encoder and build)."""
+    """A digest of the index version's ``meta.json`` (it records the corpus digest, encoder,
+    build and version name). ``index_dir`` is the exact version (``preflight.ensure_index``
+    resolves a location once): never a pointer that may move while the run searches."""
     meta = read_meta(index_dir)
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -74,6 +77,9 @@ def annotation_identity(cfg: Config) -> dict:
             "normalize": r.normalize, "max_length": r.max_length, "nprobe": r.nprobe, "ef_search": r.ef_search,
             "k_factor": r.k_factor,
         }
+        version = read_meta(r.index_dir).get("version")
+        if version is not None:  # a versioned index: named (an index of the old layout has no name)
+            identity["retrieval"]["index_version"] = version
     return identity
 
 

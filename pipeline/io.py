@@ -5,6 +5,7 @@ remote directories. Local paths and ``s3://`` URLs (s3fs, with the options of th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,6 +188,16 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
+def child(base: str, *names: str) -> str:
+    """``base`` joined with ``names`` that are each exactly one path component (no separator,
+    not ``.`` or ``..``, no NUL): a path built this way cannot leave ``base``. Every name under
+    an output that comes from outside (shard stems, run ids) goes through here."""
+    for name in names:
+        if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+            raise ValueError(f"{name!r} is not a single path component")
+    return join(base, *names)
+
+
 def temporary_path(path: str) -> str:
     """A hidden, unique name next to ``path`` (``.{name}.{uuid}.tmp``) to write under before a
     rename into place; ``remove_temporaries`` recognises it."""
@@ -200,19 +211,31 @@ def write_parquet_atomic(table: pa.Table, dest: str) -> None:
     """
     fs, path = filesystem(dest)
     make_parent(fs, path)
-    tmp = temporary_path(path)
-    with fs.open(tmp, "wb") as f:
+    with replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
-    fs.mv(tmp, path)
 
 
 def write_text(dest: str, text: str) -> None:
     """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
     fs, path = filesystem(dest)
     make_parent(fs, path)
-    tmp = temporary_path(path)
-    with fs.open(tmp, "w") as f:
+    with replacing(fs, path) as tmp, fs.open(tmp, "w") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def replacing(fs: fsspec.AbstractFileSystem, path: str):
+    """A temporary name next to ``path`` to write under; renamed into place when the block ends,
+    removed when it fails (a full disk's partial file neither lingers nor keeps the space)."""
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except Exception:  # noqa: BLE001 - never opened, or already gone; the start of the next run sweeps
+            pass
+        raise
     fs.mv(tmp, path)
 
 
@@ -341,18 +364,20 @@ def directory_fingerprint(path: str, sample_bytes: int = 4 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def localize(path: str, only: tuple[str, ...] | None = None) -> str:
+def localize(path: str, only: tuple[str, ...] | None = None, flat: bool = False) -> str:
     """A local directory with the content of ``path``: the path itself when local, else a copy
     in ``storage.cache_dir``, downloaded once per node (replicas on a node share it). The copy
     is keyed by the URL and the remote listing, so a model or index replaced at the same URL
     is downloaded again. ``only``: copy just the files with these names (e.g. a model's
-    tokenizer files, not its weights)."""
+    tokenizer files, not its weights). ``flat``: only the files directly in ``path``, none of
+    its subdirectories (an index version of the old layout, beside newer versions)."""
     if not is_remote(path):
         return path
     fs, remote = filesystem(path)
     if not fs.exists(remote):
         raise FileNotFoundError(f"not found: {path}")
-    files = {name: info for name, info in fs.find(remote, detail=True).items()
+    found = fs.find(remote, maxdepth=1, detail=True) if flat else fs.find(remote, detail=True)
+    files = {name: info for name, info in found.items()
              if only is None or posixpath.basename(name) in only}
     key = hashlib.sha256(f"{path}\n{only}\n{listing_fingerprint(files)}".encode()).hexdigest()[:16]
     dest = Path(_storage.cache_dir) / key

@@ -18,7 +18,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from .io import filesystem, is_remote, join, temporary_path
+from .io import filesystem, is_remote, join, replacing
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"^(\d{10})\.json$")
@@ -179,6 +179,7 @@ class Lease:
         self._thread.join(timeout=5)
 
     def _beat_loop(self, heartbeat_s: float) -> None:
+        failed = 0
         while not self._stop.wait(heartbeat_s):
             try:
                 with self._lock:
@@ -191,15 +192,17 @@ class Lease:
                         return
                     self.holder["heartbeat_at"] = time.time()
                     self._write()
-            except Exception:  # noqa: BLE001 - a failed heartbeat must not kill the run; the next one retries
-                log.exception("lease heartbeat for %s failed", self.output)
+                    failed = 0
+            except Exception as exc:  # noqa: BLE001 - a failed heartbeat must not kill the run; the next one retries
+                failed += 1  # one console warning per spell of failures (a full disk fails every beat)
+                (log.warning if failed == 1 else log.info)(
+                    "lease heartbeat for %s failed (%s: %s); retrying every %g s", self.output, type(exc).__name__,
+                    exc, heartbeat_s, exc_info=failed > 1)
 
     def _write(self) -> None:
         data = json.dumps(self.holder).encode()
         if is_remote(self.output):  # an S3 PUT replaces the object atomically
             self._fs.pipe_file(self._path, data)
             return
-        tmp = temporary_path(self._path)
-        with self._fs.open(tmp, "wb") as f:
+        with replacing(self._fs, self._path) as tmp, self._fs.open(tmp, "wb") as f:
             f.write(data)
-        self._fs.mv(tmp, self._path)

@@ -43,6 +43,7 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
     ``seconds``: this run's pipeline time, after preflight)."""
     shards = []
     for entry, status in [(w, "written") for w in written] + [(d, "done_earlier") for d in plan.done]:
+        entry = {k: v for k, v in entry.items() if k != "annotation_identity"}  # recorded once, below
         shards.append({**entry, "rows_in": plan.rows_in.get(entry["shard"]), "status": status})
     shards.sort(key=lambda e: e["shard"])
     rows = sum(w["rows"] for w in written)

@@ -9,8 +9,8 @@ path, column or key.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 
@@ -18,7 +18,9 @@ from . import io
 from .config import Config
 from .identity import annotation_identity, identity_changes, identity_hash
 from .io import InputError, list_shards, read_footer, shard_stem
-from .retrieval.index import build_index_in_process, check_compatible, index_exists, read_meta
+from .retrieval.index import (
+    build_index_in_process, build_version, check_compatible, is_version, read_meta, resolve_index,
+)
 from .tokenizer import load_tokenizer, reflection_ids
 from .stages.columns import ALL_TYPES
 
@@ -67,7 +69,7 @@ class Plan:
 
 def marker_path(output: str, shard: str) -> str:
     """The success marker of a shard's output: written only after its data file is complete."""
-    return io.join(output, DONE_DIR, f"{shard_stem(shard)}.json")
+    return io.child(output, DONE_DIR, f"{shard_stem(shard)}.json")
 
 
 def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
@@ -78,6 +80,9 @@ def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
     """
     shards = list_shards(cfg.input.paths)
     stems = [shard_stem(s) for s in shards]
+    unusable = [s for s, stem in zip(shards, stems) if stem in ("", ".", "..")]
+    if unusable:
+        raise InputError(f"input shard {unusable[0]} has a file name that gives no usable output name; rename it")
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise InputError(f"input shards share file names {dup}; their outputs would collide")
@@ -117,11 +122,12 @@ def scan_ids(shards: list[str], id_column: str, examples: int = 5) -> dict:
     import numpy as np
     import pandas as pd
 
-    from .stages.prepare import derived_id
+    from .stages.prepare import derived_id, repair_text
 
     def ids_of(shard: str) -> tuple[list[str], int]:
         try:
-            values = io.read_column(shard, id_column).to_pylist()
+            column = io.read_column(shard, id_column)
+            values = repair_text(pa.table({id_column: column}))[0].column(0).to_pylist()
             nulls = values.count(None)
         except (KeyError, pa.ArrowInvalid):  # a shard without the id column: every id is derived
             values, nulls = [None] * read_footer(shard)[1], 0
@@ -150,10 +156,14 @@ def scan_ids(shards: list[str], id_column: str, examples: int = 5) -> dict:
 
 def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
     """The unified schema of all shards. Refuses shards whose same-named columns have types
-    that cannot be unified (rows of all shards stream together, so a column has one type)."""
+    that cannot be unified (rows of all shards stream together, so a column has one type).
+    A dictionary-encoded column (e.g. a pandas categorical) counts as its values' type: the
+    encoding is how a shard stores the values, not what they are."""
     seen: dict[str, tuple[str, pa.DataType]] = {}
     for shard, schema in schemas.items():
         for fld in schema:
+            if pa.types.is_dictionary(fld.type):
+                fld = fld.with_type(fld.type.value_type)
             if fld.name not in seen:
                 seen[fld.name] = (shard, fld.type)
                 continue
@@ -168,9 +178,11 @@ def check_compatible_schemas(schemas: dict[str, pa.Schema]) -> pa.Schema:
     return pa.schema([pa.field(name, typ) for name, (_, typ) in seen.items()])
 
 
-def check_output(cfg: Config) -> None:
-    """The output location neither is, contains, nor lies inside any input location (compared
-    as canonical locations, so no spelling, symlink or ``..`` gets around it), and can be written."""
+def check_output(cfg: Config, shards: list[str] = ()) -> None:
+    """The output location neither is, contains, nor lies inside any input location, and no
+    input shard (``shards``, as listed) really is a file inside it, and it can be written. All
+    compared as canonical locations (``io.location``), so no spelling, ``..`` or symlink, to a
+    directory or to a file, gets around it."""
     output = io.location(cfg.output.path)
     for given in cfg.input.paths:
         root = io.input_location(given)
@@ -179,6 +191,11 @@ def check_output(cfg: Config) -> None:
             raise PreflightError(f"output.path {cfg.output.path} {relation} the input location {given} "
                                  f"({root}); writing there could overwrite input shards: choose an output "
                                  "outside every input")
+    for shard in shards:  # a file that is a link into the output (given alone, or inside an input directory)
+        real = io.location(shard)
+        if io.inside(real, output):
+            raise PreflightError(f"input shard {shard} is {real}, inside output.path {cfg.output.path}; "
+                                 "writing there could overwrite it: choose an output outside every input")
     try:
         io.check_writable(cfg.output.path)
     except Exception as exc:  # noqa: BLE001 - endpoint, credentials, bucket, permissions: one message
@@ -203,10 +220,23 @@ def describe_change(old: dict, new: dict) -> str:
                      if old.get(key) != new.get(key))
 
 
+def recorded_identity(output: str, marker: dict) -> dict | None:
+    """The annotation identity a shard's marker stands for: the one it records, else (a marker
+    written before markers recorded it) the run manifest's when its hash is the marker's; None
+    when neither tells."""
+    old = marker.get("annotation_identity")
+    if isinstance(old, dict):
+        return old
+    manifest = io.read_json(io.join(output, "_manifest.json"))  # jobs.annotate's MANIFEST_FILE
+    old = manifest.get("annotation_identity") if isinstance(manifest, dict) else None
+    return old if isinstance(old, dict) and identity_hash(old) == marker.get("annotation_hash") else None
+
+
 def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None],
                identity: dict, versions: dict[str, dict] | None = None) -> tuple[dict[str, int], list[dict]]:
     """(shards to annotate, markers of shards already done). Refuses to resume into an output
-    whose shards were annotated with another annotation identity, naming what differs, or whose
+    whose shards were annotated with another annotation identity, naming what differs (the
+    identity the marker records, ``recorded_identity``), or whose
     input shards were replaced since they were annotated (``versions``: each shard's current
     ``io.file_version``; markers written before versions were recorded are not checked)."""
     todo, done, current, changed = {}, [], identity_hash(identity), []
@@ -215,9 +245,9 @@ def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None
         if marker is None:
             todo[shard] = n
         elif marker.get("annotation_hash") != current:
-            old = marker.get("annotation_identity")
-            why = ("; ".join(identity_changes(old, identity)) if isinstance(old, dict)
-                   else "written by an older version of the job")
+            old = recorded_identity(cfg.output.path, marker)
+            why = ("; ".join(identity_changes(old, identity)) if old is not None
+                   else "written by an older version of the job, whose markers do not say what it annotated with")
             raise PreflightError(
                 f"{cfg.output.path} holds shards annotated with another annotation identity "
                 f"({marker.get('annotation_hash')}, this run: {current}): {why}. Use another output.path "
@@ -249,58 +279,78 @@ def check_model(cfg: Config) -> None:
         raise PreflightError(f"model {cfg.engine.model!r}: {exc}") from None
 
 
-def index_is_stale(cfg: Config) -> str | None:
-    """Why an existing index no longer matches ``retrieval.corpus`` (its SHA-256 differs from
-    the one ``meta.json`` records), or None. Only checked with ``build_if_missing`` (small
-    corpora built in the driver); indexes built by ``jobs.build_index`` are the user's to manage."""
+def index_is_stale(cfg: Config, version: str) -> str | None:
+    """Why the index version ``version`` no longer matches ``retrieval.corpus`` (its SHA-256
+    differs from the one ``meta.json`` records), or None. Only checked with ``build_if_missing``
+    (small corpora built in the driver); indexes built by ``jobs.build_index`` are the user's to manage."""
     r = cfg.retrieval
     if not r.build_if_missing or not io.exists(r.corpus):
         return None
-    recorded = read_meta(r.index_dir).get("corpus_sha256")
+    recorded = read_meta(version).get("corpus_sha256")
     current = io.sha256(r.corpus)
     if recorded in (None, current):
         return None
     return f"it was built from another version of {r.corpus} (SHA-256 {recorded[:12]}, now {current[:12]})"
 
 
-def build_index(r) -> None:
-    """Build the index of ``r.corpus`` into ``r.index_dir`` in this process (local or s3://)."""
+def build_index(r) -> str:
+    """Build a new version of the index of ``r.corpus`` at the location ``r.index_dir`` in this
+    process (local or s3://) and make it current; returns the version's directory. The version
+    is written whole beside the others, then ``CURRENT`` switches to it: the versions other runs
+    are reading are never touched."""
     try:
-        if io.is_remote(r.index_dir):
-            with tempfile.TemporaryDirectory() as local:
-                build_index_in_process(r, local)
-                io.upload_dir(local, r.index_dir)
-        else:
-            build_index_in_process(r, r.index_dir)  # overwrites the files of a stale index
+        version, _ = build_version(r.index_dir, partial(build_index_in_process, r))
     except FileNotFoundError as exc:
         raise PreflightError(f"cannot build the retrieval index: corpus not found: {r.corpus}") from exc
+    except ValueError as exc:
+        raise PreflightError(f"cannot build the retrieval index at {r.index_dir}: {exc}") from None
+    return version
 
 
-def ensure_index(cfg: Config) -> None:
-    """The retrieval index exists (built from the corpus on first run, or rebuilt when the
-    corpus changed, if allowed) and matches the encoder."""
+def ensure_index(cfg: Config) -> str | None:
+    """Resolve ``retrieval.index_dir`` once, to the exact index version this run searches: the
+    location's current version, built from the corpus first when there is none or (if allowed)
+    when the corpus changed since it was built; check that it matches the encoder. Sets
+    ``cfg.retrieval.index_dir`` to that version, so that the annotation identity, the retrieval
+    service (and every restart of its replicas) and ``_config.yaml`` all name it, whatever other
+    runs build at the location meanwhile. Returns the version (None in never mode)."""
     if cfg.selfrag.mode == "never":
-        return
+        return None
     r = cfg.retrieval
-    if not index_exists(r.index_dir):
+    try:
+        version = resolve_index(r.index_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PreflightError(f"unusable retrieval index at {r.index_dir}: {exc}") from None
+    if version is None:
         if not r.build_if_missing:
             raise PreflightError(f"no retrieval index at {r.index_dir}; build it or set retrieval.build_if_missing=true")
         print(f"building retrieval index from {r.corpus} -> {r.index_dir} (first run)", flush=True)
-        build_index(r)
-    elif (stale := index_is_stale(cfg)) is not None:
-        print(f"rebuilding retrieval index at {r.index_dir}: {stale}", flush=True)
-        build_index(r)
+        version = build_index(r)
+    elif (stale := index_is_stale(cfg, version)) is not None:
+        if version == r.index_dir and is_version(version):
+            location = version.rstrip("/").rsplit("/", 1)[0]
+            raise PreflightError(
+                f"retrieval.index_dir names the index version {version}, but {stale}. A version is never rebuilt: "
+                f"set retrieval.index_dir to its location {location} to build a new version there, or "
+                "retrieval.build_if_missing=false to search this version as it is")
+        print(f"building a new version of the retrieval index at {r.index_dir}: {stale} "
+              f"(runs reading {version} keep reading it)", flush=True)
+        version = build_index(r)
     try:
-        check_compatible(read_meta(r.index_dir), r)
+        check_compatible(read_meta(version), r)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
+    if version != r.index_dir:
+        log.info("retrieval index %s: this run searches its version %s", r.index_dir, version)
+    r.index_dir = version
+    return version
 
 
 def preflight(cfg: Config) -> Plan:
     """All checks, in order; returns the run plan. Loads no model (only the tokenizer)."""
     io.configure(cfg.storage)
     rows, schema, bad = check_inputs(cfg)
-    check_output(cfg)
+    check_output(cfg, [*rows, *(b["shard"] for b in bad)])
     ids = scan_ids(list(rows), cfg.input.id_column)
     if ids["null_derived"]:  # derived ids are text: the id column must be a string column
         index = schema.get_field_index(cfg.input.id_column)
@@ -308,7 +358,7 @@ def preflight(cfg: Config) -> Plan:
     markers = read_markers(cfg, rows)
     if any(m is None for m in markers.values()):
         check_model(cfg)
-    ensure_index(cfg)  # before the identity, which covers the index
+    ensure_index(cfg)  # before the identity, which names the index version it resolves
     identity = annotation_identity(cfg)
     versions = {shard: io.file_version(shard) for shard in rows}
     todo, done = split_done(cfg, rows, markers, identity, versions)

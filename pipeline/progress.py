@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Callable
 
+from .console import printable
+
 
 def eta(seconds: float) -> str:
     """``1m05s``."""
@@ -63,7 +65,7 @@ class Progress:
         with self._lock:
             if done is not None:
                 self.done = min(max(done, self.done), self.total)
-            text = "".join(ch if ch.isprintable() else "?" for ch in text)  # e.g. a shard named with escapes
+            text = printable(text)  # e.g. a shard named with escapes
             self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
             self._draw()
 

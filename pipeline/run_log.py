@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from . import io
+from .console import printable
 
 LOG_DIR = "_logs"
 #: Top-level packages whose warnings the console shows.
@@ -32,7 +33,7 @@ class OneLine(logging.Formatter):
     """``warning: message`` (a traceback, if any, stays in the file)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 def quiet() -> bool:
@@ -72,6 +73,7 @@ class RunLog:
         self._saved_fd: int | None = None
         self._saved_stderr = sys.stderr
         self._saved_root: tuple[int, list] | None = None
+        self._ray_print = None
 
     def start(self) -> None:
         """Send Python logging (and, unless debug, native standard error) to the log file."""
@@ -109,27 +111,37 @@ class RunLog:
             sys.stderr = os.fdopen(os.dup(self._saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
         console = logging.StreamHandler(sys.stderr)  # the job's own warnings, and any error, in one line
         console.setLevel(logging.WARNING)
-        console.addFilter(lambda r: r.name.split(".")[0] in OWN or r.levelno >= logging.ERROR)
+        # Only the job's own records: a library's error record is in the file, and the job's own
+        # error line says what it meant for the run.
+        console.addFilter(lambda r: r.name.split(".")[0] in OWN)
         console.setFormatter(OneLine())
         root.addHandler(console)
 
     def capture_workers(self) -> None:
         """After ``ray.init``: the lines Ray workers print go to the file (and, with debug, to
         the console as Ray prints them)."""
-        from ray._private.worker import global_worker_stdstream_dispatcher
+        from ray._private import worker
 
         if not self.debug:
-            global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-        global_worker_stdstream_dispatcher.add_handler("selfrag_run_log", self._worker_lines)
+            worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+            # The raylet's messages to the driver (a worker died, a task failed) are printed by
+            # Ray's error listener through this function, not through the dispatcher.
+            if self._ray_print is None:
+                self._ray_print = worker.print_to_stdstream
+                worker.print_to_stdstream = lambda data, ignore_prefix=False: self._worker_lines(data)
+        worker.global_worker_stdstream_dispatcher.add_handler("selfrag_run_log", self._worker_lines)
 
     def _worker_lines(self, data: dict) -> None:
-        who = data.get("actor_name") or data.get("task_name") or ""
+        who = data.get("actor_name") or data.get("task_name") or ("raylet" if data.get("pid") == "raylet" else "")
         for line in data.get("lines") or []:
             self.file.write(f"({who} pid={data.get('pid')}) {line}\n")
 
     def _restore(self) -> None:
         if "ray._private.worker" in sys.modules:
-            sys.modules["ray._private.worker"].global_worker_stdstream_dispatcher.remove_handler("selfrag_run_log")
+            worker = sys.modules["ray._private.worker"]
+            worker.global_worker_stdstream_dispatcher.remove_handler("selfrag_run_log")
+            if self._ray_print is not None:
+                worker.print_to_stdstream, self._ray_print = self._ray_print, None
         if self._saved_fd is not None:
             sys.stderr.flush()
             os.dup2(self._saved_fd, 2)
@@ -159,11 +171,12 @@ class RunLog:
             os.remove(self.path)
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = io.join(output, LOG_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
+        dest = io.child(output, LOG_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
         try:
             fs, path = io.filesystem(dest)
             io.make_parent(fs, path)
-            fs.put_file(self.path, path)
+            with io.replacing(fs, path) as tmp:  # no partial log when the disk is full
+                fs.put_file(self.path, tmp)
         except Exception as exc:  # noqa: BLE001 - the run's outcome does not depend on its log
             print(f"warning: the run log stays at {self.path} ({type(exc).__name__}: {exc})", file=sys.stderr)
             return None

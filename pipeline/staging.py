@@ -5,6 +5,9 @@ Parts live under ``{output}/_staging/{annotation hash}/{shard stem}/`` (a ``_`` 
 readers and Ray Data skip it). Each part holds rows of one *bucket*, a fixed range of input
 offsets (``bucket = offset // stage_rows``), so a commit reads one bucket at a time and
 writes the shard in input order with the memory of one bucket, whatever the shard's size.
+A part's name records its bucket and the ``stage_rows`` it was cut with; a commit first re-cuts
+the parts staged with another ``stage_rows`` (a resume with another ``output.stage_rows``:
+``rebucket``), so that bucket numbers mean one range of offsets and the shard stays in input order.
 Parts are written atomically and carry the bookkeeping columns, so a later run (a resume)
 knows which offsets are staged and annotates only the others. ``_input.json`` beside them
 records the version of the input shard they annotate; a resume discards staged rows of a
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import uuid
 from collections import defaultdict
 
@@ -28,16 +32,24 @@ from .stages.columns import OFFSET
 
 STAGING_DIR = "_staging"
 VERSION_FILE = "_input.json"
+_WIDTH_RE = re.compile(r"^b\d{7}-w(\d+)-")
 
 
 def shard_dir(output: str, annotation_hash: str, shard: str) -> str:
     """Where a shard's staged parts live."""
-    return io.join(output, STAGING_DIR, annotation_hash, io.shard_stem(shard))
+    return io.child(output, STAGING_DIR, annotation_hash, io.shard_stem(shard))
 
 
-def part_name(bucket: int) -> str:
-    """A new part's file name: its bucket, then a unique suffix (parts of one bucket accumulate)."""
-    return f"b{bucket:07d}-{uuid.uuid4().hex[:12]}.parquet"
+def part_name(bucket: int, stage_rows: int) -> str:
+    """A new part's file name: its bucket, the ``stage_rows`` that numbers it, then a unique
+    suffix (parts of one bucket accumulate)."""
+    return f"b{bucket:07d}-w{stage_rows}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def part_width(path: str) -> int | None:
+    """The ``stage_rows`` a part was cut with (None for a part named before it was recorded)."""
+    match = _WIDTH_RE.match(posixpath.basename(path))
+    return int(match.group(1)) if match else None
 
 
 def list_parts(output: str, annotation_hash: str, shard: str) -> dict[int, list[str]]:
@@ -73,7 +85,29 @@ def stage(rows: pa.Table, output: str, annotation_hash: str, shard: str, stage_r
     buckets = pc.divide(rows.column(OFFSET), stage_rows)
     for bucket in pc.unique(buckets).to_pylist():
         part = rows.filter(pc.equal(buckets, bucket))
-        io.write_parquet_atomic(part, io.join(shard_dir(output, annotation_hash, shard), part_name(bucket)))
+        io.write_parquet_atomic(part, io.join(shard_dir(output, annotation_hash, shard), part_name(bucket, stage_rows)))
+
+
+def rebucket(output: str, annotation_hash: str, shard: str, stage_rows: int) -> int:
+    """Re-cut the shard's parts staged with another ``stage_rows`` into this one's buckets (one
+    part in memory at a time; each new part is written before the old one is deleted, and a
+    row found twice counts once at the commit). A part named before widths were recorded is
+    re-cut only if its offsets leave its bucket. Returns the number of parts re-cut."""
+    fs, _ = io.filesystem(output)
+    recut = 0
+    for bucket, paths in list_parts(output, annotation_hash, shard).items():
+        for path in paths:
+            width = part_width(path)
+            if width == stage_rows:
+                continue
+            if width is None:
+                offsets = read_part(output, path, [OFFSET]).column(OFFSET).to_numpy()
+                if (offsets // stage_rows == bucket).all():
+                    continue
+            stage(read_part(output, path), output, annotation_hash, shard, stage_rows)
+            fs.rm(path)
+            recut += 1
+    return recut
 
 
 def record_version(output: str, annotation_hash: str, shard: str, version: dict) -> None:

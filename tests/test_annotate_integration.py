@@ -42,6 +42,34 @@ def write_bad_shards(dest: Path) -> list[str]:
 
 
 CTXS = pa.list_(pa.struct([("id", pa.string()), ("title", pa.string()), ("text", pa.string())]))
+
+
+def raw_text(values: list[bytes | None]) -> pa.Array:
+    """A string array holding these bytes as they are (invalid UTF-8 too), as valid Parquet can."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+#: Rows of the invalid-UTF-8 shard, by id, and the error each must get.
+UTF8_ERRORS = {"utf8-good": None, "utf8-bad-q": "invalid UTF-8 in column 'instruction'",
+               "utf8-bad-input": "invalid UTF-8 in column 'input'", "utf8-bad-ctxs": "invalid UTF-8 in column 'ctxs'",
+               "utf8-bad-\ufffd": "invalid UTF-8 in column 'id'"}
+
+
+def write_invalid_utf8_shard(dest: Path) -> str:
+    """One invalid UTF-8 value in each text column the job reads (question, input, a ctxs text,
+    an id) and a clean row; its ids are dictionary-encoded (a pandas categorical), where the
+    other shards' ids are plain strings."""
+    ids = raw_text([b"utf8-good", b"utf8-bad-q", b"utf8-bad-input", b"utf8-bad-ctxs", b"utf8-bad-\xff"])
+    ctx_text = raw_text([b"Hello is a greeting.", b"Bad \xfe bytes."])
+    ctx = pa.StructArray.from_arrays([pa.array(["c1", "c2"]), pa.array(["T1", "T2"]), ctx_text], ["id", "title", "text"])
+    table = pa.table({
+        "id": pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 3, 4], pa.int32()), ids),
+        "instruction": raw_text([b"Say hello.", b"Who is \xff?", b"Say hello.", b"Say hello.", b"Say hello."]),
+        "input": raw_text([None, None, b"\xfe\xfd", None, None]),
+        "ctxs": pa.ListArray.from_arrays(pa.array([0, 0, 0, 0, 2, 2], pa.int32()), ctx),
+    })
+    pq.write_table(table, dest / "invalid_utf8.parquet")
+    return str(dest / "invalid_utf8.parquet")
 N_ADVERSARIAL = 6
 SCORES = ("s_rel", "s_sup", "s_use", "final")
 #: Appended to a question: under special-token parsing it ends the instruction and answers it.
@@ -88,7 +116,11 @@ def input_ids(paths: list[str]) -> list[str]:
     for p in paths:
         t = pq.read_table(p)
         stem = Path(p).stem
-        given = t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows
+        # read as bytes: the invalid-UTF-8 shard's ids come back with U+FFFD for the bad bytes
+        given = ([None if v is None else v.decode("utf-8", "replace")
+                  for v in t.column("id").combine_chunks().dictionary_decode().cast(pa.binary()).to_pylist()]
+                 if "id" in t.column_names and pa.types.is_dictionary(t.schema.field("id").type)
+                 else t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows)
         ids += [f"{stem}:{i}" if v is None else v for i, v in enumerate(given)]
     return ids
 
@@ -96,7 +128,8 @@ def input_ids(paths: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def adaptive(tmp_path_factory, index_dir, ray_session):
     root = tmp_path_factory.mktemp("adaptive")
-    inputs = copy_demo_queries(root / "in") + write_bad_shards(root / "in") + [write_adversarial_shard(root / "in")]
+    inputs = copy_demo_queries(root / "in") + write_bad_shards(root / "in") + [write_adversarial_shard(root / "in"),
+                                                                                 write_invalid_utf8_shard(root / "in")]
     summary, table = run_job(root / "out", index_dir, inputs, "output.keep_logprobs=true",
                              f"selfrag.top_k={TOP_K}", f"selfrag.threshold={THRESHOLD}")
     return inputs, summary, table.to_pylist(), root / "out"
@@ -138,8 +171,17 @@ def test_error_rows_are_written_with_their_error(adaptive):
         if r["error"] is not None:
             assert r["answer"] is None
             assert r["retrieved"] is None or r["id"] == "no-usable-ctxs"
-    assert summary["errors"] == sum(r["error"] is not None for r in rows) == 6
+    assert summary["errors"] == sum(r["error"] is not None for r in rows) == 6 + 4
 
+
+def test_invalid_utf8_costs_only_its_own_row(adaptive):
+    _, _, rows, _ = adaptive
+    got = by_id(rows)
+    assert {i: got[i]["error"] for i in UTF8_ERRORS} == UTF8_ERRORS
+    assert got["utf8-good"]["answer"] is not None
+    assert got["utf8-bad-q"]["instruction"] == "Who is \ufffd?"  # readable, the bad bytes marked
+    assert got["utf8-bad-ctxs"]["ctxs"] is None and got["utf8-bad-input"]["input"] == "\ufffd\ufffd"
+    assert all(got[i]["answer"] is None for i in UTF8_ERRORS if UTF8_ERRORS[i])
 
 def test_unusable_ctxs_entries_are_dropped_and_counted(adaptive):
     _, _, rows, _ = adaptive
@@ -320,7 +362,7 @@ def test_export_of_the_run_is_trainable_data(adaptive, tmp_path):
     summary = json.loads((dest / "_export.json").read_text())
     counts = summary["counts"]
     assert counts["rows_in"] == len(rows)
-    assert counts["dropped_errors"] == sum(r["error"] is not None for r in rows) == 6
+    assert counts["dropped_errors"] == sum(r["error"] is not None for r in rows) == 6 + len([e for e in UTF8_ERRORS.values() if e])
     assert counts["rows_out"] == len(rows) - sum(v for k, v in counts.items() if k.startswith("dropped_"))
     splits = summary["splits"]["generator"]
     gen = datasets.load_dataset("parquet", data_files={s: str(dest / "generator" / s / "*.parquet") for s in splits},

@@ -32,11 +32,42 @@ def test_yaml_then_overrides(tmp_path):
     ("selfrag.prompt_style=Paper", "config key 'selfrag.prompt_style': 'Paper' is not one of"),
     ("stages.first_pass.replicas=0", "config key 'stages.first_pass.replicas'"),
     ("input.default_task=poetry", "config key 'input.default_task'"),
-    ("selfrag.top_k", "is not of the form key=value"),
+    ("selfrag.top_k", "argument 1 is not of the form key=value"),
+    ("selfrag.w_rel=.nan", "config key 'selfrag.w_rel': must be a finite number"),
+    ("selfrag.w_sup=-.inf", "config key 'selfrag.w_sup': must be a finite number"),
+    ("selfrag.threshold=nan", "config key 'selfrag.threshold': must be a finite number"),
+    ("engine.service.retry_backoff_s=inf", "config key 'engine.service.retry_backoff_s': must be a finite"),
+    ("output.flush_s=.inf", "config key 'output.flush_s': must be a finite number"),
+    ("run_id=/../../../../tmp/pwned", "config key 'run_id': must be a safe name"),
+    ("run_id=..", "config key 'run_id': must be a safe name"),
+    ("run_id=.hidden", "config key 'run_id': must be a safe name"),
+    ("run_id=a/b", "config key 'run_id': must be a safe name"),
+    ("run_id=" + "x" * 129, "config key 'run_id': must be a safe name"),
 ])
 def test_bad_overrides_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config([], [override])
+
+
+def test_a_stray_argument_is_never_echoed():
+    token = "ghp_" + "A1b2C3d4" * 5  # a bare argument may be a secret pasted by mistake
+    with pytest.raises(ConfigError) as caught:
+        load_config([], ["output.path=x", token])
+    assert str(caught.value) == "argument 2 is not of the form key=value"
+
+
+def test_non_finite_values_in_a_yaml_file_and_in_dicts_are_refused(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("selfrag:\n  w_use: .inf\n")
+    with pytest.raises(ConfigError, match="selfrag.w_use"):
+        load_config([str(preset)])
+    with pytest.raises(ConfigError, match=r"engine\.extra\.swap_space"):
+        load_config([], ["engine.extra={swap_space: .nan}"])
+
+
+def test_safe_run_ids_are_accepted():
+    for run_id in ("nightly-2026-12-04", "a", "run_1.b", "A" * 128):
+        assert load_config([], [f"run_id={run_id}"]).run_id == run_id
 
 
 def test_unknown_key_in_a_yaml_file_is_refused(tmp_path):

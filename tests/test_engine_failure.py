@@ -149,6 +149,8 @@ def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path
         code = proc.wait(timeout=900)
         reader.join(timeout=10)
         assert code == 0, "".join(output)[-5000:]
+        console = "".join(output)  # Ray's word on the dead worker is in the run log, not on the console
+        assert "(raylet)" not in console and "Traceback" not in console, console[-5000:]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

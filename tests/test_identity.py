@@ -1,5 +1,6 @@
 """The annotation identity that guards a resume: run settings never change it, anything that
-changes an annotation does, and a refused resume names what changed."""
+changes an annotation does, the markers a real run writes record it, and a refused resume names
+what changed."""
 
 from __future__ import annotations
 
@@ -89,3 +90,50 @@ def test_a_marker_of_an_older_version_is_refused_with_a_reason(base):
     cfg = load_config([], base)
     with pytest.raises(PreflightError, match="older version"):
         split_done(cfg, {"q": 1}, {"q": {"shard": "q", "config_hash": "0123456789ab"}}, identity(base))
+
+
+@pytest.mark.integration
+def test_a_real_run_records_its_identity_and_a_resume_with_a_new_threshold_names_it(tmp_path, capsys, ray_session):
+    """Through ``jobs.annotate.main`` with the model (never mode, two rows): the markers record the
+    annotation identity, and the same output with another ``selfrag.threshold`` is refused (exit 2,
+    nothing touched) with one line naming that key, and only it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.annotate import main
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"instruction": ["Who wrote Hamlet?", "Say hello."]}), tmp_path / "in" / "q.parquet")
+    overrides = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
+                 "output.report=false", "output.examples=0", "ray.progress_bars=false"]
+    assert main(overrides) == 0
+    marker = json.loads((tmp_path / "out" / "_done" / "q.json").read_text())
+    written = annotation_identity(load_config([], overrides))
+    assert marker["annotation_hash"] == identity_hash(written)
+    assert marker["annotation_identity"]["selfrag"]["threshold"] == 0.2
+    assert identity_hash(marker["annotation_identity"]) == marker["annotation_hash"]
+    output_before = (tmp_path / "out" / "q.parquet").read_bytes()
+    capsys.readouterr()
+
+    assert main([*overrides, "selfrag.threshold=0.5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert "another annotation identity" in errors[0] and "older version" not in errors[0]
+    assert ": selfrag.threshold: 0.2 -> 0.5. Use another output.path" in errors[0]
+    assert (tmp_path / "out" / "q.parquet").read_bytes() == output_before
+
+
+def test_a_marker_without_its_identity_is_explained_from_the_manifest(base, tmp_path):
+    """Markers written before they recorded the identity: the run manifest's identity, when its
+    hash is the marker's, still names what changed."""
+    cfg = load_config([], [*base, f"output.path={tmp_path / 'out'}"])
+    written = annotation_identity(cfg)
+    (tmp_path / "out").mkdir()
+    marker = {"shard": "q", "rows": 1, "annotation_hash": identity_hash(written)}
+    (tmp_path / "out" / "_manifest.json").write_text(json.dumps({"annotation_identity": written}))
+    with pytest.raises(PreflightError, match=r"selfrag\.top_k: 5 -> 3\. Use"):
+        split_done(cfg, {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))
+    # a manifest of another identity (a later run with other settings) does not speak for the marker
+    (tmp_path / "out" / "_manifest.json").write_text(json.dumps({"annotation_identity": identity(base, "selfrag.top_k=4")}))
+    with pytest.raises(PreflightError, match="older version"):
+        split_done(cfg, {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))

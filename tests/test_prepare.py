@@ -63,3 +63,28 @@ def test_prompts_follow_the_style_and_the_long_form_template():
     assert prompts(prompt_style="paper") == [
         f"### Instruction:\n{PAPER_INSTRUCTIONS['asqa']}\n\nWho?\n\n### Response:\n",
         f"### Instruction:\n{PAPER_INSTRUCTIONS['fever']}\n\nClaim.\n\n### Response:\n"]
+
+
+def test_invalid_utf8_is_a_row_error_and_every_other_row_is_prepared():
+    from pipeline.stages.prepare import repair_text
+
+    raw = lambda values: pa.array(values, pa.binary()).view(pa.string())  # noqa: E731 - bytes as they are
+    ctx = pa.StructArray.from_arrays([raw([b"ok", b"t\xff"])], ["text"])
+    table = pa.table({"id": raw([b"a", b"b\xff", b"c"]), "instruction": raw([b"Who?", b"Wh\xffo?", None]),
+                      "ctxs": pa.ListArray.from_arrays(pa.array([0, 1, 1, 2], pa.int32()), ctx)})
+    repaired, errors = repair_text(table)
+    assert errors == [None, "invalid UTF-8 in column 'id', 'instruction'", "invalid UTF-8 in column 'ctxs'"]
+    assert repaired.column("id").to_pylist() == ["a", "b\ufffd", "c"]
+    assert repaired.column("instruction").to_pylist() == ["Who?", "Wh\ufffdo?", None]
+    assert repaired.column("ctxs").to_pylist() == [[{"text": "ok"}], [], None]
+    rows = prepare_table(table, "s3://b/part-0.parquet", InputConfig(), "m", "r").to_pylist()
+    assert [r["error"] for r in rows] == errors
+    assert rows[0]["prompt"] is not None and rows[1]["prompt"] is None
+
+
+def test_a_clean_table_is_returned_as_it_is():
+    from pipeline.stages.prepare import repair_text
+
+    table = pa.table({"instruction": ["Who?", None], "n": [1, 2]})
+    repaired, errors = repair_text(table)
+    assert repaired is table and errors == [None, None]

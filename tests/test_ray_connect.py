@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO
-from pipeline.ray_connect import address_file, resolve_address
+from pipeline import ray_connect
+from pipeline.ray_connect import address_file, end_orphaned_agents, resolve_address, stop_ray
 
 
 @pytest.fixture
@@ -81,3 +84,74 @@ def test_a_driver_starts_a_local_ray_past_a_stale_address_file(ray_tmp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resources" in proc.stdout
     assert "does not answer" in proc.stderr
+
+
+def spawn(title: str, parent_title: str | None, code: str = "import time; time.sleep(120)") -> int:
+    """A process titled ``title`` (as Ray's agents are), started by a parent titled
+    ``parent_title`` that stays, or (None) by one that exits at once; returns its pid."""
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([{title!r}, '-c', {code!r}], "
+                f"executable={sys.executable!r}); print(p.pid, flush=True); "
+                + ("time.sleep(120)" if parent_title else "sys.exit(0)"))
+    proc = subprocess.Popen([parent_title or "python", "-c", launcher], executable=sys.executable,
+                            stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    if parent_title is None:
+        proc.wait()
+    deadline = time.time() + 30
+    while psutil.Process(pid).cmdline()[:1] != [title]:  # until it runs under its title
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return pid
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_agents_whose_raylet_is_gone_are_ended_and_those_of_a_running_ray_kept():
+    """What a killed driver's local Ray leaves (Ray's agents, their raylet gone) does not wait a
+    minute or two for the next run; the agents of a Ray that runs are not touched."""
+    orphan = spawn("ray::DashboardAgent", None)
+    kept = spawn("ray::RuntimeEnvAgent", "raylet")
+    try:
+        ended = end_orphaned_agents(grace_s=1)
+        assert orphan in ended and kept not in ended
+        assert gone(orphan) and not gone(kept)
+    finally:
+        for pid in (orphan, kept):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        # the launcher titled "raylet" goes with its child's end: it only sleeps
+        for p in psutil.Process().children():
+            if p.cmdline()[:1] == ["raylet"]:
+                p.kill()
+                p.wait()
+
+
+def test_stop_ray_ends_every_process_a_local_ray_left_even_orphans_that_ignore_sigterm(monkeypatch, tmp_path):
+    """A local Ray whose ray.init a signal interrupted: Ray knows none of its processes. Every
+    process started since init_ray (children, and their children orphaned on the way, even one
+    that ignores SIGTERM) goes; processes this one had before stay."""
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setattr(ray_connect, "_children_before", {ray_connect._key(p) for p in psutil.Process().children()})
+    monkeypatch.setattr(ray_connect, "_ray_shutdown", lambda: None)
+    ready = tmp_path / "ignoring"
+    stubborn = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
+    agent = spawn("ray::DashboardAgent", "raylet", stubborn)  # the "raylet" exits on SIGTERM, orphaning it
+    try:
+        while not ready.exists():
+            time.sleep(0.05)
+        started = time.time()
+        stop_ray(grace_s=1)
+        assert gone(agent) and time.time() - started < 10
+        assert not [p for p in psutil.Process().children() if p.pid != older.pid and not gone(p.pid)]
+        assert older.poll() is None and ray_connect._children_before is None
+    finally:
+        older.kill()
+        older.wait()

@@ -242,3 +242,36 @@ def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(capsys, t
         in err
     assert sorted(p.name for p in out.iterdir()) == ["_lease"]  # nothing written, the lease untouched
     assert json.loads((out / "_lease" / "0000000001.json").read_text()) == holder
+
+
+@pytest.mark.parametrize("layout", ["file link given", "link inside an input directory"])
+def test_an_input_file_that_links_into_the_output_is_refused(capsys, tmp_path, monkeypatch, layout):
+    shard = input_dir(tmp_path)  # the real shard is q/part-00000.parquet; the output is q
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "part-00001.parquet").symlink_to(tmp_path / "q" / "part-00000.parquet")
+    monkeypatch.chdir(tmp_path)
+    given = "links/part-00001.parquet" if layout == "file link given" else "links"
+    code = main([f"input.paths={given}", "output.path=q", "selfrag.mode=never"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [ln for ln in err.splitlines() if ln.startswith("error: ")] == [
+        f"error: input shard {tmp_path / 'links' / 'part-00001.parquet'} is {tmp_path / 'q' / 'part-00000.parquet'}, "
+        "inside output.path q; writing there could overwrite it: choose an output outside every input"]
+    assert (tmp_path / "q" / "part-00000.parquet").read_bytes() == shard
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["part-00000.parquet"]
+
+
+def test_error_lines_never_carry_terminal_escapes(capsys, out, tmp_path):
+    hostile = tmp_path / "\x1b[2J\x1b]0;owned\x07shard"
+    line = refuse(capsys, out, f"input.paths={hostile}")
+    assert "\x1b" not in line and "\x07" not in line
+    assert line == f"error: no Parquet shards found at {tmp_path}/?[2J?]0;owned?shard"  # "[": read as a glob
+
+
+def test_shards_that_store_ids_as_a_categorical_and_as_strings_agree(tmp_path):
+    from pipeline.preflight import check_compatible_schemas
+
+    categorical = pa.table({"id": pa.array(["a", "b"]).dictionary_encode(), "instruction": ["Who?", "What?"]})
+    plain = pa.table({"id": ["c"], "instruction": ["Where?"]})
+    schema = check_compatible_schemas({"a": categorical.schema, "b": plain.schema})
+    assert schema.field("id").type == pa.string()

@@ -4,6 +4,7 @@ order, rows sent twice counted once, and a restarted writer or a resume losing n
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pyarrow as pa
@@ -113,11 +114,102 @@ def test_a_restarted_writer_keeps_what_was_staged_and_a_resume_adds_only_the_res
         == [f"answer {i}" for i in range(30)]
 
 
+def killed_run_with_20_row_buckets(tmp_path, table: pa.Table, legacy_names: bool = False) -> set[int]:
+    """A run with ``stage_rows=20`` that staged offsets 0-17 and 28-59 and was killed (what it
+    held is lost); ``legacy_names``: its parts named as before names recorded their width.
+    Returns the offsets it staged."""
+    first = writer(tmp_path, table.num_rows, stage_rows=20, flush_s=1e-9)  # stages every batch it gets
+    staged = set(range(18)) | set(range(28, 60))
+    for batch in batches(table.filter(pa.array([o in staged for o in range(table.num_rows)])), 5):
+        assert first(batch).num_rows == 0
+    del first
+    assert set(staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist()) == staged
+    if legacy_names:
+        for paths in staging.list_parts(str(tmp_path / "out"), HASH, SHARD).values():
+            for path in paths:
+                name = path.rsplit("/", 1)[-1]
+                bucket, width, suffix = name.split("-")
+                assert width == "w20"
+                (tmp_path / "out" / "_staging" / HASH / "part-0" / name).rename(
+                    tmp_path / "out" / "_staging" / HASH / "part-0" / f"{bucket}-{suffix}")
+    return staged
+
+
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_a_resume_with_another_stage_rows_commits_in_input_order(tmp_path, legacy_names):
+    """Killed with ``stage_rows=20``, resumed with ``stage_rows=7``: bucket numbers of the two runs
+    mean other offsets (bucket 2 is 40-59 for one, 14-20 for the other), yet every row is
+    committed once, in input order (it was ``0-17, 28-39, 18-20, 40-59, 21-27``)."""
+    table = rows(60)
+    staged = killed_run_with_20_row_buckets(tmp_path, table, legacy_names)
+    second = writer(tmp_path, 60, buffer_rows=4, stage_rows=7)  # the resume sends only unstaged rows
+    rest = table.filter(pa.array([o not in staged for o in range(60)]))
+    out = []
+    for batch in batches(rest, 3, seed=2):
+        out += second(batch).to_pylist()
+    assert [s["rows"] for s in out] == [60]
+    assert pq.read_table(tmp_path / "out" / "part-0.parquet").column("answer").to_pylist() \
+        == [f"answer {i}" for i in range(60)]
+    assert not (tmp_path / "out" / "_staging" / HASH / "part-0").exists()
+
+
+def test_parts_staged_with_another_stage_rows_are_recut_once(tmp_path):
+    output = str(tmp_path / "out")
+    table = rows(30)
+    staging.stage(table.slice(0, 10), output, HASH, SHARD, stage_rows=20)  # bucket 0 of 20: offsets 0-9
+    staging.stage(table.slice(10, 10), output, HASH, SHARD, stage_rows=5)  # buckets 2, 3 of 5
+    assert staging.rebucket(output, HASH, SHARD, 5) == 1  # only the 20-row part
+    parts = staging.list_parts(output, HASH, SHARD)
+    assert sorted(parts) == [0, 1, 2, 3]
+    assert all(staging.part_width(p) == 5 for paths in parts.values() for p in paths)
+    assert staging.rebucket(output, HASH, SHARD, 5) == 0
+    assert sorted(staging.staged_offsets(output, HASH, SHARD).tolist()) == list(range(20))
+    # a part named before names recorded their width is re-cut only if its rows leave its bucket
+    staging.remove_shard(output, HASH, SHARD)
+    staging.stage(table.slice(0, 5), output, HASH, SHARD, stage_rows=20)
+    [[path]] = staging.list_parts(output, HASH, SHARD).values()
+    legacy = path.replace("-w20-", "-")
+    os.rename(path, legacy)
+    assert staging.part_width(legacy) is None
+    assert staging.rebucket(output, HASH, SHARD, 5) == 0  # offsets 0-4: bucket 0 of 5 too
+    assert staging.rebucket(output, HASH, SHARD, 3) == 1
+
+
+def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, capsys):
+    """Through ``jobs.annotate.main``: an earlier run staged every row of a shard, some with
+    ``stage_rows=20`` and the rest with ``stage_rows=7``; the resume (``stage_rows=7``) commits it
+    without a model, in input order, and its marker records the annotation identity."""
+    from jobs.annotate import main
+    from pipeline import io
+    from pipeline.preflight import marker_path, preflight
+
+    (tmp_path / "in").mkdir()
+    shard = str(tmp_path / "in" / "part-0.parquet")
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(60)],
+                             "instruction": [f"Question {i}?" for i in range(60)]}), shard)
+    overrides = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
+                 "output.report=false", "output.examples=0", "output.stage_rows=7"]
+    cfg = load_config([], overrides)
+    plan = preflight(cfg)
+    table = prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
+                          selfrag=cfg.selfrag)
+    first = [o for o in range(60) if o < 18 or o >= 28]
+    staging.record_version(cfg.output.path, plan.annotation_hash, shard, plan.versions[shard])
+    staging.stage(table.take(first), cfg.output.path, plan.annotation_hash, shard, stage_rows=20)
+    staging.stage(table.slice(18, 10), cfg.output.path, plan.annotation_hash, shard, stage_rows=7)
+
+    assert main(overrides) == 0
+    assert "60 row(s) staged by an earlier run are kept" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "out" / "part-0.parquet").column("id").to_pylist() == [f"q{i}" for i in range(60)]
+    marker = json.loads(io.read_text(marker_path(cfg.output.path, shard)))
+    assert marker["annotation_identity"] == json.loads(json.dumps(plan.identity))
+
+
 def test_an_incomplete_commit_exposes_nothing(tmp_path):
     output = str(tmp_path / "out")
     staging.stage(rows(10).slice(0, 6), output, HASH, SHARD, stage_rows=4)
     with pytest.raises(RuntimeError, match="6 rows staged, 10 expected"):
-        commit_shard(output, HASH, SHARD, 10)
+        commit_shard(output, HASH, SHARD, 10, stage_rows=4)
     assert visible(tmp_path) == [] and not (tmp_path / "out" / "_done").exists()
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temporary left
 

@@ -1,6 +1,7 @@
 """The dataset card: ``README.md`` in the Hugging Face layout (YAML header with the configs and
 their data files, then prose), with the source run, the model, the config hash, the filters'
-counts and the label distributions. The license is left for the user."""
+counts, the control strings stripped from text (and how many records that changed) and the
+label distributions. The license is left for the user."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 
 from .convert import KINDS
 from .filters import FILTER_ORDER
+from .records import CONTINUATION_CONTROL_STRINGS, CONTROL_STRINGS
 
 DESCRIPTIONS = {
     "generator": "Self-RAG generator data in the format of `selfrag/selfrag_train_data` "
                  "(`instruction`, `input`, `output`, `id`, `dataset_name`); `output` interleaves the "
-                 "reflection tokens and the evidence as the model produced them.",
+                 "reflection tokens and the evidence as the model produced them (control strings stripped from the "
+                 "text: see below).",
     "critic": "Critic data: one example per judged aspect (`retrieval`, `isrel`, `issup`, `isuse`) with "
               "the label the model chose, its probability within its token group (null where the run did not "
               "record it) and the run's score.",
@@ -29,6 +32,27 @@ def filter_table(counts: dict) -> list[dict]:
         table.append({"filter": name, "before": before, "dropped": dropped, "after": before - dropped})
         before -= dropped
     return table
+
+
+def control_strings_section(counts: dict) -> list[str]:
+    """What was stripped from the records' text, exactly, and how many records of each dataset
+    it changed."""
+    def listed(strings):
+        return ", ".join(f"`{t}`" for t in strings)
+    kept = [t for t in CONTROL_STRINGS if t not in CONTINUATION_CONTROL_STRINGS]
+    return ["## Control strings stripped from text", "",
+            "Questions, inputs, passage titles and texts and the model's answers are text, but a trainer "
+            "tokenizes these strings with special-token parsing on (and may cut prompts at the template's "
+            "markers), so a string that spells a control token would act as one: a passage holding "
+            "`</paragraph>` would close its paragraph early and put what follows in the loss. Such strings "
+            "are stripped (removed, not escaped), repeatedly until none is left:", "",
+            f"- from questions, inputs, titles, passages and answers, wherever a record holds them: "
+            f"{listed(CONTROL_STRINGS)};",
+            f"- from the model's raw continuations in the generator `output`: {listed(CONTINUATION_CONTROL_STRINGS)} "
+            f"(the reflection tokens it generated, {listed(kept)}, are its labels and stay; the `<s>`/`</s>` it "
+            "generated are left out of every `output` and not counted below).", "",
+            "Records changed by stripping: " + ", ".join(f"{kind} {counts.get(f'scrubbed_{kind}', 0)}" for kind in KINDS)
+            + ".", ""]
 
 
 def yaml_header(splits: dict[str, list[str]], formats: list[str]) -> str:
@@ -62,7 +86,8 @@ def render_card(summary: dict) -> str:
     out += [f"- `{k}`: {DESCRIPTIONS[k]} ({summary['records'].get(k, 0)} records)" for k in KINDS]
     out += ["", "## Filters", "", "| filter | before | dropped | after |", "|---|---|---|---|"]
     out += [f"| {f['filter']} | {f['before']} | {f['dropped']} | {f['after']} |" for f in filter_table(counts)]
-    out += ["", "## Label distributions", "", "| label | count |", "|---|---|"]
+    out += [""] + control_strings_section(counts)
+    out += ["## Label distributions", "", "| label | count |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in sorted(summary["labels"].items())]
     out += ["", "## Export config", "", "```json", json.dumps(summary["config"], indent=2, sort_keys=True), "```",
             "", "## License", "", "Not set: fill in `license` in the header above.", ""]

@@ -101,9 +101,9 @@ def load_export_config(run: str, overrides: List[str] | None = None) -> ExportCo
     merged = OmegaConf.structured(ExportConfig)
     try:
         OmegaConf.update(merged, "run", run, merge=False)
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
+        for number, item in enumerate(overrides or [], 1):
+            if "=" not in item:  # never echoed: a stray argument may be a token pasted by mistake
+                raise ConfigError(f"argument {number} is not of the form key=value")
             key, value = item.split("=", 1)
             if key in ("run", "output", "tokenizer"):  # paths stay verbatim (globs, ${)
                 OmegaConf.update(merged, key, None if value in ("null", "~") and key == "tokenizer" else value,

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from .config import ExportConfig
 from .filters import dedupe_key, drop_reason, forced_no_retrieval, split_of
-from .records import chat_record, critic_records, generator_record, instruction_and_input
+from .records import Scrub, chat_record, critic_records, generator_record, instruction_and_input
 
 KINDS = ("generator", "critic", "chat")
 
@@ -35,7 +35,8 @@ def convert_rows(rows: list[dict], stem: str, columns: dict, cfg: ExportConfig,
                  duplicates: set[int] | frozenset = frozenset(), ids: dict[str, int] | None = None,
                  keys_only: bool = False) -> ShardResult:
     """Apply the row-local filters, drop the offsets in ``duplicates`` (later copies found by the
-    global pass), and convert the rest; every dropped row is counted under its filter.
+    global pass), and convert the rest; every dropped row is counted under its filter, and every
+    exported record whose text had control strings stripped under ``scrubbed_{kind}``.
     ``keys_only``: only the kept rows' duplicate keys (the first pass)."""
     out = ShardResult()
     skip_never = cfg.never_mode_rows == "skip"
@@ -45,7 +46,8 @@ def convert_rows(rows: list[dict], stem: str, columns: dict, cfg: ExportConfig,
             out.counts["never_mode_rows"] += 1
         reason = drop_reason(row, row.get(columns["question"]), cfg.filters, skip_never)
         rid = row_id(row, columns, stem, offset)
-        gen = None if reason else generator_record(row, columns, rid)
+        scrubs = {kind: Scrub() for kind in KINDS}
+        gen = None if reason else generator_record(row, columns, rid, scrubs["generator"])
         if reason is None and gen is None:
             reason = "no_output"
         if reason is None and offset in duplicates:
@@ -64,10 +66,13 @@ def convert_rows(rows: list[dict], stem: str, columns: dict, cfg: ExportConfig,
             out.counts["never_mode_rows_exported"] += 1
         out.records["generator"][split].append(gen)
         out.labels["generator:" + ("retrieval" if gen["output"].startswith("[Retrieval]") else "no_retrieval")] += 1
-        for rec in critic_records(row, columns, rid, ids):
+        for rec in critic_records(row, columns, rid, ids, scrubs["critic"]):
             out.records["critic"][split].append(rec)
             out.labels[f"{rec['aspect']}:{rec['label']}"] += 1
-        out.records["chat"][split].append(chat_record(row, columns, rid))
+        out.records["chat"][split].append(chat_record(row, columns, rid, scrubs["chat"]))
+        for kind, scrub in scrubs.items():
+            if scrub.records:
+                out.counts[f"scrubbed_{kind}"] += scrub.records
     return out
 
 

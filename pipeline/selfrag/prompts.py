@@ -60,6 +60,10 @@ FREE_FORM_TASKS = frozenset({"popqa", "triviaqa", "qa"})
 
 KNOWN_TASKS = frozenset(REFERENCE_INSTRUCTIONS) | CLOSED_SET_TASKS | FREE_FORM_TASKS | {"factscore"}
 
+#: The template's section markers (``format_prompt``'s and the reference task templates'): a
+#: trainer that cuts a text into prompt and response by them must find only the template's own.
+TEMPLATE_MARKERS = ("### Instruction:", "### Input:", "### Response:", "## Input:")
+
 
 def task_instruction(question: str, task: str | None, style: str = "reference", long_form: bool = False) -> str:
     """The instruction text for a question under a task template.

@@ -31,6 +31,10 @@ MARKUP = (PARAGRAPH_OPEN, PARAGRAPH_CLOSE)
 #: All 15 reflection tokens, in a fixed order.
 ALL_REFLECTION_TOKENS = RETRIEVE_GROUP + ISREL_GROUP + ISSUP_GROUP + ISUSE_GROUP + MARKUP
 
+#: The tokenizer's own special tokens, the same in the Llama-2 vocabulary the released models
+#: extend and in the embedded tiny model: beginning and end of sequence, unknown, padding.
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
+
 _STRIP_RE = re.compile(
     "|".join(re.escape(t) for t in sorted(ALL_REFLECTION_TOKENS + ("</s>", "<s>"), key=len, reverse=True))
 )

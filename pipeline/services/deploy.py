@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .. import phases
 from ..config import Config, ServiceConfig
 from ..tokenizer import TokenizerSpec
 
@@ -77,13 +78,120 @@ def retriever_application(cfg: Config, tokenizer: TokenizerSpec):
         cfg.retrieval, cfg.storage)
 
 
+class ServicesUnavailable(RuntimeError):
+    """The services cannot run: the cluster lacks the resources they ask for, or they did not
+    start in time. The message names what was asked and what the cluster has."""
+
+
+def _bundles(svc: ServiceConfig, workers: int = 1) -> list[dict[str, float]]:
+    """What one replica reserves: one bundle, or (tensor parallelism) a CPU bundle and a GPU bundle per worker."""
+    if workers > 1:
+        return [{"CPU": svc.num_cpus}] + [{"GPU": svc.num_gpus or 1.0}] * workers
+    return [{"CPU": svc.num_cpus, "GPU": svc.num_gpus}]
+
+
+def replica_demands(cfg: Config, retrieval: bool) -> list[tuple[str, list[dict[str, float]]]]:
+    """(what, bundles) for every replica the job deploys and every stage actor it starts."""
+    wanted = [("engine.service", cfg.engine.service, cfg.engine.tensor_parallel_size)]
+    if retrieval:
+        wanted.append(("retrieval.service", cfg.retrieval.service, 1))
+    demands = [(name, _bundles(svc, workers)) for name, svc, workers in wanted if not svc.deployment
+               for _ in range(svc.replicas)]
+    mode = cfg.selfrag.mode  # as the dataflow builds it: "always" needs no first-pass actor
+    stages = (["first_pass"] if mode != "always" else []) + (["retrieve", "critique"] if mode != "never" else [])
+    stages.append("write")
+    for name in stages:
+        stage = getattr(cfg.stages, name)
+        demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * stage.replicas
+    return demands
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in sorted(resources.items()) if value) or "nothing"
+
+
+def check_resources(demands: list[tuple[str, list[dict[str, float]]]], nodes: list[dict[str, float]]) -> str | None:
+    """Why the replicas and actors of ``demands`` cannot all be placed on ``nodes`` (each node's
+    total resources), or None when they fit in sum and each bundle fits some node."""
+    asked: dict[str, float] = {}
+    for _, bundles in demands:
+        for bundle in bundles:
+            for key, value in bundle.items():
+                asked[key] = asked.get(key, 0.0) + value
+    have = cluster_total(nodes)
+    short = [key for key, value in asked.items() if value > have.get(key, 0.0) + 1e-9]
+    if short:
+        return (f"the job asks for {_describe(asked)} (services and stage actors) but the cluster has "
+                f"{_describe(have)}: lower the replicas or num_cpus/num_gpus of engine.service, retrieval.service "
+                "or stages, or add nodes")
+    for what, bundles in demands:
+        for bundle in bundles:
+            if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+                return (f"one {what} replica asks for {_describe(bundle)}, more than any node of the cluster has "
+                        f"(the largest: {_describe(max(nodes, key=lambda n: (n.get('GPU', 0), n.get('CPU', 0))))})")
+    return None
+
+
+def cluster_total(nodes: list[dict[str, float]]) -> dict[str, float]:
+    """CPU and GPU over ``nodes``."""
+    return {key: sum(node.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of each live node of the connected Ray cluster."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def started_here() -> bool:
+    """Whether this driver started the Ray it is connected to (a local Ray: nothing will join it)."""
+    import ray._private.worker as worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def wait_until_running(names: list[str], timeout_s: float, why_not: str) -> None:
+    """Wait for the Serve applications ``names`` to run; ServicesUnavailable when one failed to
+    deploy, or after ``timeout_s`` (``why_not``: what the cluster has, for the message)."""
+    import time
+
+    from ray import serve
+
+    deadline, pause = time.monotonic() + timeout_s, 0.05
+    while True:
+        statuses = serve.status().applications
+        failed = {n: statuses[n] for n in names if n in statuses and statuses[n].status == "DEPLOY_FAILED"}
+        if failed:
+            name, status = next(iter(failed.items()))
+            message = " ".join(str(status.message).split())[:500]
+            raise ServicesUnavailable(f"the Serve application {name} failed to deploy: {message}")
+        if all(n in statuses and statuses[n].status == "RUNNING" for n in names):
+            return
+        if time.monotonic() > deadline:
+            waiting = [n for n in names if n not in statuses or statuses[n].status != "RUNNING"]
+            raise ServicesUnavailable(f"{', '.join(waiting)} not running {timeout_s:g} s after deployment "
+                                      f"(start_timeout_s): {why_not}")
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+
+
 def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool) -> Services:
     """Deploy (or find) the engine service, and the retrieval service when ``retrieval``, and
     wait until they run (on a small machine, starting the stages meanwhile would only slow the
-    engine's start-up down)."""
+    engine's start-up down). A request that the cluster cannot hold is refused before anything
+    is deployed on a Ray this driver started (ServicesUnavailable); on a cluster that may grow,
+    it is a warning, and ``start_timeout_s`` bounds the wait."""
     from ray import serve
     from ray.serve.api import RunTarget, run_many
 
+    demands, nodes = replica_demands(cfg, retrieval), cluster_nodes()
+    short = check_resources(demands, nodes)
+    if short and started_here():
+        raise ServicesUnavailable(f"refused before deploying: {short}")
+    if short:
+        log.warning("%s; waiting for the cluster to scale up (at most start_timeout_s)", short)
     serve.start(proxy_location="Disabled")
     services, targets = Services(), []
     wanted = [("engine", cfg.engine.service, ENGINE_APP, engine_application)]
@@ -93,16 +201,46 @@ def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool) -> Se
     for attr, svc, default_name, build in wanted:
         if svc.deployment:
             if svc.deployment not in running:
-                raise RuntimeError(f"{attr}.service.deployment: no running Serve application named "
-                                   f"{svc.deployment!r} (running: {sorted(running)})")
+                raise ServicesUnavailable(f"{attr}.service.deployment: no running Serve application named "
+                                          f"{svc.deployment!r} (running: {sorted(running)})")
+            if attr == "retriever":
+                check_reused_retriever(svc.deployment, cfg.retrieval.index_dir)
             setattr(services, attr, svc.deployment)
             continue
         setattr(services, attr, default_name)
         services.owned.append(default_name)
         targets.append(RunTarget(target=build(cfg, tokenizer), name=default_name, route_prefix=None))
     if targets:
-        run_many(targets, wait_for_applications_running=True)
+        run_many(targets, wait_for_applications_running=False)
+        timeout = max(svc.start_timeout_s for _, svc, _, _ in wanted if not svc.deployment)
+        try:
+            phases.reached("deploy")  # test hook: the applications are deploying
+            wait_until_running(services.owned, timeout,
+                               short or f"the cluster has {_describe(cluster_total(nodes))}; the run log has Serve's "
+                               "view (pending resource demands, replica errors)")
+        except BaseException:  # the timeout, or a signal: no application of this job stays behind
+            stop_services(services)
+            raise
     return services
+
+
+def check_reused_retriever(app: str, version: str) -> None:
+    """A running retrieval service that the job reuses searches the index version the run
+    resolved (``version``, which its annotation identity names), or the job is refused."""
+    from ray import serve
+
+    from ..retrieval.index import read_meta
+
+    try:
+        loaded = serve.get_app_handle(app).index_meta.remote().result(timeout_s=120)
+    except Exception as exc:  # noqa: BLE001 - e.g. a service of an older version without index_meta
+        raise RuntimeError(f"retrieval.service.deployment {app!r}: cannot tell which index version it searches "
+                           f"({type(exc).__name__}); redeploy it from this version of the pipeline") from None
+    wanted = read_meta(version)
+    if loaded != wanted:
+        raise RuntimeError(f"retrieval.service.deployment {app!r} searches the index version "
+                           f"{loaded.get('version') or '(unnamed)'}, but this run resolved {version}: deploy the "
+                           "service on that version, or set retrieval.index_dir to the version it searches")
 
 
 def stop_services(services: Services) -> None:

@@ -13,6 +13,7 @@ import asyncio
 
 import pyarrow as pa
 
+from .. import phases
 from ..config import Config
 from ..engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
@@ -36,6 +37,7 @@ class FirstPass(StageLogic):
                         writes={name: OUTPUT_TYPES[name] for name in WRITES}, optional=frozenset({cfg.input.task_column}))
 
     async def process(self, view) -> dict:
+        phases.reached("first_batch")  # test hook: a first-pass actor has a batch
         cfg, n = self.cfg, view.num_rows
         ids, prompts, errors = view[cfg.input.id_column], view[PROMPT_IDS], view["error"]
         tasks = view[cfg.input.task_column]

@@ -36,6 +36,45 @@ def row_prompt(question, input_text, task, selfrag: SelfRagConfig) -> tuple[str 
         return None, str(exc)
 
 
+def _readable(value: pa.Array) -> bool:
+    try:
+        value.to_pylist()  # decodes every string in it, nested ones too
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def repair_text(table: pa.Table) -> tuple[pa.Table, list[str | None]]:
+    """Values holding invalid UTF-8 made readable, and per row the error that names the columns
+    where it had such values (None for a clean row). A string value is decoded with U+FFFD for
+    the bad bytes (so the row can still be found), a nested value (e.g. ``ctxs``) becomes null.
+    Valid Parquet can hold such bytes; one bad value must cost its row only."""
+    errors: list[str | None] = [None] * table.num_rows
+    for index, name in enumerate(table.column_names):
+        column = table.column(index)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = column.combine_chunks()
+        if pa.types.is_dictionary(values.type):  # the values themselves (a categorical's categories)
+            values = values.dictionary_decode()
+        bad = [i for i in range(len(values)) if not _readable(values.slice(i, 1))]
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            raw = values.cast(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
+            fixed = pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()],
+                             values.type)
+        else:
+            bad_rows = set(bad)
+            fixed = pa.concat_arrays([pa.nulls(1, values.type) if i in bad_rows else values.slice(i, 1)
+                                      for i in range(len(values))])
+        table = table.set_column(index, table.field(index).with_type(fixed.type), fixed)
+        for i in bad:
+            errors[i] = (f"{errors[i]}, " if errors[i] else "invalid UTF-8 in column ") + repr(name)
+    return table, errors
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """The table with exactly the columns of ``schema``, in its order and types (absent ones null),
     so that blocks of different shards can be concatenated."""
@@ -72,13 +111,14 @@ def prepare_table(table: pa.Table, shard: str, cfg: InputConfig, model: str, run
     """
     selfrag = selfrag or SelfRagConfig()
     n = table.num_rows
+    table, text_errors = repair_text(table)
     table = with_ids(table, shard, cfg.id_column)
     if schema is not None:
         table = conform(table, schema)
     tasks = [t if t is not None else cfg.default_task for t in optional_column(table, cfg.task_column)]
-    prompts, errors = zip(*[row_prompt(q, i, t, selfrag) for q, i, t in zip(
-        table.column(cfg.question_column).to_pylist(), optional_column(table, cfg.input_column), tasks)]) \
-        if n else ((), ())
+    prompts, errors = zip(*[(None, bad) if bad else row_prompt(q, i, t, selfrag) for q, i, t, bad in zip(
+        table.column(cfg.question_column).to_pylist(), optional_column(table, cfg.input_column), tasks,
+        text_errors)]) if n else ((), ())
     values = {name: [None] * n for name in OUTPUT_TYPES}
     values.update(prompt=prompts, error=errors, model=[model] * n, run_id=[run_id] * n,
                   **{SHARD: [shard] * n, OFFSET: range(n)})

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io, staging
+from .. import io, phases, staging
 from ..config import Config
 from ..metrics import Reporter
 from ..preflight import marker_path
@@ -44,19 +44,23 @@ def _count(rows: pa.Table) -> tuple[int, int]:
 
 
 def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
-                 held: dict[int, list[pa.Table]] | None = None, version: dict | None = None) -> dict:
-    """Write a complete shard from its staged parts and the rows ``held`` in memory (by bucket),
-    bucket by bucket, to a hidden file moved into place; then its marker (with the annotation
-    hash and the input shard's ``version``); then drop its staged parts. Returns its summary.
-    Raises RuntimeError, exposing nothing, when the rows do not number ``expected``."""
+                 held: dict[int, list[pa.Table]] | None = None, version: dict | None = None, *,
+                 stage_rows: int, identity: dict | None = None) -> dict:
+    """Write a complete shard from its staged parts and the rows ``held`` in memory (by bucket of
+    ``stage_rows`` offsets), bucket by bucket, in input order, to a hidden file moved into place;
+    then its marker (with the annotation hash, the annotation ``identity`` it stands for, so that
+    a refused resume can name what changed, and the input shard's ``version``); then drop its
+    staged parts. Parts staged with another ``stage_rows`` (by an earlier run) are re-cut first.
+    Returns its summary. Raises RuntimeError, exposing nothing, when the rows do not number
+    ``expected``."""
     held = held or {}
+    staging.rebucket(output, annotation_hash, shard, stage_rows)
     parts = staging.list_parts(output, annotation_hash, shard)
-    dest = io.join(output, f"{io.shard_stem(shard)}.parquet")
+    dest = io.child(output, f"{io.shard_stem(shard)}.parquet")
     fs, path = io.filesystem(dest)
     io.make_parent(fs, path)
-    tmp = io.temporary_path(path)
     rows = errors = retrieved = 0
-    with fs.open(tmp, "wb") as f:
+    with io.replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:  # a failed write leaves no partial file
         writer = None
         for bucket in sorted(set(parts) | set(held)):
             table = staging.bucket_rows(output, parts.get(bucket, []), held.get(bucket, []))
@@ -71,13 +75,14 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
             pa.default_memory_pool().release_unused()  # one bucket's buffers at a time, not all of them
         if writer is not None:
             writer.close()
-    if rows != expected or writer is None:
-        fs.rm(tmp)
-        raise RuntimeError(f"shard {shard}: {rows} rows staged, {expected} expected; not committed")
-    fs.mv(tmp, path)
+        phases.reached("commit")  # test hook: the hidden file is written, not yet moved into place
+        if rows != expected or writer is None:  # raised inside: the temporary file goes
+            raise RuntimeError(f"shard {shard}: {rows} rows staged, {expected} expected; not committed")
     summary = {"shard": shard, "output": dest, "rows": rows, "errors": errors, "retrieved": retrieved,
                "written_at": time.time()}
-    marker = {**summary, "annotation_hash": annotation_hash, **({"input": version} if version else {})}
+    marker = {**summary, "annotation_hash": annotation_hash,
+              **({"annotation_identity": identity} if identity is not None else {}),
+              **({"input": version} if version else {})}
     io.write_text(marker_path(output, shard), json.dumps(marker))
     staging.remove_shard(output, annotation_hash, shard)
     return summary
@@ -104,13 +109,14 @@ class ShardWriter:
     shard is complete, then commits it. Emits one summary row per shard committed."""
 
     def __init__(self, cfg: Config, expected_rows: dict[str, int], annotation_hash: str,
-                 versions: dict[str, dict] | None = None):
+                 versions: dict[str, dict] | None = None, identity: dict | None = None):
         io.configure(cfg.storage)
         out = cfg.output
         self.output, self.hash = out.path, annotation_hash
         self.stage_rows, self.buffer_rows, self.flush_s = out.stage_rows, out.buffer_rows, out.flush_s
         self.expected = dict(expected_rows)
         self.versions = versions or {}  # the input shards' versions, recorded with their staged rows and marker
+        self.identity = identity  # the annotation identity of ``annotation_hash``, recorded in the markers
         self.recorded: set[str] = set()
         self.shards: dict[str, _Shard] = {}
         self.committed: set[str] = set()
@@ -162,7 +168,8 @@ class ShardWriter:
                     self._hold(state, rows.filter(pa.array(new)))
                 if state.count == len(state.seen):
                     written.append(commit_shard(self.output, self.hash, shard, len(state.seen), state.held,
-                                                self.versions.get(shard)))
+                                                self.versions.get(shard), stage_rows=self.stage_rows,
+                                                identity=self.identity))
                     self.held -= state.held_rows
                     del self.shards[shard]
                     self.committed.add(shard)

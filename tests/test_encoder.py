@@ -1,0 +1,88 @@
+"""The encoder: length-bucketed batches, pre-tokenized ids, compute dtypes (packaged MiniLM, CPU)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, RetrievalConfig, load_config
+from pipeline.retrieval.encoder import Encoder, resolve_dtype, tokenize
+
+# lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
+WORDS = "river mountain velmora speaks language founded kingdom northern coastal ancient".split()
+TEXTS = [" ".join(random.Random(i).choices(WORDS, k=1 + (i * 37) % 110)) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder(RetrievalConfig(encode_batch_size=8, dtype="float32"))
+
+
+def unsorted_reference(enc: Encoder, texts: list[str]) -> np.ndarray:
+    """Batches in the given order, padded by the tokenizer (the encoder before length buckets)."""
+    out = []
+    for i in range(0, len(texts), enc.cfg.encode_batch_size):
+        batch = enc.tokenizer(texts[i : i + enc.cfg.encode_batch_size], padding=True, truncation=True,
+                              max_length=enc.cfg.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = enc.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def test_length_buckets_give_the_unsorted_vectors_in_the_given_order(encoder):
+    got = encoder.encode(TEXTS)
+    assert got.dtype == np.float32 and got.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(got, unsorted_reference(encoder, TEXTS), atol=2e-5)
+    np.testing.assert_allclose(encoder.encode(TEXTS[:1])[0], got[0], atol=2e-5)  # no padding at all
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def test_pre_tokenized_ids_give_the_text_vectors(encoder):
+    ids, lengths = tokenize(encoder.tokenizer, TEXTS, encoder.cfg.max_length)
+    assert ids.dtype == np.int32 and len(lengths) == len(TEXTS) and lengths.sum() == len(ids)
+    assert list(ids[: lengths[0]]) == encoder.tokenizer(TEXTS[0])["input_ids"]
+    np.testing.assert_array_equal(encoder.encode_tokens(ids, lengths), encoder.encode(TEXTS))
+
+
+def test_bfloat16_on_cpu_is_close_to_float32(encoder):
+    bf16 = Encoder(replace(encoder.cfg, dtype="bfloat16"))
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    got, want = bf16.encode(TEXTS), encoder.encode(TEXTS)
+    assert got.dtype == np.float32
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.999
+
+
+def test_dtype_defaults_by_device_and_bad_values_are_refused():
+    assert (resolve_dtype(None, "cuda"), resolve_dtype("auto", "cuda:1"), resolve_dtype(None, "cpu")) == \
+        ("float16", "float16", "float32")
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert load_config([], ["retrieval.dtype=bfloat16"]).retrieval.dtype == "bfloat16"
+    assert load_config([], []).retrieval.dtype is None
+    for bad in ("float8", "fp16", "half"):
+        with pytest.raises(ConfigError, match=r"retrieval\.dtype.*is not one of \['float32', 'float16', 'bfloat16'\]"):
+            load_config([], [f"retrieval.dtype={bad}"])
+    with pytest.raises(ValueError, match="retrieval.dtype: 'fp16'"):
+        resolve_dtype("fp16", "cpu")
+
+
+def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder):
+    import pyarrow as pa
+
+    from pipeline.config import Config
+    from pipeline.stages.embed import EmbedPassages, split_embeddings, tokenize_passages
+
+    passages = pa.table({"id": [str(i) for i in range(len(TEXTS))], "title": ["T"] * len(TEXTS), "text": TEXTS})
+    tokenized = tokenize_passages(passages.slice(5), encoder.cfg.encoder, encoder.cfg.max_length)
+    assert tokenized.column("input_ids").type == pa.list_(pa.int32())
+    cfg = Config()
+    cfg.retrieval = encoder.cfg
+    out, vectors = split_embeddings(EmbedPassages(cfg)(tokenized.slice(3)))  # Ray hands the actors slices
+    assert out.column_names == ["id", "title", "text"] and out.column("id").to_pylist() == passages.column("id").to_pylist()[8:]
+    np.testing.assert_allclose(vectors, encoder.encode([f"T {t}" for t in TEXTS[8:]]), atol=2e-5)

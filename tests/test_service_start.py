@@ -1,0 +1,77 @@
+"""Services that cannot run end the job with one line instead of a silent wait: a request the
+local Ray cannot hold is refused before anything is deployed, and a service that does not start
+within ``start_timeout_s`` stops the job (real Ray and Serve, in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipeline.config import load_config
+from pipeline.services.deploy import check_resources, replica_demands
+
+
+def test_a_request_beyond_the_cluster_names_what_was_asked_and_what_there_is():
+    cfg = load_config([], ["engine.service.replicas=2"])
+    why = check_resources(replica_demands(cfg, retrieval=True), [{"CPU": 2.0, "memory": 1e9}])
+    # 2 engine replicas x 1 + retriever 0.25 + 4 stage actors x 0.1
+    assert why.startswith("the job asks for CPU 2.65 (services and stage actors) but the cluster has CPU 2:")
+
+
+def test_a_replica_larger_than_every_node_is_named_even_when_the_sum_fits():
+    cfg = load_config([], ["engine.service.num_cpus=3"])
+    why = check_resources(replica_demands(cfg, retrieval=True), [{"CPU": 2.0}, {"CPU": 2.0}])
+    assert why == "one engine.service replica asks for CPU 3, more than any node of the cluster has (the largest: CPU 2)"
+
+
+def test_what_fits_passes_and_reused_services_ask_for_nothing():
+    assert check_resources(replica_demands(load_config(), retrieval=True), [{"CPU": 2.0}]) is None
+    cfg = load_config([], ["engine.service.deployment=running-engine", "engine.service.num_gpus=8"])
+    assert all(what != "engine.service" for what, _ in replica_demands(cfg, retrieval=False))
+
+
+def test_stage_actors_follow_the_mode():
+    whats = lambda mode: sorted({w for w, _ in replica_demands(load_config([], [f"selfrag.mode={mode}"]), mode != "never")})  # noqa: E731
+    assert whats("never") == ["engine.service", "stages.first_pass", "stages.write"]
+    assert whats("always") == ["engine.service", "retrieval.service", "stages.critique", "stages.retrieve",
+                               "stages.write"]
+
+
+def run_job(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"instruction": ["Say hello."]}), tmp_path / "in" / "q.parquet")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={tmp_path / 'in'}",
+                           f"output.path={tmp_path / 'out'}", "selfrag.mode=never", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_services_the_local_ray_cannot_hold_are_refused_before_deploying(tmp_path):
+    proc = run_job(tmp_path, "engine.service.replicas=2", "engine.service.num_cpus=512")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: refused before deploying: the job asks for CPU 1024.2 (services and stage actors) but the cluster "
+        "has CPU "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "services ready" not in proc.stdout
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+@pytest.mark.integration
+def test_a_service_not_running_within_its_start_timeout_stops_the_job(tmp_path):
+    proc = run_job(tmp_path, "engine.service.start_timeout_s=0.001")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: selfrag-engine not running 0.001 s after deployment (start_timeout_s): the cluster has CPU "), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "(raylet)" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "out").glob("*.parquet"))
