@@ -142,14 +142,14 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     say(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
         + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...")
     services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
-    print(f"services ready after {time.time() - start:.0f} s", flush=True)
     total = sum(plan.todo.values())
     before = sum(w["rows"] for w in written) + sum(plan.staged.get(s, 0) for s in todo)  # no model work left
 
     def rows_done() -> int:  # rows that reached the writer in this run, and those done before
         return before + int(ray.get(metrics.get.remote(), timeout=5).get("write", {}).get("rows", 0))
 
-    try:
+    try:  # from here on, whatever happens, the applications this job deployed are removed
+        print(f"services ready after {time.time() - start:.0f} s", flush=True)
         dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
                                 plan.versions, identity=plan.identity)
         with Progress(total, rows_done) as shown:

@@ -193,9 +193,14 @@ def child(base: str, *names: str) -> str:
     not ``.`` or ``..``, no NUL): a path built this way cannot leave ``base``. Every name under
     an output that comes from outside (shard stems, run ids) goes through here."""
     for name in names:
-        if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+        if not is_component(name):
             raise ValueError(f"{name!r} is not a single path component")
     return join(base, *names)
+
+
+def is_component(name: str) -> bool:
+    """Whether ``name`` is exactly one path component: not empty, ``.`` or ``..``, no separator, no NUL."""
+    return name not in ("", ".", "..") and not any(ch in name for ch in "/\\\0")
 
 
 def temporary_path(path: str) -> str:

@@ -80,7 +80,7 @@ def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
     """
     shards = list_shards(cfg.input.paths)
     stems = [shard_stem(s) for s in shards]
-    unusable = [s for s, stem in zip(shards, stems) if stem in ("", ".", "..")]
+    unusable = [s for s, stem in zip(shards, stems) if not io.is_component(stem)]
     if unusable:
         raise InputError(f"input shard {unusable[0]} has a file name that gives no usable output name; rename it")
     dup = sorted({s for s in stems if stems.count(s) > 1})

@@ -87,7 +87,8 @@ def init_ray(address: str | None, configure_logging: bool = True) -> None:
     if ray.is_initialized():
         return
     resolved = resolve_address(address)
-    if not address and not os.environ.get("RAY_ADDRESS"):  # a local Ray may start: no leftovers in its way
+    if resolved == "local" or (resolved is None and not os.environ.get("RAY_ADDRESS")
+                               and not os.path.exists(address_file())):  # a new local Ray: no leftovers in its way
         end_orphaned_agents()
     _children_before = {key for key in map(_key, _psutil().Process().children()) if key}
     if phases.armed("ray_init"):
@@ -194,10 +195,11 @@ def end_orphaned_agents(grace_s: float = STOP_GRACE_S) -> list[int]:
 
 
 def _is_raylet(pid: int) -> bool:
+    """Whether ``pid`` is a raylet, or runs one (Ray's valgrind, perf, gdb or tmux options wrap it)."""
     psutil = _psutil()
     try:
         proc = psutil.Process(pid)
-        return proc.name() == "raylet" or os.path.basename((proc.cmdline() or [""])[0]) == "raylet"
+        return proc.name() == "raylet" or any("raylet" in os.path.basename(part) for part in proc.cmdline())
     except psutil.Error:
         return False
 

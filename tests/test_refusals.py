@@ -275,3 +275,11 @@ def test_shards_that_store_ids_as_a_categorical_and_as_strings_agree(tmp_path):
     plain = pa.table({"id": ["c"], "instruction": ["Where?"]})
     schema = check_compatible_schemas({"a": categorical.schema, "b": plain.schema})
     assert schema.field("id").type == pa.string()
+
+
+@pytest.mark.parametrize("name", ["...parquet", "a\\b.parquet"])
+def test_an_input_file_whose_name_gives_no_output_name_is_refused(capsys, out, tmp_path, name):
+    pq.write_table(pa.table({"instruction": ["Who?"]}), shard_dir(tmp_path) / name)
+    line = refuse(capsys, out, f"input.paths={tmp_path / 'in' / name}")
+    assert line == (f"error: input shard {tmp_path / 'in' / name} has a file name that gives no usable output name; "
+                    "rename it")

@@ -36,6 +36,11 @@ def test_what_fits_passes_and_reused_services_ask_for_nothing():
     assert all(what != "engine.service" for what, _ in replica_demands(cfg, retrieval=False))
 
 
+def test_the_one_writer_is_counted_once_whatever_its_replicas_say():
+    cfg = load_config([], ["stages.write.replicas=30"])  # the dataflow builds one writer, always
+    assert check_resources(replica_demands(cfg, retrieval=True), [{"CPU": 2.0}]) is None
+
+
 def test_stage_actors_follow_the_mode():
     whats = lambda mode: sorted({w for w, _ in replica_demands(load_config([], [f"selfrag.mode={mode}"]), mode != "never")})  # noqa: E731
     assert whats("never") == ["engine.service", "stages.first_pass", "stages.write"]

@@ -102,7 +102,8 @@ def replica_demands(cfg: Config, retrieval: bool) -> list[tuple[str, list[dict[s
     stages.append("write")
     for name in stages:
         stage = getattr(cfg.stages, name)
-        demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * stage.replicas
+        replicas = 1 if name == "write" else stage.replicas  # one writer sees every row (pipeline.dataflow)
+        demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * replicas
     return demands
 
 
@@ -211,9 +212,9 @@ def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool) -> Se
         services.owned.append(default_name)
         targets.append(RunTarget(target=build(cfg, tokenizer), name=default_name, route_prefix=None))
     if targets:
-        run_many(targets, wait_for_applications_running=False)
         timeout = max(svc.start_timeout_s for _, svc, _, _ in wanted if not svc.deployment)
         try:
+            run_many(targets, wait_for_applications_running=False)
             phases.reached("deploy")  # test hook: the applications are deploying
             wait_until_running(services.owned, timeout,
                                short or f"the cluster has {_describe(cluster_total(nodes))}; the run log has Serve's "
