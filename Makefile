@@ -5,6 +5,7 @@
 #   make bench-writer  the writer's peak memory for shards of 20k and 200k rows (about 1 min)
 #   make bench-index  index build and search benchmark on 200k generated passages (about 20 min here)
 #   make bench-encoder  passage encoder: passages/s as the build embeds vs the model alone (last line is JSON)
+#   make bench-corpus  IVF-PQ index of 1M and 2M generated 768-d vectors: build memory, serve memory, recall (about 12 min)
 #   make eval   evaluate the committed model on the synthetic world's held-out split (last line is JSON)
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test bench bench-writer bench-index bench-encoder eval clean
+.PHONY: install browser demo test bench bench-writer bench-index bench-encoder bench-corpus eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,9 @@ bench-index: install
 
 bench-encoder: install
 	$(PY) -m jobs.bench_encoder
+
+bench-corpus: install
+	$(PY) -m jobs.bench_corpus
 
 eval: install
 	$(PY) -m jobs.evaluate --synthetic --config conf/demo.yaml --workdir outputs/eval

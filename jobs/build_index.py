@@ -5,7 +5,9 @@
 Reads ``retrieval.corpus`` (Parquet, JSON Lines, or DPR TSV; local or s3://), embeds passages
 as ``title + " " + text`` with ``retrieval.encoder`` on ``stages.embed`` replicas, builds the
 FAISS index ``retrieval.factory`` (trainable ones on the first ``retrieval.train_size``
-vectors, then filled in chunks), and writes index.faiss, passages.arrow and meta.json as a new
+vectors, then filled in chunks; IVF indexes in pieces merged into on-disk inverted lists, in
+``retrieval.shards`` shard files; with ``retrieval.refine=float16`` also a float16 copy of every
+vector), and writes the index files, passages.arrow and meta.json as a new
 version of the index location ``retrieval.index_dir`` (local or s3://): a new directory
 ``v-<UTC time>-<random>/`` written whole, then ``CURRENT`` switched to it. Runs reading an
 earlier version keep it; a later annotation run picks the new one. Also works under

@@ -236,7 +236,7 @@ class RetrievalConfig:
     dtype: Optional[str] = None
     #: Passage corpus (Parquet with id, title, text) used to build the index when missing.
     corpus: str = "data/demo/corpus.parquet"
-    #: Index location: immutable version directories (index.faiss, passages.arrow, meta.json
+    #: Index location: immutable version directories (index files, passages.arrow, meta.json
     #: each) and a CURRENT file naming the current one. A run resolves it once, in preflight,
     #: and searches that version to the end; a directory with the files directly in it (the
     #: layout before versions, or one version named on its own) is that one version.
@@ -255,16 +255,35 @@ class RetrievalConfig:
     #: float arrays, no ids: row i of the files in order is corpus passage i) or parquet
     #: (columns id and embedding, a list of floats).
     embeddings_format: str = "contriever_pickle"
-    #: FAISS index factory string, inner-product metric: Flat (exact), e.g. IVF4096,PQ64 or HNSW32.
+    #: FAISS index factory string, inner-product metric: Flat (exact), e.g. IVF16384,PQ128 or HNSW32.
+    #: IVF indexes are built in pieces and searched from on-disk inverted lists (memory-mapped).
     factory: str = "Flat"
     #: Trainable indexes (IVF, PQ): vectors used for training (the first ones of the corpus).
+    #: IVF: at least 39 per list (a warning below), at most 256 per list are used.
     train_size: int = 100000
     #: Vectors added to the index per chunk: the build's memory is bounded by this, not the corpus.
     add_chunk_size: int = 16384
+    #: IVF builds: vectors whose codes are held in RAM before they are written to disk as one
+    #: piece (merged into the on-disk lists at the end).
+    build_piece_size: int = 1000000
+    #: IVF indexes: split the inverted lists into this many shard files (list l to shard l mod
+    #: shards); hits are merged into one top-k. Every retrieval replica searches every shard,
+    #: unless shards_apart.
+    shards: int = 1
+    #: Search each shard of a sharded index in its own Serve deployment (resources:
+    #: retrieval.shard_service, e.g. the memory of one shard's lists), so that an index no one
+    #: replica can hold is spread over replicas; the retrieval replicas merge their hits.
+    shards_apart: bool = False
+    shard_service: ServiceConfig = field(default_factory=lambda: ServiceConfig(num_cpus=0.25, max_ongoing_requests=32))
+    #: Index builds: null, or "float16": also store every vector in float16 (vectors.f16, the
+    #: candidates' rows read at search time) and re-rank the index's k * k_factor best hits by
+    #: exact inner product: recall close to exact search without float32 vectors in RAM (unlike
+    #: the RFlat factory suffix). Searches follow what the version was built with.
+    refine: Optional[str] = None
     #: Search-time parameters, applied when the index has them (IVF: nprobe; HNSW: efSearch).
     nprobe: int = 32
     ef_search: int = 128
-    #: Refine indexes (e.g. IVF1024,PQ48,RFlat): re-rank k_factor * k approximate hits exactly.
+    #: Refinement (retrieval.refine, or an RFlat factory suffix): re-rank k_factor * k approximate hits exactly.
     k_factor: float = 8.0
     #: Torch threads per encoder replica; 0 keeps the runtime's default (Ray: the replica's num_cpus).
     threads: int = 0
@@ -400,15 +419,20 @@ def validate(cfg: Config) -> None:
            f"{cfg.retrieval.embeddings_format!r} is not one of {list(EMBEDDINGS_FORMATS)}")
     _check(cfg.retrieval.embeddings is None or bool(cfg.retrieval.embeddings.strip()), "retrieval.embeddings",
            "must name a glob, file or directory of passage vectors (or be null)")
-    _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1, "retrieval",
-           "train_size and add_chunk_size must be at least 1")
+    _check(cfg.retrieval.train_size >= 1 and cfg.retrieval.add_chunk_size >= 1 and cfg.retrieval.build_piece_size >= 1
+           and cfg.retrieval.shards >= 1, "retrieval", "train_size, add_chunk_size, build_piece_size and shards must be "
+           "at least 1")
+    _check(cfg.retrieval.refine in (None, "float16"), "retrieval.refine",
+           f"{cfg.retrieval.refine!r} is not null or 'float16'")
+    _check(cfg.retrieval.k_factor >= 1, "retrieval.k_factor", "must be at least 1")
     for name in ("prepare", "first_pass", "retrieve", "critique", "write", "embed"):
         stage: StageConfig = getattr(cfg.stages, name)
         _check(stage.replicas >= 1, f"stages.{name}.replicas", "must be at least 1")
         _check(stage.batch_size >= 1, f"stages.{name}.batch_size", "must be at least 1")
         _check(stage.num_cpus >= 0 and stage.num_gpus >= 0, f"stages.{name}", "resources must be >= 0")
         _check(stage.max_concurrent_batches >= 1, f"stages.{name}.max_concurrent_batches", "must be at least 1")
-    for name, svc in (("engine.service", cfg.engine.service), ("retrieval.service", cfg.retrieval.service)):
+    for name, svc in (("engine.service", cfg.engine.service), ("retrieval.service", cfg.retrieval.service),
+                      ("retrieval.shard_service", cfg.retrieval.shard_service)):
         _check(svc.replicas >= 1, f"{name}.replicas", "must be at least 1")
         _check((svc.min_replicas is None) == (svc.max_replicas is None), f"{name}.min_replicas",
                "set min_replicas and max_replicas together (autoscaling), or neither")

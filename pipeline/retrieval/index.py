@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from .. import io
 from ..config import RetrievalConfig
 from .corpus import read_corpus
 from .encoder import Encoder
+from .ondisk import OnDiskIVFWriter, ivf_of, training_sample_size
+from .search import REFINE_FILE, IndexShard, RefineStore, merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,17 @@ def passage_texts(table: pa.Table) -> list[str]:
 
 
 def index_exists(index_dir: str) -> bool:
-    """Whether ``index_dir`` itself holds a complete index (one version; local or s3://)."""
-    return all(io.exists(io.join(index_dir, f)) for f in INDEX_FILES)
+    """Whether ``index_dir`` itself holds a complete index (one version; local or s3://): its
+    metadata, passage store, and every index file the metadata names."""
+    if not (io.exists(io.join(index_dir, META_FILE)) and io.exists(io.join(index_dir, PASSAGES_FILE))):
+        return False
+    return all(io.exists(io.join(index_dir, f)) for f in index_files(read_meta(index_dir)))
+
+
+def index_files(meta: dict) -> list[str]:
+    """The files besides meta.json and passages.arrow that a version needs (its shards, their
+    on-disk lists, the refine store); versions built before shards hold one index.faiss."""
+    return list(meta.get("index_files", [INDEX_FILE]))
 
 
 def current_version(location: str) -> str | None:
@@ -79,7 +91,7 @@ def resolve_index(index_dir: str) -> str | None:
         version = io.child(index_dir, name)
         if not index_exists(version):
             raise FileNotFoundError(f"{io.join(index_dir, CURRENT_FILE)} names {name}, which is not a complete "
-                                    f"index (missing one of {', '.join(INDEX_FILES)})")
+                                    "index (missing meta.json, passages.arrow or an index file its meta.json names)")
         return version
     return index_dir if index_exists(index_dir) else None
 
@@ -138,8 +150,12 @@ class IndexBuilder:
     """Builds an index directory from chunks of (passages, vectors) given in corpus order.
 
     Row i of the passage store is vector i of the index. A trainable index buffers the first
-    ``train_size`` vectors, trains on them, then adds chunk by chunk, so memory is bounded by
-    the training sample and the chunk size, never by the corpus.
+    training sample (``train_size``, capped at what k-means uses for the factory's lists), trains
+    on it, then adds chunk by chunk. An IVF index is filled in pieces of ``build_piece_size``
+    vectors written to disk and merged into on-disk inverted lists (``ondisk``), in
+    ``retrieval.shards`` shard files; with ``retrieval.refine=float16`` every vector is also
+    appended to the float16 refine store. The build's memory is the training sample, one chunk
+    and one piece, whatever the corpus size (other factories hold their index in RAM).
     """
 
     def __init__(self, cfg: RetrievalConfig, dim: int, out_dir: str):
@@ -152,37 +168,57 @@ class IndexBuilder:
                              "one, since a run may be reading it: build a new version (build_version)")
         self.out.mkdir(parents=True, exist_ok=True)
         self.index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = ivf_of(self.index)
+        if ivf is not None and hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False  # codes for Hamming-filtered search, unused here; costs minutes
+        if cfg.shards > 1 and ivf is None:
+            raise ValueError(f"retrieval.shards={cfg.shards} needs an IVF factory whose lists can go to disk "
+                             f"(e.g. IVF16384,PQ128), not {cfg.factory!r}")
+        if ivf is not None and cfg.shards > ivf.nlist:
+            raise ValueError(f"retrieval.shards={cfg.shards} is more than the {ivf.nlist} lists of {cfg.factory!r}")
+        self.train_size = training_sample_size(cfg.train_size, ivf.nlist) if ivf is not None else cfg.train_size
+        self.on_disk = ivf is not None
+        self.lists: OnDiskIVFWriter | None = None  # made once the index is trained
         self.store = ipc.new_file(self.out / PASSAGES_FILE, PASSAGE_SCHEMA)
+        self.refine = open(self.out / REFINE_FILE, "wb") if cfg.refine else None
         self.pending: list[np.ndarray] = []
-        self.count = 0
+        self.count = self.indexed = 0
 
     def add(self, passages: pa.Table, vectors: np.ndarray) -> None:
         """Append passages (id, title, text) and their vectors (n x dim, float32)."""
         if vectors.shape != (passages.num_rows, self.dim):
             raise ValueError(f"got {vectors.shape} vectors for {passages.num_rows} passages of dimension {self.dim}")
         self.store.write_table(passages.select(list(PASSAGE_SCHEMA.names)).cast(PASSAGE_SCHEMA))
+        if self.refine is not None:
+            self.refine.write(np.ascontiguousarray(vectors, dtype=np.float16).tobytes())
         self.count += passages.num_rows
         if self.index.is_trained:
             self._add(vectors)
             return
         self.pending.append(np.ascontiguousarray(vectors, dtype=np.float32))
-        if sum(len(v) for v in self.pending) >= self.cfg.train_size:
+        if sum(len(v) for v in self.pending) >= self.train_size:
             self._train_and_flush()
 
     def _add(self, vectors: np.ndarray) -> None:
         for start in range(0, len(vectors), self.cfg.add_chunk_size):
-            self.index.add(np.ascontiguousarray(vectors[start:start + self.cfg.add_chunk_size], dtype=np.float32))
+            chunk = np.ascontiguousarray(vectors[start:start + self.cfg.add_chunk_size], dtype=np.float32)
+            if self.lists is not None:
+                self.lists.add(chunk, self.indexed)
+            else:
+                self.index.add(chunk)
+            self.indexed += len(chunk)
 
     def _train_and_flush(self) -> None:
-        sample = np.concatenate(self.pending)
-        log.info("training %s on %d vectors", self.cfg.factory, len(sample))
+        sample, self.pending = np.concatenate(self.pending), []  # one copy of the sample, not two
+        log.info("training %s on %d vectors", self.cfg.factory, min(len(sample), self.train_size))
         try:
-            self.index.train(sample[: self.cfg.train_size])
+            self.index.train(sample[: self.train_size])
         except RuntimeError as exc:
-            raise ValueError(f"cannot train index {self.cfg.factory!r} on {min(len(sample), self.cfg.train_size)} "
+            raise ValueError(f"cannot train index {self.cfg.factory!r} on {min(len(sample), self.train_size)} "
                              f"vectors (raise retrieval.train_size or use a smaller factory): "
                              f"{str(exc).splitlines()[-1]}") from None
-        self.pending = []
+        if self.on_disk:  # trained and empty: from now on the lists go to disk in pieces
+            self.lists = OnDiskIVFWriter(self.index, self.out, self.cfg.build_piece_size, self.cfg.shards)
         self._add(sample)
 
     def close(self, extra_meta: dict | None = None) -> dict:
@@ -192,14 +228,22 @@ class IndexBuilder:
         if not self.index.is_trained:
             self._train_and_flush()
         self.store.close()
-        faiss.write_index(self.index, str(self.out / INDEX_FILE))
+        if self.refine is not None:
+            self.refine.close()
+        if self.lists is not None:
+            files, indexed = self.lists.finish()
+        else:
+            faiss.write_index(self.index, str(self.out / INDEX_FILE))
+            files, indexed = [INDEX_FILE], self.index.ntotal
         meta = {
             "encoder": self.cfg.encoder, "pooling": self.cfg.pooling, "normalize": self.cfg.normalize,
             "dim": self.dim, "metric": "inner_product", "factory": self.cfg.factory,
-            "passages": self.count, **(extra_meta or {}),
+            "passages": self.count, "shards": [f for f in files if f.endswith(".faiss")],
+            "index_files": files + ([REFINE_FILE] if self.refine is not None else []), "refine": self.cfg.refine,
+            **(extra_meta or {}),
         }
-        if self.index.ntotal != self.count:
-            raise RuntimeError(f"index holds {self.index.ntotal} vectors for {self.count} passages")
+        if indexed != self.count:
+            raise RuntimeError(f"index holds {indexed} vectors for {self.count} passages")
         (self.out / META_FILE).write_text(json.dumps(meta, indent=2))
         return meta
 
@@ -223,20 +267,6 @@ def build_index_in_process(cfg: RetrievalConfig, out_dir: str, extra_meta: dict 
     meta = builder.close({**corpus_fingerprint(cfg.corpus), **(extra_meta or {})})
     log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out_dir)
     return meta
-
-
-def set_search_params(index, nprobe: int, ef_search: int, k_factor: float = 1.0) -> None:
-    """Apply nprobe / efSearch / the refine k_factor where the index has them (IVF / HNSW /
-    IndexRefine); ignore them elsewhere."""
-    import faiss
-
-    space = faiss.ParameterSpace()
-    # ParameterSpace names the IndexRefine factor "k_factor_rf" ("k_factor" is IVFPQR's)
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor_rf", k_factor)):
-        try:
-            space.set_index_parameter(index, name, value)
-        except RuntimeError:
-            pass
 
 
 def read_meta(index_dir: str) -> dict:
@@ -273,39 +303,56 @@ class PassageStore:
 
 
 class Retriever:
-    """Query encoder + FAISS index + passage store, loaded once per replica.
+    """Query encoder + FAISS index shards + refine store + passage store of one index version,
+    loaded once per replica.
 
     ``exact``: load the index files in ``cfg.index_dir`` itself, the version a run resolved
     (what the retrieval service does: a replica Serve restarts loads the same version again);
-    otherwise ``cfg.index_dir`` may be a location, whose current version is loaded."""
+    otherwise ``cfg.index_dir`` may be a location, whose current version is loaded.
+    ``load_shards=False``: the shards are searched elsewhere (``retrieval.shard_service``), and
+    their hits come to ``rank``."""
 
-    def __init__(self, cfg: RetrievalConfig, exact: bool = False):
-        import faiss
-
+    def __init__(self, cfg: RetrievalConfig, exact: bool = False, load_shards: bool = True):
         version = cfg.index_dir if exact else resolve_index(cfg.index_dir)
         if version is None:
             raise FileNotFoundError(f"no retrieval index at {cfg.index_dir}")
-        self.version = version
-        local = Path(io.localize(version, flat=True))  # remote: copied once per node
+        self.cfg, self.version = cfg, version
+        # remote: copied once per node (without the shards that other deployments search)
+        only = None if load_shards else (META_FILE, PASSAGES_FILE, REFINE_FILE)
+        local = Path(io.localize(version, only=only, flat=True))
         self.meta = meta = read_meta(str(local))
+        if (cfg.refine or None) != meta.get("refine"):
+            log.warning("retrieval.refine=%s, but the index version %s was built with refine=%s: searches follow "
+                        "the version", cfg.refine, version, meta.get("refine"))
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)
-        # MMAP_IFC also maps flat codes (Flat, HNSW storage): replicas on a node share the pages
-        self.index = faiss.read_index(str(local / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
-        set_search_params(self.index, cfg.nprobe, cfg.ef_search, cfg.k_factor)
-        if cfg.use_gpu:
-            if faiss.get_num_gpus() == 0:
-                raise RuntimeError("retrieval.use_gpu=true but FAISS sees no GPU (install faiss-gpu, "
-                                   "give the retrieval service GPUs: retrieval.service.num_gpus)")
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
+        self.shard_files = list(meta.get("shards", [INDEX_FILE]))
+        self.shards = [load_shard(cfg, local, name) for name in self.shard_files] if load_shards else []
+        self.refine = RefineStore(local / REFINE_FILE, meta["passages"], meta["dim"]) if meta.get("refine") else None
         self.store = PassageStore(local / PASSAGES_FILE)
 
-    def search(self, queries: list[str], k: int) -> list[list[dict]]:
-        """Top-k passages per query, each with its ``retrieval_score`` (inner product)."""
-        if not queries:
-            return []
-        scores, rows = self.index.search(self.encoder.encode(queries), min(k, len(self.store)))
+    def candidates(self, k: int) -> int:
+        """Hits each shard returns for a top-``k`` search: ``k * k_factor`` when the refine store
+        re-ranks them, else ``k`` (never more than the passages)."""
+        k = min(k, len(self.store))
+        return min(len(self.store), math.ceil(k * self.cfg.k_factor)) if self.refine is not None else k
+
+    def rank(self, vectors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], k: int):
+        """(scores, rows) of the best ``k`` hits from the shards' hits ``parts``: merged, then
+        re-ranked exactly by the refine store when the version has one."""
+        k = min(k, len(self.store))
+        if self.refine is None:
+            return merge_topk(parts, k)
+        return self.refine.rerank(vectors, merge_topk(parts, self.candidates(k))[1], k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of the best ``k`` passages for each query vector (local shards)."""
+        n = self.candidates(k)
+        return self.rank(vectors, [shard.search(vectors, n) for shard in self.shards], k)
+
+    def passages(self, scores: np.ndarray, rows: np.ndarray) -> list[list[dict]]:
+        """The passages of ranked hits, each with its ``retrieval_score`` (inner product)."""
         results = []
         for score_row, id_row in zip(scores, rows):
             keep = [(int(i), float(s)) for i, s in zip(id_row, score_row) if i >= 0]
@@ -314,3 +361,14 @@ class Retriever:
                 passage["retrieval_score"] = score
             results.append(passages)
         return results
+
+    def search(self, queries: list[str], k: int) -> list[list[dict]]:
+        """Top-k passages per query, each with its ``retrieval_score`` (inner product)."""
+        if not queries:
+            return []
+        return self.passages(*self.search_vectors(self.encoder.encode(queries), k))
+
+
+def load_shard(cfg: RetrievalConfig, version_dir: Path, name: str) -> IndexShard:
+    """One index file of a local version, with the search parameters of ``cfg``."""
+    return IndexShard(version_dir / name, cfg.nprobe, cfg.ef_search, cfg.k_factor, cfg.use_gpu)

@@ -71,11 +71,24 @@ def retriever_application(cfg: Config, tokenizer: TokenizerSpec):
     """The retrieval service as a Serve application (not yet running)."""
     from ray import serve
 
-    from .retriever import RetrieverReplica
+    from .retriever import IndexShardReplica, RetrieverReplica
 
+    shards = [serve.deployment(IndexShardReplica, name=f"SelfRagIndexShard{i}")
+              .options(**replica_options(cfg.retrieval.shard_service)).bind(cfg.retrieval, cfg.storage, name)
+              for i, name in enumerate(apart_shards(cfg))]
     options = replica_options(cfg.retrieval.service)
     return serve.deployment(RetrieverReplica, name="SelfRagRetriever").options(**options).bind(
-        cfg.retrieval, cfg.storage)
+        cfg.retrieval, cfg.storage, shards)
+
+
+def apart_shards(cfg: Config) -> list[str]:
+    """The shard files of the run's index version that get deployments of their own
+    (``retrieval.shards_apart``); none otherwise."""
+    if not cfg.retrieval.shards_apart:
+        return []
+    from ..retrieval.index import INDEX_FILE, read_meta
+
+    return list(read_meta(cfg.retrieval.index_dir).get("shards", [INDEX_FILE]))
 
 
 class ServicesUnavailable(RuntimeError):
@@ -95,6 +108,8 @@ def replica_demands(cfg: Config, retrieval: bool) -> list[tuple[str, list[dict[s
     wanted = [("engine.service", cfg.engine.service, cfg.engine.tensor_parallel_size)]
     if retrieval:
         wanted.append(("retrieval.service", cfg.retrieval.service, 1))
+        if not cfg.retrieval.service.deployment:
+            wanted += [("retrieval.shard_service", cfg.retrieval.shard_service, 1)] * len(apart_shards(cfg))
     demands = [(name, _bundles(svc, workers)) for name, svc, workers in wanted if not svc.deployment
                for _ in range(svc.replicas)]
     mode = cfg.selfrag.mode  # as the dataflow builds it: "always" needs no first-pass actor

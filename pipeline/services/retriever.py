@@ -4,6 +4,10 @@ The retrieve stage and the long-form per-segment searches both call it; no stage
 retriever of its own. Searches run in one worker thread per replica (the encoder and FAISS use
 their own threads), so the replica's event loop stays free for health checks.
 
+A sharded index (``retrieval.shards``) is searched whole by every replica, or, with
+``retrieval.shards_apart``, one shard per ``IndexShardReplica`` deployment whose hits the
+retrieval replicas merge.
+
 A replica loads exactly the index version in ``cfg.index_dir`` (the run's preflight resolved the
 location's ``CURRENT`` to it): it never follows the pointer itself, so a replica that Serve
 restarts mid-run loads the same version again, whatever was built at the location since.
@@ -19,16 +23,20 @@ from ..config import RetrievalConfig, StorageConfig
 
 
 class RetrieverReplica:
-    """Serve deployment body: one retriever (``pipeline.retrieval.index.Retriever``)."""
+    """Serve deployment body: one retriever (``pipeline.retrieval.index.Retriever``). With
+    ``shards`` (handles of ``IndexShardReplica`` deployments, ``retrieval.shards_apart``) it
+    encodes the queries, asks every shard for its hits and merges them; otherwise it searches
+    every shard of the version itself."""
 
-    def __init__(self, cfg: RetrievalConfig, storage: StorageConfig):
+    def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shards: list | None = None):
         from .. import io
         from ..metrics import Reporter
         from ..retrieval.index import Retriever
 
         start = time.perf_counter()
         io.configure(storage)
-        self.retriever = Retriever(cfg, exact=True)
+        self.shards = list(shards or [])
+        self.retriever = Retriever(cfg, exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self.reporter = Reporter("retriever", refresh=True)
         self.reporter.report(init_seconds=time.perf_counter() - start, startups=1, ready_at=time.time())
@@ -41,7 +49,34 @@ class RetrieverReplica:
     async def search(self, queries: list[str], k: int) -> list[list[dict]]:
         """Top-k passages per query, best first, each with its ``retrieval_score``."""
         start, wall = time.perf_counter(), time.time()
-        found = await asyncio.get_running_loop().run_in_executor(self.pool, self.retriever.search, queries, k)
+        loop, r = asyncio.get_running_loop(), self.retriever
+        if not self.shards or not queries:
+            found = await loop.run_in_executor(self.pool, r.search, queries, k)
+        else:
+            vectors = await loop.run_in_executor(self.pool, r.encoder.encode, queries)
+            parts = await asyncio.gather(*(shard.search.remote(vectors, r.candidates(k)) for shard in self.shards))
+            found = await loop.run_in_executor(self.pool, lambda: r.passages(*r.rank(vectors, parts, k)))
         self.reporter.report(seconds=time.perf_counter() - start, queries=len(queries), calls=1,
                              first_start=wall, last_end=time.time())
         return found
+
+
+class IndexShardReplica:
+    """Serve deployment body: one shard file of the run's index version (``retrieval.shards_apart``),
+    searched with query vectors; its lists memory-mapped as in a retrieval replica."""
+
+    def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shard_file: str):
+        from pathlib import Path
+
+        from .. import io
+        from ..retrieval.index import META_FILE, load_shard
+        from ..retrieval.ondisk import ivfdata_name
+
+        io.configure(storage)
+        local = Path(io.localize(cfg.index_dir, only=(shard_file, ivfdata_name(shard_file), META_FILE), flat=True))
+        self.shard = load_shard(cfg, local, shard_file)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-search")
+
+    async def search(self, vectors, k: int):
+        """(scores, rows) of this shard's best ``k`` hits per query vector."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.shard.search, vectors, k)
