@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from pipeline import io, phases, staging
+from pipeline import io, phase_times, phases, staging
 from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.console import no_space, print_error, say
 from pipeline.io import InputError, join, write_text
@@ -136,6 +136,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     capture_workers()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
+    phase_times.mark("ray_init")
     metrics = start_metrics()
     start = plan.timeline_origin = time.time()
     tokenizer = tokenizer_spec(cfg.engine.model)
@@ -148,6 +149,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     def rows_done() -> int:  # rows that reached the writer in this run, and those done before
         return before + int(ray.get(metrics.get.remote(), timeout=5).get("write", {}).get("rows", 0))
 
+    phase_times.mark("services_ready")
     try:  # from here on, whatever happens, the applications this job deployed are removed
         print(f"services ready after {time.time() - start:.0f} s", flush=True)
         dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
@@ -162,10 +164,16 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
                 if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
                     print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
                     os._exit(3)  # fault injection: die like a killed process, no cleanup
-        time.sleep(REPORT_EVERY_S + 0.5)  # the engine replicas' last counters reach the metrics actor
+        phase_times.mark("committed")
+        if services.engine not in services.owned:  # a running service it reuses reports every REPORT_EVERY_S
+            time.sleep(REPORT_EVERY_S + 0.5)
     finally:
-        stop_services(services)
+        stop_services(services)  # an engine replica sends its last counters as it shuts down
     stages = collect_stage_metrics(metrics, start)
+    engine = stages.get("engine") or {}
+    for phase, key in (("first_request", "first_start"), ("last_request", "last_end")):
+        if key in engine:
+            phase_times.mark(phase, start + engine[key])
     missing = sorted(set(plan.todo) - {w["shard"] for w in written})
     if missing:
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
@@ -229,7 +237,9 @@ def prepare_output(cfg: Config, plan: Plan) -> None:
 def run(cfg: Config) -> dict:
     """Preflight, take the output's lease, annotate the shards not done yet, write the manifest;
     returns the manifest."""
+    phase_times.start_run()
     plan = preflight(cfg)
+    phase_times.mark("preflight")
     duplicates = plan.ids["duplicates"]
     if duplicates["rows"]:
         say(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
@@ -246,7 +256,9 @@ def run(cfg: Config) -> dict:
             + (f"; {staged} row(s) staged by an earlier run are kept" if staged else ""))
         started = time.time()
         written, stages = execute(cfg, plan, run_id, lease) if plan.todo else ([], {})
-        manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started)
+        phase_times.mark("exit")
+        manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started,
+                                  phases=phase_times.relative())
         write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
         if cfg.output.report:
             report_run(cfg.output.path)
@@ -309,6 +321,7 @@ def failure_message(exc: BaseException, output: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint: returns the process exit code (2: refused before any work; 1: incomplete run)."""
+    phase_times.mark("imports")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files, overrides = parse_args(argv)
     catch_interrupts()

@@ -38,9 +38,11 @@ def code_version() -> str:
         return "unknown"
 
 
-def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: dict, seconds: float) -> dict:
+def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: dict, seconds: float,
+                   phases: dict | None = None) -> dict:
     """The manifest of the output location after this run (``plan``: the preflight Plan;
-    ``seconds``: this run's pipeline time, after preflight)."""
+    ``seconds``: this run's pipeline time, after preflight; ``phases``: seconds since the
+    process started at which the run reached each phase, ``phase_times.relative()``)."""
     shards = []
     for entry, status in [(w, "written") for w in written] + [(d, "done_earlier") for d in plan.done]:
         entry = {k: v for k, v in entry.items() if k != "annotation_identity"}  # recorded once, below
@@ -76,4 +78,5 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
         # null ids given derived ones, and rows sharing an id with an earlier row (over all inputs)
         "ids": plan.ids,
         "stages": stages,
+        "phases": phases or {},
     }

@@ -64,11 +64,17 @@ class Reporter:
         self.stage, self.refresh = stage, refresh
         self._actor = None if refresh else _metrics_actor()
 
-    def report(self, **values) -> None:
-        """Add values to this stage's totals (fire and forget)."""
+    def report(self, wait: bool = False, **values) -> None:
+        """Add values to this stage's totals (fire and forget; ``wait``: until the actor has them,
+        at most 10 s, as a replica does when it shuts down)."""
         actor = _metrics_actor() if self.refresh else self._actor
         if actor is not None:
-            actor.add.remote(self.stage, values)
+            ref = actor.add.remote(self.stage, values)
+            if wait:
+                try:
+                    ray.get(ref, timeout=10)
+                except Exception:  # noqa: BLE001 - metrics only: a lost report never fails the caller
+                    pass
 
     @contextmanager
     def batch(self, rows: int, **extra):

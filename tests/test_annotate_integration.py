@@ -16,6 +16,7 @@ import pytest
 
 from conftest import copy_demo_queries, run_job
 from test_report import check_in_browser
+from pipeline.phase_times import PHASES
 from pipeline.selfrag.scoring import Continuation, ScoreWeights, score_continuation
 from pipeline.selfrag.selection import select_answer, short_form_answer
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
@@ -310,6 +311,9 @@ def test_resolved_config_and_manifest_are_written(adaptive):
     assert manifest["this_run"] == summary and manifest["totals"]["rows_out"] == summary["rows"]
     assert {e["shard"] for e in manifest["shards"]} == {str(p) for p in out.parent.glob("in/*.parquet")}
     assert all(e["status"] == "written" and e["rows_in"] == e["rows"] for e in manifest["shards"])
+    # in run order, every phase but the interpreter's imports (this run was called in-process)
+    assert list(manifest["phases"]) == [p for p in PHASES if p != "imports"]
+    assert list(manifest["phases"].values()) == sorted(manifest["phases"].values())
     assert sorted(p.name for p in (out / "_done").iterdir()) == sorted(
         p.stem + ".json" for p in out.parent.glob("in/*.parquet"))
 

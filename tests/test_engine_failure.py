@@ -19,6 +19,7 @@ import pytest
 
 from conftest import DEMO_QUERIES, REPO
 from pipeline.config import ServiceConfig
+from pipeline.phase_times import PHASES
 from pipeline.services.clients import ServiceUnavailable, call_with_retries
 from pipeline.services.engine import EngineUnavailable
 from pipeline.stages.common import run_isolated
@@ -162,3 +163,5 @@ def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path
     assert not [r["error"] for r in rows if r["error"]]
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["stages"]["engine"]["startups"] == 2
+    phases = manifest["phases"]  # a fresh process: every phase, in run order, imports first
+    assert list(phases) == list(PHASES) and list(phases.values()) == sorted(phases.values()) and phases["imports"] > 0

@@ -8,6 +8,7 @@ already running: then the job uses it and leaves it running.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from .. import phases
@@ -37,6 +38,9 @@ def replica_options(svc: ServiceConfig, env: dict | None = None, gpus_per_worker
         "max_ongoing_requests": svc.max_ongoing_requests,
         "health_check_period_s": svc.health_check_period_s,
         "health_check_timeout_s": max(30.0, 3 * svc.health_check_period_s),
+        # a replica being stopped waits this long before it first checks for requests in flight
+        # (Serve's default, 2 s, is added to the end of every job that deletes its services)
+        "graceful_shutdown_wait_loop_s": 0.2,
         "ray_actor_options": {"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus if workers == 1 else 0,
                               "runtime_env": {"env_vars": {k: str(v) for k, v in (env or {}).items()}}},
     }
@@ -259,12 +263,27 @@ def check_reused_retriever(app: str, version: str) -> None:
                            "service on that version, or set retrieval.index_dir to the version it searches")
 
 
-def stop_services(services: Services) -> None:
-    """Delete the applications this job deployed (reused ones keep running)."""
+def stop_services(services: Services, timeout_s: float = 120.0) -> None:
+    """Delete the applications this job deployed (reused ones keep running), all at once, and
+    wait until they are gone: their replicas have shut down, and sent their last metrics."""
     from ray import serve
 
+    deleting = []
     for name in services.owned:
         try:
-            serve.delete(name)
+            serve.delete(name, _blocking=False)
+            deleting.append(name)
         except Exception as exc:  # noqa: BLE001 - the run's outcome is decided; say it and go on
             log.warning("could not delete Serve application %s: %s", name, exc)
+    deadline = time.monotonic() + timeout_s
+    while deleting and time.monotonic() < deadline:
+        try:
+            running = serve.status().applications
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("could not follow the deletion of Serve applications %s: %s", deleting, exc)
+            return
+        deleting = [name for name in deleting if name in running]
+        if deleting:
+            time.sleep(0.1)
+    if deleting:
+        log.warning("Serve applications %s were still shutting down after %.0f s", deleting, timeout_s)

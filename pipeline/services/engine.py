@@ -106,12 +106,13 @@ class EngineReplica:
             await asyncio.sleep(REPORT_EVERY_S)
             self.flush_counters()
 
-    def flush_counters(self) -> None:
-        """Send the counters' growth since the last report to the metrics actor."""
+    def flush_counters(self, wait: bool = False) -> None:
+        """Send the counters' growth since the last report to the metrics actor (``wait``: until
+        it has them)."""
         now = dict(self.counters.totals)
         delta = {k: now[k] - self._reported.get(k, 0) for k in now}
         if any(delta.values()):
-            self.reporter.report(**delta, **self._window)
+            self.reporter.report(wait=wait, **delta, **self._window)
             self._reported = now
         if self._record is not None:
             self._record.flush()
@@ -158,7 +159,7 @@ class EngineReplica:
         task = getattr(self, "_report_task", None)
         if task is not None:
             task.cancel()
-            self.flush_counters()
+            self.flush_counters(wait=True)  # the job deletes its services, then reads the metrics
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
