@@ -166,7 +166,7 @@ class EngineConfig:
 
 @dataclass
 class LongFormConfig:
-    """Long-form tree decoding (SELF_RAG.md section 4) for the rows of some tasks."""
+    """Long-form tree decoding (docs/algorithm.md, section 4) for the rows of some tasks."""
 
     #: Use tree decoding at all.
     enabled: bool = True

@@ -1,4 +1,4 @@
-"""Unit tests of long-form tree decoding (SELF_RAG.md section 4) on scripted continuations.
+"""Unit tests of long-form tree decoding (docs/algorithm.md, section 4) on scripted continuations.
 
 Every tree, score, beam choice and citation below is worked out by hand in the comments.
 Weights are the paper's (w_rel 1, w_sup 1, w_use 0.5, no seq score) unless a test says so.

@@ -6,7 +6,7 @@ Rows (columns of ``SUITE_SCHEMA``; ``kind``, ``probe``, ``gold_passage_id``,
 
 - ``plain``: every sampled held-out question (knowledge, no-knowledge and long-form), no
   ``ctxs``, so a row that retrieves searches the index. Long-form questions (two attributes of
-  one entity) carry task ``asqa``, so the job decodes them as trees (SELF_RAG.md section 4).
+  one entity) carry task ``asqa``, so the job decodes them as trees (docs/algorithm.md, section 4).
 - probes, one each per sampled knowledge question, each with exactly one passage in ``ctxs``:
   - ``gold``: the question's gold passage;
   - ``unrelated``: the passage of another entity (of the same type when there is one, so that

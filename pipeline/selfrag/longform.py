@@ -1,4 +1,4 @@
-"""Long-form Self-RAG: segment-level tree decoding (SELF_RAG.md section 4) as a step-wise
+"""Long-form Self-RAG: segment-level tree decoding (docs/algorithm.md, section 4) as a step-wise
 state machine over plain data.
 
 One ``LongFormTree`` per row. It never calls an engine or a retriever itself; the caller

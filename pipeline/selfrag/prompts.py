@@ -1,4 +1,4 @@
-"""Self-RAG prompt formats and task templates (SELF_RAG.md section 2), and prompts as token ids.
+"""Self-RAG prompt formats and task templates (docs/algorithm.md, section 2), and prompts as token ids.
 
 User text is text. A prompt is a sequence of *pieces*: plain strings (the template's wording
 and the user's question, input, passage title and text), tokenized with the tokenizer's

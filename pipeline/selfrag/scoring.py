@@ -1,4 +1,4 @@
-"""Self-RAG scores computed from token ids and reflection-token logprobs (SELF_RAG.md section 3).
+"""Self-RAG scores computed from token ids and reflection-token logprobs (docs/algorithm.md, section 3).
 
 Inputs are plain data: a ``Continuation`` holds the generated token ids and, for each
 generated position, a dict ``{token_id: logprob}`` of the reflection tokens the engine

@@ -1,4 +1,4 @@
-"""Choosing the answer among evidence-conditioned candidates (SELF_RAG.md section 3, steps 4-5)."""
+"""Choosing the answer among evidence-conditioned candidates (docs/algorithm.md, section 3, steps 5-6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training examples in Self-RAG's format, with the spans the loss covers.
 
-An example is the prompt (SELF_RAG.md section 2) followed by what the model should write:
+An example is the prompt (docs/algorithm.md, section 2) followed by what the model should write:
 
 - knowledge question, right passage:
   ``[Retrieval]<paragraph>{title}\\n{text}</paragraph>[Relevant]{answer}[Fully supported][Utility:5]</s>``
@@ -16,7 +16,7 @@ An example is the prompt (SELF_RAG.md section 2) followed by what the model shou
 - long-form question (task ``asqa``, two attributes), one segment per retrieval:
   ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 1}[Fully supported]``
   ``[Retrieval]<paragraph>..</paragraph>[Relevant]{fact 2}[Fully supported][Utility:5]</s>``;
-  half of them in the form the tree decoder prompts the second segment with (SELF_RAG.md
+  half of them in the form the tree decoder prompts the second segment with (docs/algorithm.md
   section 4: the first segment's paragraph is not repeated), with the first segment as
   context outside the loss.
 
