@@ -175,8 +175,6 @@ def started_here() -> bool:
 def wait_until_running(names: list[str], timeout_s: float, why_not: str) -> None:
     """Wait for the Serve applications ``names`` to run; ServicesUnavailable when one failed to
     deploy, or after ``timeout_s`` (``why_not``: what the cluster has, for the message)."""
-    import time
-
     from ray import serve
 
     deadline, pause = time.monotonic() + timeout_s, 0.05
