@@ -139,7 +139,7 @@ def status_kb(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def settings(args, n: int) -> list[str]:
+def settings(args) -> list[str]:
     """The build's settings: the production factory's kind with the bench's number of lists."""
     return [f"retrieval.factory=IVF{args.nlist},PQ{args.pq}", "retrieval.refine=float16",
             f"retrieval.train_size={64 * args.nlist}", f"retrieval.build_piece_size={args.piece}",
@@ -153,7 +153,7 @@ def build(root: Path, n: int, args) -> dict:
     shutil.rmtree(location, ignore_errors=True)  # the bench's own index: one version per run, not one more
     command = [sys.executable, "-m", "jobs.build_index", f"retrieval.embeddings={vectors_dir}/emb-*.npy",
                "retrieval.embeddings_format=npy", f"retrieval.corpus={corpus}", f"retrieval.index_dir={location}",
-               f"retrieval.encoder={encoder_stub(root)}", "retrieval.normalize=false", *settings(args, n)]
+               f"retrieval.encoder={encoder_stub(root)}", "retrieval.normalize=false", *settings(args)]
     start = time.time()
     with open(root / "build.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

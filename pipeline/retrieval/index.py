@@ -327,8 +327,8 @@ class Retriever:
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
         check_compatible(meta, cfg, self.encoder.dim)
-        self.shard_files = list(meta.get("shards", [INDEX_FILE]))
-        self.shards = [load_shard(cfg, local, name) for name in self.shard_files] if load_shards else []
+        shard_files = meta.get("shards", [INDEX_FILE])
+        self.shards = [load_shard(cfg, local, name) for name in shard_files] if load_shards else []
         self.refine = RefineStore(local / REFINE_FILE, meta["passages"], meta["dim"]) if meta.get("refine") else None
         self.store = PassageStore(local / PASSAGES_FILE)
 

@@ -146,8 +146,3 @@ class OnDiskIVFWriter:
             total += count
             log.info("shard %s: %d vectors in on-disk lists", name, count)
         return files, total
-
-    def discard(self) -> None:
-        """Delete the pieces written so far (a build that fails)."""
-        for path in (p for shard in self.pieces for p in shard):
-            path.unlink(missing_ok=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .ondisk import ivfdata_name
+
 #: The refine store of a version built with ``retrieval.refine=float16``: every vector in
 #: float16, row i is passage i, raw (no header), rows read with pread.
 REFINE_FILE = "vectors.f16"
-REFINE_FORMATS = ("float16",)
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +56,7 @@ class IndexShard:
     def __init__(self, path: Path, nprobe: int, ef_search: int, k_factor: float, use_gpu: bool = False):
         import faiss
 
-        on_disk = path.with_suffix(".ivfdata").exists()
+        on_disk = (path.parent / ivfdata_name(path.name)).exists()
         # IVF lists on disk: resolve the .ivfdata beside the file wherever the version now lies
         # (read-only: a version never changes, and may lie on a read-only mount or belong to another user)
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY if on_disk else faiss.IO_FLAG_MMAP_IFC
@@ -92,7 +93,7 @@ class RefineStore:
         expected = count * dim * 2
         if path.stat().st_size != expected:
             raise ValueError(f"{path} holds {path.stat().st_size} bytes, not {count} x {dim} float16 ({expected})")
-        self.path, self.count, self.dim, self.row_bytes = path, count, dim, dim * 2
+        self.dim, self.row_bytes = dim, dim * 2
         self._fd = os.open(path, os.O_RDONLY)
 
     def __del__(self):
