@@ -186,9 +186,10 @@ class Lease:
                     if self._stop.is_set():
                         return
                     if max(_generations(self._fs, self._root), default=0) > self.holder["generation"]:
-                        self._lost = True
+                        # said before it is set: whoever sees ``lost`` also finds the reason in the log
                         log.error("lease on %s was taken over by another run; this run (%s) no longer holds it",
                                   self.output, self.holder["run_id"])
+                        self._lost = True
                         return
                     self.holder["heartbeat_at"] = time.time()
                     self._write()
