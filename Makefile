@@ -6,6 +6,7 @@
 #   make bench-index  index build and search benchmark on 200k generated passages (about 20 min here)
 #   make bench-encoder  passage encoder: passages/s as the build embeds vs the model alone (last line is JSON)
 #   make bench-corpus  IVF-PQ index of 1M and 2M generated 768-d vectors: build memory, serve memory, recall (about 12 min)
+#   make bench-scale  the harness against 1, 2, 4, 8 simulated GPU engine replicas on a local multi-node Ray (last line is JSON)
 #   make eval   evaluate the committed model on the synthetic world's held-out split (last line is JSON)
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test bench bench-writer bench-index bench-encoder bench-corpus eval clean
+.PHONY: install browser demo test bench bench-scale bench-writer bench-index bench-encoder bench-corpus eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ test: install browser
 
 bench: install
 	$(PY) -m jobs.bench
+
+bench-scale: install
+	$(PY) -m jobs.bench_scale
 
 bench-writer: install
 	$(PY) -m jobs.bench_writer

@@ -29,8 +29,9 @@ from pipeline.preflight import DONE_DIR, Plan, PreflightError, marker_path, pref
 from pipeline.progress import Progress
 from pipeline.ray_connect import init_ray, stop_ray
 from pipeline.run_log import RunLog, capture_workers, quiet
-from pipeline.services.deploy import ServicesUnavailable, start_services, stop_services
-from pipeline.services.engine import REPORT_EVERY_S
+from pipeline.services.deploy import (ServicesUnavailable, cluster_nodes, cluster_total, services_awaited_beside,
+                                      start_services, stop_services, wait_for_engine_start, wait_for_services)
+from pipeline.services.reporting import REPORT_EVERY_S
 from pipeline.tokenizer import tokenizer_spec
 
 CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
@@ -142,19 +143,26 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     tokenizer = tokenizer_spec(cfg.engine.model)
     say(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
         + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...")
-    services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never")
+    services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never", wait=False)
     total = sum(plan.todo.values())
     before = sum(w["rows"] for w in written) + sum(plan.staged.get(s, 0) for s in todo)  # no model work left
 
     def rows_done() -> int:  # rows that reached the writer in this run, and those done before
         return before + int(ray.get(metrics.get.remote(), timeout=5).get("write", {}).get("rows", 0))
 
-    phase_times.mark("services_ready")
     try:  # from here on, whatever happens, the applications this job deployed are removed
-        print(f"services ready after {time.time() - start:.0f} s", flush=True)
+        overlap = cfg.stages.start_with_services
+        if overlap is None:
+            overlap = cluster_total(cluster_nodes())["CPU"] >= 4
+        if overlap:
+            wait_for_engine_start(services, metrics)  # then the stage actors start while the model loads
+        else:
+            wait_for_services(services)
+            print(f"services ready after {time.time() - start:.0f} s", flush=True)
+        phase_times.mark("services_ready")  # replaced below by the engine's own readiness when the job started it
         dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
                                 plan.versions, identity=plan.identity)
-        with Progress(total, rows_done) as shown:
+        with services_awaited_beside(services), Progress(total, rows_done) as shown:
             for summary in dataset.iter_rows():
                 check_lease(lease)
                 written.append(summary)
@@ -165,8 +173,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
                     print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
                     os._exit(3)  # fault injection: die like a killed process, no cleanup
         phase_times.mark("committed")
-        if services.engine not in services.owned:  # a running service it reuses reports every REPORT_EVERY_S
-            time.sleep(REPORT_EVERY_S + 0.5)
+        if {services.engine, services.retriever} - set(services.owned) - {None}:
+            time.sleep(REPORT_EVERY_S + 0.5)  # a running service it reuses reports every REPORT_EVERY_S
     finally:
         stop_services(services)  # an engine replica sends its last counters as it shuts down
     stages = collect_stage_metrics(metrics, start)
@@ -174,6 +182,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     for phase, key in (("first_request", "first_start"), ("last_request", "last_end")):
         if key in engine:
             phase_times.mark(phase, start + engine[key])
+    if "ready_at" in engine:  # an engine the job started: its first replica's readiness (the job saw the
+        phase_times.mark("services_ready", start + engine["ready_at"])  # application running later; rows flowed)
     missing = sorted(set(plan.todo) - {w["shard"] for w in written})
     if missing:
         raise IncompleteRun(f"{len(missing)} shard(s) were not completely annotated: {missing}; their staged "
@@ -200,7 +210,7 @@ def stage_metrics(stages: dict, start: float) -> dict:
     """The metrics actor's totals with the timeline relative to the start of the run and the
     engine's prefix-cache hit rate (vLLM's prefix-cache hits over queries, in tokens)."""
     for entry in stages.values():
-        for key in ("first_start", "last_end", "ready_at"):
+        for key in ("first_start", "last_end", "ready_at", "starting_at"):
             if key in entry:
                 entry[key] = round(entry[key] - start, 2)
     engine = stages.get("engine")

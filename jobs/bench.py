@@ -30,6 +30,15 @@
 5. Accounts for the machine's CPU (``jobs.cpu_account``): the mean cores each role used
    (engine worker, engine core, engine replica front end, retriever, stage actors, Ray, the
    driver) over the pipeline's generation window and over the bare engine's run.
+   ``harness_cpu_ms_per_request``: the CPU of every role but the engine (its core and the
+   replica in front of it) over the generation window, in ms per engine request.
+
+6. A small job (the first ``--small-rows`` rows), each step a fresh process timed end to end:
+   the pipeline (``small_job_seconds``); the plain script that imports vLLM, loads the model,
+   generates the same engine requests batched and exits (``jobs.bare_engine``,
+   ``bare_engine_process_seconds``; ``small_job_ratio`` = that / ``small_job_seconds``); and the
+   pipeline as a new driver on a Ray cluster (``ray start --head``) whose services already run
+   (``python -m jobs.serve``), reusing them (``small_job_seconds_warm``).
 
 The figures are printed one per line; the last line is one JSON object.
 """
@@ -41,6 +50,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,11 +62,16 @@ from jobs.annotate import run
 from jobs.cpu_account import CpuAccount
 from jobs.reference_baseline import ReferenceSettings, annotate_long_form, annotate_one
 from pipeline.config import Config, load_config
+from pipeline.services.recording import read_records
 from pipeline.stages.common import max_new_tokens
 from pipeline.stages.long_form import is_long_form
 from pipeline.synthetic.world import build_world, fact_sentence, lexicon, attribute_spec
 
 BENCH_DIR = Path("outputs/bench")
+#: Roles of the CPU account that are the engine (vLLM's processes and the replica in front of
+#: them); everything else is the harness.
+ENGINE_ROLES = ("engine_replica", "engine_core", "engine_worker")
+RAY = str(Path(sys.executable).parent / "ray")  # the command line of this environment's Ray
 MIX = {"knowledge": 0.55, "no_knowledge": 0.10, "fever": 0.10, "arc_c": 0.10, "long_form": 0.15}
 
 
@@ -117,27 +133,76 @@ def annotate(name: str, rows: list[dict], shards: int, overrides: list[str]) -> 
     return manifest, table.to_pylist()
 
 
-def read_requests(directory: Path) -> list[dict]:
-    """The engine requests the pipeline's replicas recorded."""
-    requests = []
-    for path in sorted(directory.glob("*.jsonl")):
-        requests += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return requests
+def timed(command: list[str], log: Path) -> float:
+    """Seconds a fresh process takes to run ``command`` (its output to ``log``); it must succeed."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=fresh_env()).returncode
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {code}; see {log}")
+    return time.perf_counter() - start
+
+
+def fresh_env() -> dict:
+    """This environment without a Ray address (each process starts or names its own)."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
+    """A small job end to end in fresh processes: the pipeline (``small_job_seconds``), the
+    plain script that loads vLLM and generates the same engine requests
+    (``bare_engine_process_seconds``), and the pipeline again with its services already
+    running on a cluster (``small_job_seconds_warm``)."""
+    name = BENCH_DIR / "small"
+    write_shards(name / "queries", rows, 2)
+    requests = (name / "engine-requests").absolute()
+    shutil.rmtree(requests, ignore_errors=True)
+    common = [f"input.paths=[{name / 'queries'}]", "output.overwrite=true", "ray.progress_bars=false", *overrides]
+    job = [sys.executable, "-m", "jobs.annotate", *common]
+    cold = timed([*job, f"output.path={name / 'out'}", f"debug.record_engine_requests={requests}"], name / "cold.log")
+    bare = timed([sys.executable, "-m", "jobs.bare_engine", str(requests), *overrides], name / "bare.log")
+    warm = warm_small_job(job, name, overrides)
+    return {"small_job_rows": len(rows), "small_job_seconds": round(cold, 2), "bare_engine_process_seconds": round(bare, 2),
+            "small_job_ratio": round(bare / cold, 3), "small_job_seconds_warm": round(warm, 2)}
+
+
+def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
+    """Seconds of ``job`` as a fresh driver on a Ray cluster whose services already run
+    (started with ``python -m jobs.serve`` and stopped after)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--disable-usage-stats"], check=True,
+                   stdout=subprocess.DEVNULL, env=fresh_env())
+    on_cluster = [f"ray.address={address}", *overrides]
+    try:
+        timed([sys.executable, "-m", "jobs.serve", *on_cluster], name / "serve.log")
+        return timed([*job, f"output.path={name / 'out-warm'}", f"ray.address={address}",
+                      "engine.service.deployment=selfrag-engine", "retrieval.service.deployment=selfrag-retriever"],
+                     name / "warm.log")
+    finally:
+        subprocess.run([sys.executable, "-m", "jobs.serve", "--stop", *on_cluster], env=fresh_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def bare_engine(cfg: Config, requests: list[dict]) -> dict:
     """One vLLM engine in this process generating every request at once (start-up not timed)."""
-    from vllm.inputs import TokensPrompt
-
-    from pipeline.engine import Engine, sampling_params
+    from pipeline.engine import Engine
 
     start = time.perf_counter()
     engine = Engine(cfg.engine)
     startup = time.perf_counter() - start
-    prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests]
-    params = [sampling_params(engine.ids, r["max_tokens"], r["stop_ids"], detokenize=False) for r in requests]
     start, began = time.perf_counter(), time.time()
-    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+    outputs = engine.replay(requests)
     seconds = time.perf_counter() - start
     engine.shutdown()
     return {"startup_seconds": startup, "seconds": seconds, "window": (began, began + seconds),
@@ -178,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=1600)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--baseline-rows", type=int, default=64)
+    parser.add_argument("--small-rows", type=int, default=120)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -190,9 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary, stages = manifest["this_run"], manifest["stages"]
     engine = stages["engine"]
     cfg = load_config([], list(args.overrides))
-    bare = bare_engine(cfg, read_requests(recorded))
+    bare = bare_engine(cfg, read_records(recorded))
     account.stop()
     origin = summary["timeline_origin"]
+
+    small = small_jobs(rows[: args.small_rows], list(args.overrides))
 
     # the baseline's subset (the workload's mix), annotated again with the reference rule, equal
     # weights and the same passages at every long-form depth, as the baseline runs it
@@ -208,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     window = engine["last_end"] - engine["first_start"]
     tokens = engine["generated_tokens"]
+    pipeline_cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
+    harness_cores = sum(v for role, v in pipeline_cores.items() if role not in ENGINE_ROLES)
     result = {
         "rows": summary["rows"],
         "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},
@@ -239,9 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_agree": f"{sum(v for i, v in agrees.items() if i not in long_ids)}/{len(agrees) - len(long_ids)}",
         "baseline_agree_long_form": f"{sum(v for i, v in agrees.items() if i in long_ids)}/{len(long_ids)}",
         "baseline_vocabulary_logprobs": base["vocabulary"],
-        "cpu_cores": {"machine": os.cpu_count(),
-                      "pipeline_window": account.cores(origin + engine["first_start"], origin + engine["last_end"]),
+        "cpu_cores": {"machine": os.cpu_count(), "pipeline_window": pipeline_cores,
                       "bare_engine": account.cores(*bare["window"])},
+        "harness_cpu_ms_per_request": round(harness_cores * window * 1000 / engine["requests"], 2),
+        **small,
     }
     print_figures("benchmark figures", result)
     return result

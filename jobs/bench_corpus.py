@@ -18,7 +18,7 @@ For each size (ascending):
 The last line is JSON: ``vectors``, ``build_seconds``, ``build_peak_rss_gb``, ``serve_rss_gb``,
 ``recall_at_10`` and ``queries_per_s`` of the largest size, per-size figures under ``sizes``,
 and ``projected_21m_build_peak_gb`` / ``projected_21m_serve_gb`` from the memory model below
-(see the README, "Retrieval at 21M passages").
+(see docs/retrieval-index.md, "Retrieval at 21M passages").
 
 Memory model (bytes; N passages, d = 768, L lists, m = PQ bytes per vector, T training vectors,
 P build piece size, C add chunk size, E the query encoder's weights in float32):

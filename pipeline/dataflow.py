@@ -97,3 +97,4 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
                           fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards,
                                                  "annotation_hash": annotation_hash, "versions": versions,
                                                  "identity": identity})
+

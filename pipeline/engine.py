@@ -102,6 +102,16 @@ class Engine:
         keep = None if vocabulary_logprobs else self._reflection_ids
         return [to_continuation(out.outputs[0], keep) for out in outputs]
 
+    def replay(self, requests: Sequence[dict]) -> list:
+        """vLLM's outputs for recorded engine requests (``prompt``, ``max_tokens``, ``stop_ids``
+        each; ``pipeline.services.recording``), all in one batched call, as the pipeline's
+        replicas ran them (reflection-token logprobs, no detokenization)."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests]
+        params = [sampling_params(self.ids, r["max_tokens"], r["stop_ids"], detokenize=False) for r in requests]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
     def shutdown(self) -> None:
         """Release the engine (its worker processes and memory)."""
         llm, self.llm = getattr(self, "llm", None), None

@@ -71,6 +71,8 @@ def annotation_identity(cfg: Config) -> dict:
                   "task_column": i.task_column, "ctxs_column": i.ctxs_column, "default_task": i.default_task},
         "output": {"keep_logprobs": cfg.output.keep_logprobs},
     }
+    if e.simulated.recording:  # replayed outputs: never mixed with a real engine's in one output
+        identity["engine"]["simulated"] = True
     if cfg.selfrag.mode != "never":
         identity["retrieval"] = {
             "index": index_fingerprint(r.index_dir), "encoder": r.encoder, "pooling": r.pooling,

@@ -33,6 +33,11 @@ def configure(storage: StorageConfig) -> None:
     _storage = storage
 
 
+def cache_dir() -> str:
+    """This node's cache directory (``storage.cache_dir``)."""
+    return _storage.cache_dir
+
+
 def is_remote(path: str) -> bool:
     """Whether a path is a URL of a non-local filesystem."""
     return "://" in path and not path.startswith("file://")

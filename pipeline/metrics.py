@@ -12,14 +12,16 @@ from contextlib import contextmanager
 
 import ray
 
-ACTOR_NAME = "selfrag-stage-metrics"
+#: Namespace of every job's metrics actor: a Serve replica lives in the namespace of whichever
+#: job started the Serve controller, so a per-driver namespace would hide a later job's actor.
+NAMESPACE = "selfrag-metrics"
 
 
 @ray.remote(num_cpus=0)
 class StageMetrics:
     """Sums per stage or service: seconds (busy in batches), rows, batches, generated tokens and
     other counters; the slowest replica's start-up (init_seconds); first batch start, last
-    batch end and the first replica ready (epoch seconds)."""
+    batch end, the first replica starting and the first ready (epoch seconds)."""
 
     def __init__(self):
         self.stats: dict[str, dict[str, float]] = {}
@@ -29,7 +31,7 @@ class StageMetrics:
         for key, value in values.items():
             if key in ("init_seconds", "last_end"):
                 entry[key] = max(entry.get(key, value), value)
-            elif key in ("first_start", "ready_at"):
+            elif key in ("first_start", "ready_at", "starting_at"):
                 entry[key] = min(entry.get(key, value), value)
             else:
                 entry[key] = entry.get(key, 0) + value
@@ -38,38 +40,53 @@ class StageMetrics:
         return self.stats
 
 
-def _metrics_actor():
-    if not ray.is_initialized():  # outside Ray (unit tests, benchmarks): never start or join a cluster
+def job_actor_name() -> str | None:
+    """The name of this Ray job's metrics actor (the driver and its stage actors share the job);
+    None outside Ray (unit tests, benchmarks: never start or join a cluster)."""
+    if not ray.is_initialized():
+        return None
+    return f"selfrag-stage-metrics-{ray.get_runtime_context().get_job_id()}"
+
+
+def _lookup(name: str | None):
+    if name is None or not ray.is_initialized():
         return None
     try:
-        return ray.get_actor(ACTOR_NAME)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except (ValueError, RuntimeError):
         return None
 
 
 def start_metrics():
-    """Create (or replace) the job's metrics actor and return its handle."""
-    try:
-        ray.kill(ray.get_actor(ACTOR_NAME))
-    except ValueError:
-        pass
-    return StageMetrics.options(name=ACTOR_NAME).remote()
+    """Create (or replace) this job's metrics actor and return its handle."""
+    name = job_actor_name()
+    old = _lookup(name)
+    if old is not None:
+        ray.kill(old)
+    return StageMetrics.options(name=name, namespace=NAMESPACE).remote()
 
 
 class Reporter:
-    """Reports one stage's metrics from inside a Ray worker. ``refresh``: look the metrics actor
-    up at every report (for long-lived service replicas, which outlive one job's actor)."""
+    """Reports one stage's metrics to a job's metrics actor: this job's (a stage actor), or, in a
+    service replica that serves any job, the job named by the last request (``follow``)."""
 
-    def __init__(self, stage: str, refresh: bool = False):
-        self.stage, self.refresh = stage, refresh
-        self._actor = None if refresh else _metrics_actor()
+    def __init__(self, stage: str, target: str | None = None):
+        self.stage = stage
+        self.target = target or job_actor_name()
+        self._actor, self._looked_up = None, False
+
+    def follow(self, target: str | None) -> None:
+        """Report to the metrics actor named ``target`` from now on (None or the same: no change)."""
+        if target and target != self.target:
+            self.target, self._actor, self._looked_up = target, None, False
 
     def report(self, wait: bool = False, **values) -> None:
         """Add values to this stage's totals (fire and forget; ``wait``: until the actor has them,
-        at most 10 s, as a replica does when it shuts down)."""
-        actor = _metrics_actor() if self.refresh else self._actor
-        if actor is not None:
-            ref = actor.add.remote(self.stage, values)
+        at most 10 s, as a replica does when it shuts down). The actor is looked up once per target."""
+        if not self._looked_up:
+            self._actor, self._looked_up = _lookup(self.target), self.target is not None
+        if self._actor is not None:
+            ref = self._actor.add.remote(self.stage, values)
             if wait:
                 try:
                     ray.get(ref, timeout=10)

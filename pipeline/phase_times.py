@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 #: In the order a run passes them: imports done (``main`` entered), preflight done, Ray
-#: connected, services ready, first and last engine request (from the engine's metrics), last
+#: connected, services ready (the first engine replica the job started, from the engine's
+#: metrics; the stages started meanwhile), first and last engine request (from the engine's metrics), last
 #: shard committed, and the manifest written (what follows: the report, the summary, exit).
 PHASES = ("imports", "preflight", "ray_init", "services_ready", "first_request", "last_request", "committed", "exit")
 _marks: dict[str, float] = {}

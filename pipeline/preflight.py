@@ -14,19 +14,22 @@ from functools import partial
 
 import pyarrow as pa
 
-from . import io
+from . import io, staging
 from .config import Config
 from .identity import annotation_identity, identity_changes, identity_hash
 from .io import InputError, list_shards, read_footer, shard_stem
 from .retrieval.index import (
     build_index_in_process, build_version, check_compatible, is_version, read_meta, resolve_index,
 )
-from .tokenizer import load_tokenizer, reflection_ids
-from .stages.columns import ALL_TYPES
+from .schema import ALL_TYPES
+from .staging import marker_path
+from .selfrag.tokens import MissingReflectionTokens
+from .tokenizer import tokenizer_spec
 
 log = logging.getLogger(__name__)
 
-DONE_DIR = "_done"
+#: Where the success markers live (``pipeline.staging``, beside ``marker_path``; named here for the job).
+DONE_DIR = staging.DONE_DIR
 
 
 class PreflightError(ValueError):
@@ -65,11 +68,6 @@ class Plan:
     def annotation_hash(self) -> str:
         """The hash of ``identity``: recorded in every marker, and the default run id."""
         return identity_hash(self.identity)
-
-
-def marker_path(output: str, shard: str) -> str:
-    """The success marker of a shard's output: written only after its data file is complete."""
-    return io.child(output, DONE_DIR, f"{shard_stem(shard)}.json")
 
 
 def check_inputs(cfg: Config) -> tuple[dict[str, int], pa.Schema, list[dict]]:
@@ -267,16 +265,15 @@ def split_done(cfg: Config, rows: dict[str, int], markers: dict[str, dict | None
 
 
 def check_model(cfg: Config) -> None:
-    """The model's tokenizer loads and knows the 15 reflection tokens."""
+    """The model's tokenizer loads and knows the 15 reflection tokens (its spec, which the run
+    uses, is cached on this machine after the first check)."""
     try:
-        tok = load_tokenizer(cfg.engine.model)
+        tokenizer_spec(cfg.engine.model)
+    except MissingReflectionTokens as exc:
+        raise PreflightError(f"model {cfg.engine.model!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one message
         raise PreflightError(f"cannot load the model's tokenizer from {cfg.engine.model!r}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    try:
-        reflection_ids(tok)
-    except ValueError as exc:
-        raise PreflightError(f"model {cfg.engine.model!r}: {exc}") from None
 
 
 def index_is_stale(cfg: Config, version: str) -> str | None:

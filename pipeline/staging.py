@@ -11,7 +11,8 @@ the parts staged with another ``stage_rows`` (a resume with another ``output.sta
 Parts are written atomically and carry the bookkeeping columns, so a later run (a resume)
 knows which offsets are staged and annotates only the others. ``_input.json`` beside them
 records the version of the input shard they annotate; a resume discards staged rows of a
-shard replaced since (``discard_if_changed``).
+shard replaced since (``discard_if_changed``). A committed shard's success marker is
+``marker_path`` (under ``{output}/_done/``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import io
-from .stages.columns import OFFSET
+from .schema import OFFSET
 
 STAGING_DIR = "_staging"
 VERSION_FILE = "_input.json"
+#: Where the success markers of committed shards live (``{output}/_done/``).
+DONE_DIR = "_done"
 _WIDTH_RE = re.compile(r"^b\d{7}-w(\d+)-")
+
+
+def marker_path(output: str, shard: str) -> str:
+    """The success marker of a shard's output: written only after its data file is complete
+    (and before its staged parts are dropped)."""
+    return io.child(output, DONE_DIR, f"{io.shard_stem(shard)}.json")
 
 
 def shard_dir(output: str, annotation_hash: str, shard: str) -> str:

@@ -11,8 +11,13 @@ rebuild it with the ``tokenizers`` library alone (milliseconds, where importing 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import io
@@ -75,14 +80,40 @@ class TokenizerSpec:
 
 
 def tokenizer_spec(model: str) -> TokenizerSpec:
-    """The spec of a model's tokenizer (loads the Hugging Face tokenizer: call it once, in the driver)."""
+    """The spec of a model's tokenizer. Built from the Hugging Face tokenizer (importing
+    ``transformers`` and loading it cost seconds), then kept in ``storage.cache_dir`` under a
+    digest of the tokenizer's files and the ``transformers`` version: a later driver on this
+    machine reads it back in milliseconds. MissingReflectionTokens when the tokenizer lacks one."""
+    cached = _spec_cache_file(model)
+    if cached is not None and cached.exists():
+        data = json.loads(cached.read_text())
+        return TokenizerSpec(model=model, backend=data["backend"], bos=tuple(data["bos"]),
+                             special=tuple((token, i) for token, i in data["special"]))
     tok = load_tokenizer(model)
     backend = getattr(tok, "_tokenizer", None)
     special = dict(reflection_ids(tok).by_token)
     if tok.eos_token is not None:
         special[tok.eos_token] = tok.eos_token_id
-    return TokenizerSpec(model=model, backend=backend.to_str() if backend is not None else None,
+    spec = TokenizerSpec(model=model, backend=backend.to_str() if backend is not None else None,
                          bos=tuple(bos_ids(tok)), special=tuple(special.items()))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"backend": spec.backend, "bos": spec.bos, "special": spec.special}))
+        os.replace(tmp, cached)
+    return spec
+
+
+def _spec_cache_file(model: str) -> Path | None:
+    """Where the spec of ``model``'s tokenizer is cached; None for a hub id (no files to digest)."""
+    if not io.is_remote(model) and not os.path.isdir(model):
+        return None
+    local = Path(io.localize(model, only=TOKENIZER_FILES))
+    digest = hashlib.sha256(f"transformers {metadata.version('transformers')}\n".encode())
+    for name in TOKENIZER_FILES:
+        if (local / name).is_file():
+            digest.update(f"{name}\n".encode() + (local / name).read_bytes())
+    return Path(io.cache_dir()) / "tokenizer-specs" / f"{digest.hexdigest()[:24]}.json"
 
 
 @lru_cache(maxsize=4)

@@ -132,6 +132,7 @@ def adaptive(tmp_path_factory, index_dir, ray_session):
     inputs = copy_demo_queries(root / "in") + write_bad_shards(root / "in") + [write_adversarial_shard(root / "in"),
                                                                                  write_invalid_utf8_shard(root / "in")]
     summary, table = run_job(root / "out", index_dir, inputs, "output.keep_logprobs=true",
+                             "stages.start_with_services=true",  # the stage actors start beside the engine
                              f"selfrag.top_k={TOP_K}", f"selfrag.threshold={THRESHOLD}")
     return inputs, summary, table.to_pylist(), root / "out"
 

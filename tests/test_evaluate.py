@@ -308,7 +308,7 @@ def test_jsonl_question_answers_with_ctxs(tmp_path):
            "\n\n### Input:\nWhich is a metal?\nA: wood\nB: glass\nC: iron\n\n### Response:\n"),
 ])
 def test_official_files_give_the_evaluation_scripts_prompts(tmp_path, name, record, task, prompt):
-    """A record shaped like each official evaluation file, read with the README's Table 2
+    """A record shaped like each official evaluation file, read with docs/evaluation.md's Table 2
     command options, becomes exactly the prompt the authors' short-form script builds for it
     (ARC with only the choices it has)."""
     _, rows = layouts.load_file(write_lines(tmp_path / name, [record]), task=task)
@@ -513,6 +513,99 @@ def test_cli_converts_queries_annotates_each_mode_and_scores_per_task(tmp_path, 
     assert rep["per_task"]["always"]["popqa"]["rows"] == 2 and rep["per_task"]["always"]["arc_c"]["metric"] == "exact"
 
 
+#: The figures the end-to-end synthetic evaluation reports from an ``always`` run.
+SEVEN = ("accuracy_always", "relevant_on_gold", "irrelevant_on_unrelated", "counterfactual_follow_rate",
+         "gold_ranked_first", "gold_in_top_k", "well_formed_rate")
+
+
+def scripted_always_run(rows: list[dict]) -> list[dict]:
+    """What a scripted ``always`` run answers for the synthetic suite's rows (2 knowledge, 2
+    no-knowledge, 2 long-form questions, 2 probes of each kind): by kind or probe, and by
+    position among those rows (0 or 1)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        group = r["probe"] if r["probe"] != "plain" else r["kind"]
+        i = seen[group] = seen.get(group, -1) + 1
+        gold, gold_answer = r["gold_passage_id"], r["answers"][0]
+        ids = [40, 34, 2]  # words, [Utility:5], end of sequence: well formed
+        if group == "knowledge":  # 0: right, gold passage first and chosen; 1: wrong, gold second, not chosen
+            answer = f"It is {gold_answer}." if i == 0 else "no idea"
+            passages = [gold, "p-x"] if i == 0 else ["p-x", gold]
+            best, ids = passages[0], ([40, 34, 2] if i == 0 else [40, 41])  # 1: cut by its budget
+        elif group == "no_knowledge":  # 0: right, 1: wrong
+            answer, passages, best = (gold_answer if i == 0 else "9"), ["p-y"], "p-y"
+        elif group == "gold":  # 0: [Relevant] first and right; 1: [Irrelevant] first and wrong
+            answer, passages, best = (gold_answer if i == 0 else "x"), [gold], gold
+            ids = [10 if i == 0 else 11, 40, 34, 2]
+        elif group == "unrelated":  # 0: [Irrelevant] first; 1: the row failed
+            if i == 1:
+                out.append({**r, "answer": None, "answer_raw": None, "retrieved": None, "candidates": None,
+                            "passages": None, "best_passage_id": None, "answer_token_ids": None,
+                            "error": "engine error: boom"})
+                continue
+            answer, passages, best, ids = "y", [r["ctxs"][0]["id"]], r["ctxs"][0]["id"], [11, 40, 34, 2]
+        elif group == "counterfactual":  # 0: follows the swapped passage; 1: says the original, no eos
+            answer = r["swapped_value"] if i == 0 else r["original_value"]
+            passages, best, ids = [r["ctxs"][0]["id"]], r["ctxs"][0]["id"], ([40, 34, 2] if i == 0 else [40, 34])
+        else:  # long form: no token ids; 0's raw text ends with [Utility:5]</s>, 1's does not
+            out.append({**r, "answer": " ".join(r["answers"]), "answer_raw": "a [Utility:5]</s>" if i == 0 else "a",
+                        "retrieved": True, "candidates": None, "passages": None, "best_passage_id": None,
+                        "answer_token_ids": None, "segments": [], "docs": [], "error": None})
+            continue
+        candidate = {"passage_id": best, "raw": answer, "answer": answer, "error": None, "token_ids": ids}
+        out.append({**r, "answer": answer, "answer_raw": answer, "retrieved": True, "candidates": [candidate],
+                    "passages": [{"id": p, "title": p, "text": "t", "retrieval_score": None} for p in passages],
+                    "best_passage_id": best, "answer_token_ids": ids, "error": None})
+    return out
+
+
+def test_synthetic_cli_with_a_scripted_annotation(tmp_path, monkeypatch, capsys):
+    """``--synthetic --modes always`` on the real suite (2 questions of each kind), the annotation
+    run replaced by a script (``scripted_always_run``): every figure worked out by hand."""
+    seen = {}
+
+    def scripted_annotate(configs, resume):
+        assert list(configs) == ["always"]
+        rows = [r for p in configs["always"].input.paths for r in pq.read_table(p).to_pylist()]
+        seen["ids"] = [r["id"] for r in rows]
+        return {"always": scripted_always_run(rows)}, {"always": 0.0}
+
+    monkeypatch.setattr(evaluate, "annotate_all", scripted_annotate)
+    monkeypatch.setattr(evaluate, "token_info", lambda model: TOKENS)
+    work = tmp_path / "eval"
+    assert evaluate.main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
+                          f"retrieval.index_dir={tmp_path / 'no-index'}"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(seen["ids"]) == 12 and sum(i.endswith("#gold") for i in seen["ids"]) == 2  # plain rows and probes
+    expected = {
+        # knowledge: row 0 says its gold answer, row 1 "no idea" -> 1/2; no-knowledge likewise
+        "accuracy_always": 0.5, "accuracy_always_no_knowledge": 0.5,
+        # gold probes: first token 10 [Relevant] for row 0 only -> 1/2; its answer right, row 1's not
+        "relevant_on_gold": 0.5, "accuracy_with_gold_ctx": 0.5,
+        # unrelated probes: row 0 starts with 11 [Irrelevant]; row 1 failed and counts as a miss -> 1/2
+        "irrelevant_on_unrelated": 0.5,
+        # counterfactual probes: row 0 says the swapped value, row 1 the original
+        "counterfactual_follow_rate": 0.5, "counterfactual_original_rate": 0.5,
+        # knowledge rows: row 0 chose its gold passage, ranked first; row 1 has it second, chose another
+        "gold_ranked_first": 0.5, "gold_in_top_k": 1.0, "gold_retrieved_first": 0.5,
+        # token ids of the 9 short-form rows that did not fail: knowledge 1 (cut before any [Utility]) and
+        # counterfactual 1 ([Utility:5], no eos) are not well formed -> 7/9; the 2 long-form rows have none:
+        # by text, row 0 ends with [Utility:5]</s>, row 1 does not -> 1/2
+        "well_formed_rate": round(7 / 9, 4), "well_formed_rate_always": round(7 / 9, 4),
+        "well_formed_checked": 9, "well_formed_unchecked": 2, "well_formed_text_proxy_unchecked": 0.5,
+        # every row that did not fail retrieved (always); the failed row has no decision
+        "retrieval_rate_always_knowledge": 1.0, "retrieval_rate_always_long_form": 1.0,
+        "error_rows_always": 1, "probe_basis": "token_ids",
+        "n_knowledge": 2, "n_no_knowledge": 2, "n_long_form": 2,
+        "n_probe_gold": 2, "n_probe_unrelated": 2, "n_probe_counterfactual": 2,
+        # modes not run
+        "accuracy_never": None, "accuracy_adaptive": None, "long_form_accuracy": None,
+    }
+    assert {k: rep[k] for k in expected} == expected
+    assert set(SEVEN) <= set(expected)
+
+
 @pytest.mark.integration
 def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, capsys):
     """One real annotation run (vLLM, FAISS, Ray): 2 + 2 + 2 held-out questions (knowledge,
@@ -525,9 +618,12 @@ def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, cap
     assert (rep["n_knowledge"], rep["n_no_knowledge"], rep["n_long_form"], rep["n_probe_gold"]) == (2, 2, 2, 2)
     assert rep["accuracy_never"] is None and rep["error_rows_always"] == 0
     assert rep["probe_basis"] == "token_ids" and rep["gold_in_corpus"] == 1.0
-    for key in ("accuracy_always", "relevant_on_gold", "irrelevant_on_unrelated", "counterfactual_follow_rate",
-                "gold_ranked_first", "gold_in_top_k", "well_formed_rate"):
-        assert 0.0 <= rep[key] <= 1.0, key
+    # the figures are those of the rows written (the report itself is checked with hand-worked
+    # values on scripted rows: test_synthetic_cli_with_a_scripted_annotation)
+    runs = {"always": evaluate.read_output(str(work / "synthetic" / "always"))}
+    again = synthetic.report(runs, evaluate.token_info(str(REPO / "models" / "tiny-selfrag")))
+    for key in SEVEN:
+        assert rep[key] is not None and rep[key] == again[key], key
     # always: every short-form row has token ids; the 2 long-form (tree) rows have none
     assert rep["well_formed_checked"] == 10 and rep["well_formed_unchecked"] == 2
     assert rep["long_form_accuracy"] is None  # a figure of the adaptive run, which did not run

@@ -71,8 +71,9 @@ def test_services_the_local_ray_cannot_hold_are_refused_before_deploying(tmp_pat
 
 
 @pytest.mark.integration
-def test_a_service_not_running_within_its_start_timeout_stops_the_job(tmp_path):
-    proc = run_job(tmp_path, "engine.service.start_timeout_s=0.001")
+@pytest.mark.parametrize("overlap", ["false", "true"])  # true: the stages already run when the wait fails
+def test_a_service_not_running_within_its_start_timeout_stops_the_job(tmp_path, overlap):
+    proc = run_job(tmp_path, "engine.service.start_timeout_s=0.001", f"stages.start_with_services={overlap}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .. import io
 from ..config import LongFormConfig
-from ..stages.columns import OUTPUT_TYPES
+from ..schema import OUTPUT_TYPES
 
 #: Output columns an export reads; a run whose shards lack one is refused.
 REQUIRED_COLUMNS = ("prompt", "retrieval_prob", "retrieved", "passages", "candidates", "answer", "answer_raw",

@@ -40,6 +40,10 @@ _STRIP_RE = re.compile(
 )
 
 
+class MissingReflectionTokens(ValueError):
+    """A tokenizer that does not know every reflection token (not a Self-RAG model)."""
+
+
 @dataclass(frozen=True)
 class ReflectionIds:
     """Token ids of the reflection tokens for one tokenizer."""
@@ -50,7 +54,7 @@ class ReflectionIds:
     def from_lookup(cls, lookup: Callable[[str], int | None], unk_id: int | None = None) -> "ReflectionIds":
         """Build from a token->id function (e.g. ``tokenizer.convert_tokens_to_ids``).
 
-        Raises ValueError naming the missing tokens if the tokenizer does not know all 15
+        Raises MissingReflectionTokens naming the missing tokens if the tokenizer does not know all 15
         (a tokenizer maps unknown strings to its unk id, which counts as missing).
         """
         by_token, missing = {}, []
@@ -61,7 +65,7 @@ class ReflectionIds:
             else:
                 by_token[tok] = int(tid)
         if missing:
-            raise ValueError(f"tokenizer lacks Self-RAG reflection tokens: {missing}")
+            raise MissingReflectionTokens(f"tokenizer lacks Self-RAG reflection tokens: {missing}")
         return cls(by_token)
 
     def __getitem__(self, token: str) -> int:

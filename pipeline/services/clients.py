@@ -69,8 +69,9 @@ async def call_with_retries(call, service: str, svc: ServiceConfig):
             if not retryable(exc):
                 raise
             last = exc
-            log.warning("%s call failed (%s: %s); retry %d of %d in %.0f s", service, type(exc).__name__,
-                        str(exc).splitlines()[0][:200], attempt + 1, svc.request_retries, delay)
+            if attempt < svc.request_retries:  # a timeout's message is empty
+                log.warning("%s call failed (%s: %s); retry %d of %d in %.0f s", service, type(exc).__name__,
+                            (str(exc).splitlines() or [""])[0][:200], attempt + 1, svc.request_retries, delay)
         if attempt < svc.request_retries:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -84,14 +85,17 @@ class ServeEngineClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
+        from ..metrics import job_actor_name
+
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
+        self.metrics = job_actor_name()  # where the replicas report what they serve for this job
 
     async def generate(self, prompts, max_tokens, route, stop_ids=()):
         if not prompts:
             return []
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
-                   "stop_ids": list(stop_ids)}
+                   "stop_ids": list(stop_ids), "metrics": self.metrics}
         return await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
 
 
@@ -101,10 +105,14 @@ class ServeRetrieverClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
+        from ..metrics import job_actor_name
+
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
+        self.metrics = job_actor_name()
 
     async def search(self, queries, k):
         if not queries:
             return []
-        return await call_with_retries(lambda: self.handle.search.remote(list(queries), k), "retriever", self.svc)
+        return await call_with_retries(lambda: self.handle.search.remote(list(queries), k, self.metrics),
+                                       "retriever", self.svc)

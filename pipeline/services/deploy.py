@@ -7,12 +7,17 @@ already running: then the job uses it and leaves it running.
 
 from __future__ import annotations
 
+import _thread
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import phases
 from ..config import Config, ServiceConfig
+from ..metrics import job_actor_name
 from ..tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,9 @@ class Services:
     engine: str | None = None
     retriever: str | None = None
     owned: list[str] = field(default_factory=list)
+    #: How long the owned applications may take to run, and what to say if they do not.
+    start_timeout_s: float = 0.0
+    why_not: str = ""
 
 
 def replica_options(svc: ServiceConfig, env: dict | None = None, gpus_per_worker: float | None = None,
@@ -57,18 +65,21 @@ def replica_options(svc: ServiceConfig, env: dict | None = None, gpus_per_worker
 
 
 def engine_application(cfg: Config, tokenizer: TokenizerSpec):
-    """The engine service as a Serve application (not yet running)."""
+    """The engine service as a Serve application (not yet running): vLLM replicas, or simulated
+    ones when ``engine.simulated.recording`` is set."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
     from .engine import EngineReplica
     from .routing import RowAffinityRouter
+    from .simulated_engine import SimulatedEngineReplica
 
     tp = cfg.engine.tensor_parallel_size
     options = replica_options(cfg.engine.service, cfg.engine.env, cfg.engine.service.num_gpus, tp)
     options["request_router_config"] = RequestRouterConfig(request_router_class=RowAffinityRouter)
-    return serve.deployment(EngineReplica, name="SelfRagEngine").options(**options).bind(
-        cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests)
+    body = SimulatedEngineReplica if cfg.engine.simulated.recording else EngineReplica
+    return serve.deployment(body, name="SelfRagEngine").options(**options).bind(
+        cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests, job_actor_name())
 
 
 def retriever_application(cfg: Config, tokenizer: TokenizerSpec):
@@ -82,7 +93,7 @@ def retriever_application(cfg: Config, tokenizer: TokenizerSpec):
               for i, name in enumerate(apart_shards(cfg))]
     options = replica_options(cfg.retrieval.service)
     return serve.deployment(RetrieverReplica, name="SelfRagRetriever").options(**options).bind(
-        cfg.retrieval, cfg.storage, shards)
+        cfg.retrieval, cfg.storage, shards, job_actor_name())
 
 
 def apart_shards(cfg: Config) -> list[str]:
@@ -195,12 +206,12 @@ def wait_until_running(names: list[str], timeout_s: float, why_not: str) -> None
         pause = min(1.0, pause * 2)
 
 
-def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool) -> Services:
-    """Deploy (or find) the engine service, and the retrieval service when ``retrieval``, and
-    wait until they run (on a small machine, starting the stages meanwhile would only slow the
-    engine's start-up down). A request that the cluster cannot hold is refused before anything
-    is deployed on a Ray this driver started (ServicesUnavailable); on a cluster that may grow,
-    it is a warning, and ``start_timeout_s`` bounds the wait."""
+def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool, wait: bool = True) -> Services:
+    """Deploy (or find) the engine service, and the retrieval service when ``retrieval``; with
+    ``wait``, wait until they run (``wait_for_services``; without, the caller starts its
+    dataflow meanwhile and waits after). A request that the cluster cannot hold is refused
+    before anything is deployed on a Ray this driver started (ServicesUnavailable); on a cluster
+    that may grow, it is a warning, and ``start_timeout_s`` bounds the wait."""
     from ray import serve
     from ray.serve.api import RunTarget, run_many
 
@@ -229,17 +240,89 @@ def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool) -> Se
         services.owned.append(default_name)
         targets.append(RunTarget(target=build(cfg, tokenizer), name=default_name, route_prefix=None))
     if targets:
-        timeout = max(svc.start_timeout_s for _, svc, _, _ in wanted if not svc.deployment)
+        services.start_timeout_s = max(svc.start_timeout_s for _, svc, _, _ in wanted if not svc.deployment)
+        services.why_not = short or (f"the cluster has {_describe(cluster_total(nodes))}; the run log has Serve's "
+                                     "view (pending resource demands, replica errors)")
         try:
             run_many(targets, wait_for_applications_running=False)
             phases.reached("deploy")  # test hook: the applications are deploying
-            wait_until_running(services.owned, timeout,
-                               short or f"the cluster has {_describe(cluster_total(nodes))}; the run log has Serve's "
-                               "view (pending resource demands, replica errors)")
-        except BaseException:  # the timeout, or a signal: no application of this job stays behind
+        except BaseException:  # a signal: no application of this job stays behind
             stop_services(services)
             raise
+    if wait:
+        wait_for_services(services)
     return services
+
+
+def wait_for_engine_start(services: Services, metrics) -> None:
+    """Until the first engine replica the job deployed reports (to ``metrics``, the job's
+    metrics actor) that it is starting: the stage actors the job starts next then start beside
+    its model load, not before it in the raylet's queue of worker processes to start. Returns at
+    once for a reused engine, and when the application failed, runs, or ``start_timeout_s``
+    passed (``wait_for_services`` then says why)."""
+    if services.engine not in services.owned:
+        return
+    import ray
+    from ray import serve
+
+    deadline, polls = time.monotonic() + services.start_timeout_s, 0
+    while time.monotonic() < deadline:
+        try:
+            if "starting_at" in ray.get(metrics.get.remote(), timeout=30).get("engine", {}):
+                return
+        except Exception:  # noqa: BLE001 - no metrics: start the stages now
+            return
+        polls += 1
+        if polls % 8 == 0:
+            status = serve.status().applications.get(services.engine)
+            if status is None or status.status in ("DEPLOY_FAILED", "RUNNING"):
+                return
+        time.sleep(0.25)
+
+
+@contextmanager
+def services_awaited_beside(services: Services):
+    """Run the body (the dataflow, in the main thread) while another thread waits for the
+    services the job deployed: if they fail to start, ServicesUnavailable is raised in the main
+    thread, through SIGUSR1's handler. Outside the main thread: wait first, then run the body."""
+    if threading.current_thread() is not threading.main_thread():
+        wait_for_services(services)
+        yield
+        return
+    failure: list[BaseException] = []
+    finished = threading.Event()
+
+    def raise_failure(_signum, _frame):
+        raise failure[0]
+
+    def watch() -> None:
+        try:
+            wait_until_running(services.owned, services.start_timeout_s, services.why_not)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the wait stops the job
+            if not finished.is_set():
+                failure.append(exc)
+                _thread.interrupt_main(signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, raise_failure)
+    try:
+        if services.owned:
+            threading.Thread(target=watch, name="services-watch", daemon=True).start()
+        yield
+    finally:
+        finished.set()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def wait_for_services(services: Services) -> None:
+    """Wait until the applications the job deployed run; ServicesUnavailable (and they are
+    removed) when one failed to deploy or ``start_timeout_s`` passed."""
+    if not services.owned:
+        return
+    try:
+        wait_until_running(services.owned, services.start_timeout_s, services.why_not)
+    except BaseException:  # the timeout, or a signal: no application of this job stays behind
+        stop_services(services)
+        raise
 
 
 def check_reused_retriever(app: str, version: str) -> None:

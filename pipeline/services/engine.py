@@ -11,9 +11,7 @@ call and fails the replica's health check, so Serve replaces the replica while c
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 import uuid
 from typing import Sequence
@@ -21,12 +19,9 @@ from typing import Sequence
 from ..config import EngineConfig, StorageConfig
 from ..selfrag.scoring import Continuation
 from ..tokenizer import TokenizerSpec
+from .reporting import ReportingReplica
 
 log = logging.getLogger(__name__)
-
-#: How often a replica reports its counters to the job's metrics actor, in seconds.
-REPORT_EVERY_S = 2.0
-
 
 class EngineUnavailable(RuntimeError):
     """The replica's engine is dead (or starting): retry the call, on this or another replica."""
@@ -70,20 +65,20 @@ class EngineCounters:
         return _Logger(vllm_config, engine_index)
 
 
-class EngineReplica:
+class EngineReplica(ReportingReplica):
     """Serve deployment body: one asynchronous vLLM engine (see the module docstring)."""
 
     async def __init__(self, cfg: EngineConfig, storage: StorageConfig, tokenizer: TokenizerSpec,
-                       record_requests: str | None = None):
+                       record_requests: str | None = None, metrics: str | None = None):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from .. import io
         from ..engine import engine_kwargs
-        from ..metrics import Reporter
         from ..tokenizer import spec_tokens
 
         start = time.perf_counter()
+        self.announce("engine", metrics)
         io.configure(storage)
         self.cfg = cfg
         _, self.ids, self.decode = spec_tokens(tokenizer)
@@ -91,31 +86,7 @@ class EngineReplica:
         self.counters = EngineCounters()
         args = AsyncEngineArgs(model=io.localize(cfg.model), disable_log_stats=True, **engine_kwargs(cfg))
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.counters.factory])
-        self.reporter = Reporter("engine", refresh=True)
-        self.reporter.report(init_seconds=time.perf_counter() - start, startups=1, ready_at=time.time())
-        self._reported = dict(self.counters.totals)
-        self._window: dict[str, float] = {}  # first request start, last request end (epoch seconds)
-        self._record = None
-        if record_requests:
-            os.makedirs(record_requests, exist_ok=True)
-            self._record = open(os.path.join(record_requests, f"requests-{uuid.uuid4().hex}.jsonl"), "a")
-        self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
-
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(REPORT_EVERY_S)
-            self.flush_counters()
-
-    def flush_counters(self, wait: bool = False) -> None:
-        """Send the counters' growth since the last report to the metrics actor (``wait``: until
-        it has them)."""
-        now = dict(self.counters.totals)
-        delta = {k: now[k] - self._reported.get(k, 0) for k in now}
-        if any(delta.values()):
-            self.reporter.report(wait=wait, **delta, **self._window)
-            self._reported = now
-        if self._record is not None:
-            self._record.flush()
+        self.start_reporting(self.counters.totals, time.perf_counter() - start, record_requests)
 
     async def generate(self, request: dict) -> list[Continuation | str]:
         """Greedy continuations of ``request["prompts"]`` (token ids), each with its budget in
@@ -127,16 +98,15 @@ class EngineReplica:
         if self.engine.errored:
             raise EngineUnavailable("the vLLM engine of this replica is dead; the replica is being replaced")
         prompts, budgets, stop_ids = request["prompts"], request["max_tokens"], request.get("stop_ids", ())
-        self._window.setdefault("first_start", time.time())
-        if self._record is not None:
-            for p, b in zip(prompts, budgets):
-                self._record.write(json.dumps({"prompt": p, "max_tokens": b, "stop_ids": list(stop_ids)}) + "\n")
+        self.begin(request.get("metrics"))
         outs = await asyncio.gather(*(self._one(p, b, stop_ids) for p, b in zip(prompts, budgets)),
                                     return_exceptions=True)
-        self._window["last_end"] = time.time()
+        self.end()
         if any(isinstance(o, EngineDeadError) for o in outs) or self.engine.errored:
             raise EngineUnavailable("the vLLM engine of this replica died; the replica is being replaced")
-        return [f"{type(o).__name__}: {o}" if isinstance(o, BaseException) else o for o in outs]
+        outs = [f"{type(o).__name__}: {o}" if isinstance(o, BaseException) else o for o in outs]
+        self.record(prompts, budgets, stop_ids, outs)
+        return outs
 
     async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int]) -> Continuation:
         from vllm.inputs import TokensPrompt
@@ -156,10 +126,7 @@ class EngineReplica:
             raise EngineUnavailable("the vLLM engine of this replica is dead")
 
     def __del__(self):
-        task = getattr(self, "_report_task", None)
-        if task is not None:
-            task.cancel()
-            self.flush_counters(wait=True)  # the job deletes its services, then reads the metrics
+        self.stop_reporting()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -20,35 +20,39 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config import RetrievalConfig, StorageConfig
+from .reporting import ReportingReplica
 
 
-class RetrieverReplica:
+class RetrieverReplica(ReportingReplica):
     """Serve deployment body: one retriever (``pipeline.retrieval.index.Retriever``). With
     ``shards`` (handles of ``IndexShardReplica`` deployments, ``retrieval.shards_apart``) it
     encodes the queries, asks every shard for its hits and merges them; otherwise it searches
     every shard of the version itself."""
 
-    def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shards: list | None = None):
+    async def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shards: list | None = None,
+                       metrics: str | None = None):
         from .. import io
-        from ..metrics import Reporter
         from ..retrieval.index import Retriever
 
         start = time.perf_counter()
+        self.announce("retriever", metrics)
         io.configure(storage)
         self.shards = list(shards or [])
         self.retriever = Retriever(cfg, exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        self.reporter = Reporter("retriever", refresh=True)
-        self.reporter.report(init_seconds=time.perf_counter() - start, startups=1, ready_at=time.time())
+        self.counters = {"seconds": 0.0, "queries": 0, "calls": 0}
+        self.start_reporting(self.counters, time.perf_counter() - start)
 
     async def index_meta(self) -> dict:
         """The ``meta.json`` of the index version this replica searches (a job reusing a running
         retrieval service checks it is the version its identity names)."""
         return self.retriever.meta
 
-    async def search(self, queries: list[str], k: int) -> list[list[dict]]:
-        """Top-k passages per query, best first, each with its ``retrieval_score``."""
-        start, wall = time.perf_counter(), time.time()
+    async def search(self, queries: list[str], k: int, metrics: str | None = None) -> list[list[dict]]:
+        """Top-k passages per query, best first, each with its ``retrieval_score``; ``metrics``:
+        the calling job's metrics actor."""
+        self.begin(metrics)
+        start = time.perf_counter()
         loop, r = asyncio.get_running_loop(), self.retriever
         if not self.shards or not queries:
             found = await loop.run_in_executor(self.pool, r.search, queries, k)
@@ -56,9 +60,15 @@ class RetrieverReplica:
             vectors = await loop.run_in_executor(self.pool, r.encoder.encode, queries)
             parts = await asyncio.gather(*(shard.search.remote(vectors, r.candidates(k)) for shard in self.shards))
             found = await loop.run_in_executor(self.pool, lambda: r.passages(*r.rank(vectors, parts, k)))
-        self.reporter.report(seconds=time.perf_counter() - start, queries=len(queries), calls=1,
-                             first_start=wall, last_end=time.time())
+        c = self.counters
+        c["seconds"] += time.perf_counter() - start
+        c["queries"] += len(queries)
+        c["calls"] += 1
+        self.end()
         return found
+
+    def __del__(self):
+        self.stop_reporting()
 
 
 class IndexShardReplica:

@@ -40,9 +40,11 @@ def max_new_tokens(task: str | None, cfg: Config) -> int:
 
 def route_buckets(cfg: Config) -> int:
     """How many routing keys rows are spread over: four per engine replica (at most), so that
-    keys balance over the replicas while a batch needs only a few engine calls."""
+    keys balance over the replicas while a batch needs only a few engine calls; one for a
+    single replica that the job deploys (a batch is one call)."""
     svc = cfg.engine.service
-    return 4 * max(svc.replicas, svc.max_replicas or 0)
+    replicas = max(svc.replicas, svc.max_replicas or 0)
+    return 1 if replicas == 1 and not svc.deployment else 4 * replicas
 
 
 def route_key(row_id, buckets: int) -> str:

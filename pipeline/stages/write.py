@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from .. import io, phases, staging
 from ..config import Config
 from ..metrics import Reporter
-from ..preflight import marker_path
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
 from .contract import Contract
 
@@ -83,7 +82,7 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     marker = {**summary, "annotation_hash": annotation_hash,
               **({"annotation_identity": identity} if identity is not None else {}),
               **({"input": version} if version else {})}
-    io.write_text(marker_path(output, shard), json.dumps(marker))
+    io.write_text(staging.marker_path(output, shard), json.dumps(marker))
     staging.remove_shard(output, annotation_hash, shard)
     return summary
 

@@ -1,0 +1,142 @@
+"""Layering: no module under ``pipeline/`` or ``jobs/`` imports from a layer above its own.
+
+Every module is parsed with ``ast`` (nothing is imported), and every ``import`` counts,
+module-level or inside a function. The layers, lowest first, as the code uses them:
+
+0. **algorithm** - ``pipeline.selfrag``: the Self-RAG algorithm as pure Python. It imports
+   nothing of ``pipeline`` outside itself, and never ``ray`` or ``vllm``.
+1. **infrastructure** - what a run is built from, knowing nothing of runs: ``config``,
+   ``secrets``, ``io``, ``console``, ``schema`` (the output's columns and their types),
+   ``tokenizer``, ``engine`` (vLLM arguments and records), ``retrieval``, ``synthetic``,
+   and the tools over a finished output: ``evaluation``, ``export``, ``report``.
+2. **run bookkeeping** - the state of one run and its output location: ``identity``,
+   ``lease``, ``staging`` (staged rows and the shards' success markers), ``manifest``,
+   ``run_log``, ``progress``, ``metrics``, ``phases``, ``phase_times``, ``ray_connect``.
+3. **services** - ``pipeline.services``: the engine and retriever Serve deployments and the
+   clients the stages call them through.
+4. **stages** - ``pipeline.stages``: the Ray Data stages (they call the services' clients).
+5. **run planning and assembly** - ``preflight`` (its id scan assigns ids exactly as the
+   prepare stage does, so it uses ``stages.prepare``) and ``dataflow`` (the chain of stages).
+6. **jobs** - ``jobs.*``, the entrypoints; nothing in ``pipeline`` imports them.
+
+A module may import its own layer and the ones below. A new module must be given a layer
+here (the test names any module it cannot place).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Module name prefix -> layer. The longest matching prefix decides (``pipeline.selfrag`` and
+#: everything under it; ``pipeline.io`` is only that module).
+LAYERS: dict[str, int] = {
+    "pipeline.selfrag": 0,
+    **dict.fromkeys([
+        "pipeline.config", "pipeline.secrets", "pipeline.io", "pipeline.console", "pipeline.schema",
+        "pipeline.tokenizer", "pipeline.engine", "pipeline.retrieval", "pipeline.synthetic",
+        "pipeline.evaluation", "pipeline.export", "pipeline.report",
+    ], 1),
+    **dict.fromkeys([
+        "pipeline.identity", "pipeline.lease", "pipeline.staging", "pipeline.manifest", "pipeline.run_log",
+        "pipeline.progress", "pipeline.metrics", "pipeline.phases", "pipeline.phase_times", "pipeline.ray_connect",
+    ], 2),
+    "pipeline.services": 3,
+    "pipeline.stages": 4,
+    "pipeline.preflight": 5,
+    "pipeline.dataflow": 5,
+    "jobs": 6,
+}
+NAMES = {0: "algorithm", 1: "infrastructure", 2: "run bookkeeping", 3: "services", 4: "stages",
+         5: "run planning and assembly", 6: "jobs"}
+
+#: Third-party packages the algorithm layer must never import.
+NOT_IN_ALGORITHM = ("ray", "vllm")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    files = sorted((REPO / "pipeline").rglob("*.py")) + sorted((REPO / "jobs").rglob("*.py"))
+    return {module_name(p): p for p in files}
+
+
+MODULES = project_modules()
+
+
+def layer(name: str) -> int | None:
+    """The layer of a project module (None: the empty top package ``pipeline`` itself)."""
+    matches = [prefix for prefix in LAYERS if name == prefix or name.startswith(prefix + ".")]
+    if not matches:
+        return None
+    return LAYERS[max(matches, key=len)]
+
+
+def imports(name: str, path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a module, relative imports resolved; ``from A import b``
+    counts as ``A.b`` when that is a module of the project, else as ``A``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                found.append((node.lineno, sub if sub in MODULES else source))
+    return found
+
+
+def internal(target: str) -> bool:
+    return target.split(".")[0] in ("pipeline", "jobs")
+
+
+def test_every_module_has_a_layer():
+    unplaced = [name for name in MODULES if name != "pipeline" and layer(name) is None]
+    assert not unplaced, f"give these modules a layer in LAYERS (and the docstring): {unplaced}"
+
+
+def test_the_parser_sees_imports_inside_functions_and_relative_ones():
+    found = dict((m, line) for line, m in imports("pipeline.preflight", MODULES["pipeline.preflight"]))
+    assert "pipeline.stages.prepare" in found  # imported inside scan_ids, relative
+    assert "pipeline.staging" in found and "pipeline.io" in found  # "from . import io, staging"
+    assert "jobs.report" in {m for _, m in imports("jobs.annotate", MODULES["jobs.annotate"])}  # in a function
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if m != "pipeline"])
+def test_no_import_from_a_higher_layer(name):
+    own = layer(name)
+    upward = []
+    for line, target in imports(name, MODULES[name]):
+        if not internal(target) or target == "pipeline":
+            continue
+        theirs = layer(target)
+        assert theirs is not None, f"{name}:{line} imports {target}, which is no module of the project"
+        if theirs > own:
+            upward.append(f"line {line}: {target} ({NAMES[theirs]})")
+    assert not upward, f"{name} ({NAMES[own]}) imports from higher layers: {upward}"
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if layer(m) == 0])
+def test_the_algorithm_imports_only_itself_and_no_ray_or_vllm(name):
+    bad = [f"line {line}: {target}" for line, target in imports(name, MODULES[name])
+           if (internal(target) and layer(target) != 0) or target.split(".")[0] in NOT_IN_ALGORITHM]
+    assert not bad, f"{name} must stay pure Python: {bad}"
+
+
+def test_nothing_in_pipeline_imports_jobs():
+    bad = [f"{name}:{line} {target}" for name, path in MODULES.items() if name.startswith("pipeline")
+           for line, target in imports(name, path) if target.split(".")[0] == "jobs"]
+    assert not bad, bad

@@ -1,0 +1,329 @@
+"""Unit tests of the service plumbing, without Ray or an engine running: row affinity
+(``pipeline.services.routing``), the engine replica's mapping of failures
+(``EngineReplica.generate``), the clients' retries (``pipeline.services.clients``) and vLLM
+completions as plain records (``pipeline.engine.to_continuation``)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.config import ServiceConfig
+from pipeline.engine import PromptTooLong, to_continuation
+from pipeline.selfrag.scoring import Continuation
+from pipeline.services import clients
+from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
+from pipeline.metrics import Reporter
+from pipeline.services.engine import EngineReplica, EngineUnavailable
+from pipeline.services.routing import RowAffinityRouter, rendezvous_order, route_key
+
+REPLICAS = [f"replica-{i}" for i in range(5)]
+KEYS = [f"row-{i}" for i in range(1000)]
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+def test_rendezvous_order_is_highest_hash_first():
+    # the documented rule, computed here on its own: blake2b-64 of "key\0replica", big-endian, highest first
+    def score(replica):
+        return int.from_bytes(hashlib.blake2b(f"row-1\0{replica}".encode(), digest_size=8).digest(), "big")
+
+    assert rendezvous_order("row-1", ["a", "b", "c"]) == sorted(["a", "b", "c"], key=score, reverse=True)
+    assert rendezvous_order("row-1", ["a", "b", "c"]) == ["b", "c", "a"]  # pinned: a change of hash shows here
+
+
+def test_rendezvous_order_is_stable_and_keeps_every_id():
+    for key in KEYS[:50]:
+        order = rendezvous_order(key, REPLICAS)
+        assert sorted(order) == sorted(REPLICAS)  # a permutation: every id once
+        assert rendezvous_order(key, REPLICAS) == order  # the same again
+        assert rendezvous_order(key, list(reversed(REPLICAS))) == order  # whatever the order given
+    assert rendezvous_order("row-1", []) == []
+    assert rendezvous_order("row-1", ["only"]) == ["only"]
+
+
+def test_every_replica_is_home_to_a_fair_share_of_keys():
+    homes = Counter(rendezvous_order(k, REPLICAS)[0] for k in KEYS)
+    assert set(homes) == set(REPLICAS)
+    assert all(150 <= n <= 250 for n in homes.values()), homes  # 200 each on average
+
+
+def test_removing_a_replica_moves_only_its_own_keys():
+    gone = "replica-2"
+    left = [r for r in REPLICAS if r != gone]
+    moved = 0
+    for key in KEYS:
+        before, after = rendezvous_order(key, REPLICAS), rendezvous_order(key, left)
+        assert after == [r for r in before if r != gone]  # the others keep their relative order
+        if before[0] == gone:
+            moved += 1
+            assert after[0] == before[1]  # the removed replica's keys go to their second choice
+        else:
+            assert after[0] == before[0]  # every other key stays home
+    assert moved == sum(rendezvous_order(k, REPLICAS)[0] == gone for k in KEYS) > 0
+
+
+def test_adding_a_replica_moves_keys_only_to_it():
+    grown = REPLICAS + ["replica-5"]
+    for key in KEYS:
+        before, after = rendezvous_order(key, REPLICAS)[0], rendezvous_order(key, grown)[0]
+        assert after in (before, "replica-5")
+
+
+def request(*args):
+    """What ``route_key`` reads of a Serve ``PendingRequest``: its positional arguments."""
+    return SimpleNamespace(args=list(args), kwargs={})
+
+
+def test_route_key():
+    assert route_key(request({ROUTE: "q7", "prompts": [[1]]})) == "q7"
+    assert route_key(request({ROUTE: 7})) == "7"  # a key is text
+    assert route_key(request({ROUTE: 0})) == "0"  # a falsy id is still a key
+    assert route_key(None) is None
+    assert route_key(request()) is None  # no arguments
+    assert route_key(request({"prompts": [[1]]})) is None  # a dict without a route
+    assert route_key(request({ROUTE: None})) is None
+    assert route_key(request(["q7"])) is None  # not a dict
+    assert route_key(request("q7", {ROUTE: "q8"})) is None  # only the first argument counts
+
+
+def replica(unique_id):
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
+
+
+def test_router_sends_a_row_home_first_and_the_rest_as_fallback():
+    router = object.__new__(RowAffinityRouter)  # choose_replicas reads nothing of the router
+    candidates = [replica(r) for r in REPLICAS]
+    choose = router.choose_replicas
+    ranked = asyncio.run(choose(candidates, request({ROUTE: "row-1"})))
+    order = rendezvous_order("row-1", REPLICAS)
+    assert [[r.replica_id.unique_id for r in group] for group in ranked] == [order[:1], order[1:]]
+    assert asyncio.run(choose(candidates, request({"prompts": []}))) == [candidates]  # no key: any replica
+    assert asyncio.run(choose(candidates[:1], request({ROUTE: "row-1"}))) == [candidates[:1]]
+    assert asyncio.run(choose([], request({ROUTE: "row-1"}))) == []
+
+
+# --- the engine replica's error mapping ----------------------------------------------------
+
+
+def continuation(prompt, budget):
+    return Continuation(token_ids=[*prompt, budget], logprobs=[{}], cumulative_logprob=-1.0, text=f"p{prompt[0]}")
+
+
+def bare_replica(outcomes, errored=False):
+    """An ``EngineReplica`` without vLLM: ``_one`` returns (or raises) ``outcomes[prompt[0]]``,
+    a callable of (prompt, budget) or an exception; calls are recorded in ``.calls``."""
+    engine = SimpleNamespace(errored=errored, shutdown=lambda: None)
+    r = object.__new__(EngineReplica)
+    r.engine, r.calls = engine, []
+    r.window, r._recorder = {}, None  # the request window (first start, last end); not recording
+    r.reporter = Reporter("engine")  # outside Ray: reports go nowhere
+
+    async def one(prompt_ids, max_tokens, stop_ids):
+        r.calls.append((list(prompt_ids), max_tokens, tuple(stop_ids)))
+        outcome = outcomes[prompt_ids[0]]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome(prompt_ids, max_tokens)
+
+    r._one = one
+    return r
+
+
+def generate(r, prompts, budgets, stop_ids=(2,)):
+    return asyncio.run(r.generate({ROUTE: "row-1", "prompts": prompts, "max_tokens": budgets, "stop_ids": stop_ids}))
+
+
+def test_a_refused_prompt_is_an_error_string_in_its_slot_only():
+    r = bare_replica({1: continuation, 2: ValueError("prompt rejected"), 3: continuation,
+                      4: PromptTooLong("prompt is 9 tokens")})
+    out = generate(r, [[1], [2], [3], [4]], [4, 5, 6, 7])
+    assert out == [Continuation([1, 4], [{}], -1.0, "p1"), "ValueError: prompt rejected",
+                   Continuation([3, 6], [{}], -1.0, "p3"), "PromptTooLong: prompt is 9 tokens"]
+    assert r.calls == [([1], 4, (2,)), ([2], 5, (2,)), ([3], 6, (2,)), ([4], 7, (2,))]
+    assert r.window["first_start"] <= r.window["last_end"]
+
+
+def test_a_dead_engine_core_in_any_slot_fails_the_whole_call():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    for dead in (1, 3):
+        outcomes = {1: continuation, 2: ValueError("prompt rejected"), 3: continuation}
+        outcomes[dead] = EngineDeadError()
+        with pytest.raises(EngineUnavailable, match="died"):
+            generate(bare_replica(outcomes), [[1], [2], [3]], [4, 5, 6])
+
+
+def test_an_engine_that_errored_during_the_call_fails_it_instead_of_its_rows():
+    outcomes = {1: continuation}
+    r = bare_replica(outcomes)
+
+    def die(prompt, budget):  # the engine core dies under this request: vLLM's loop marks it errored
+        r.engine.errored = True
+        raise RuntimeError("background loop stopped")
+
+    outcomes[2] = die
+    with pytest.raises(EngineUnavailable, match="died"):
+        generate(r, [[1], [2]], [4, 5])
+
+
+def test_an_errored_engine_refuses_before_any_request():
+    r = bare_replica({1: continuation}, errored=True)
+    with pytest.raises(EngineUnavailable, match="is dead"):
+        generate(r, [[1]], [4])
+    assert r.calls == [] and r.window == {}
+
+
+def test_health_check_fails_once_the_engine_errored():
+    r = bare_replica({})
+    assert asyncio.run(r.check_health()) is None
+    r.engine.errored = True
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(r.check_health())
+
+
+# --- the clients' retries ------------------------------------------------------------------
+
+
+def test_retryable():
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    assert retryable(EngineUnavailable("dead"))
+    assert retryable(RayActorError())
+    assert retryable(ActorDiedError())  # a subclass: an actor that died with its node
+    assert retryable(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert retryable(DeploymentUnavailableError(DeploymentID(name="engine", app_name="selfrag")))
+    assert retryable(ReplicaUnavailableError("replica-1"))
+    assert retryable(asyncio.TimeoutError()) and retryable(TimeoutError())
+    for exc in (ValueError("bad"), RuntimeError("bug"), PromptTooLong("long"), ServiceUnavailable("gone"),
+                KeyError("prompts")):
+        assert not retryable(exc), exc
+
+
+SVC = ServiceConfig(request_retries=2, retry_backoff_s=0)
+
+
+def script(*outcomes):
+    """An async call that raises or returns ``outcomes`` in turn; ``.calls`` counts its calls."""
+    calls = []
+
+    async def call():
+        outcome = outcomes[len(calls)]
+        calls.append(1)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    call.calls = calls
+    return call
+
+
+def test_a_call_is_retried_until_it_succeeds():
+    call = script(EngineUnavailable("dead"), TimeoutError("slow"), ["ok"])
+    assert asyncio.run(call_with_retries(call, "engine", SVC)) == ["ok"]
+    assert len(call.calls) == 3  # request_retries=2: the last allowed try
+
+
+def test_retries_end_with_service_unavailable():
+    call = script(EngineUnavailable("dead 1"), EngineUnavailable("dead 2"), EngineUnavailable("dead 3"), ["late"])
+    with pytest.raises(ServiceUnavailable) as caught:
+        asyncio.run(call_with_retries(call, "engine", SVC))
+    assert len(call.calls) == 3  # one try and two retries, never a fourth
+    assert str(caught.value) == ("the engine service failed 3 times on unavailable replicas "
+                                 "(last: EngineUnavailable: dead 3); rerun the job to resume")
+
+
+def test_a_non_retryable_error_propagates_at_once():
+    error = ValueError("prompt rejected")
+    call = script(error, ["never"])
+    with pytest.raises(ValueError) as caught:
+        asyncio.run(call_with_retries(call, "engine", SVC))
+    assert caught.value is error and len(call.calls) == 1
+    call = script(EngineUnavailable("dead"), KeyError("prompts"), ["never"])  # also after a retry
+    with pytest.raises(KeyError):
+        asyncio.run(call_with_retries(call, "retriever", SVC))
+    assert len(call.calls) == 2
+
+
+def test_an_error_without_a_message_is_retried_too():
+    """asyncio.wait_for's TimeoutError has an empty message: the retry's log line once failed on it."""
+    call = script(TimeoutError(), ["ok"])
+    assert asyncio.run(call_with_retries(call, "engine", SVC)) == ["ok"]
+    assert len(call.calls) == 2
+
+
+def test_a_try_past_its_timeout_is_retried():
+    calls = []
+
+    def never_answers():  # a future no one completes: only the per-try timeout ends the wait
+        calls.append(1)
+        return asyncio.get_running_loop().create_future()
+
+    svc = ServiceConfig(request_retries=1, retry_backoff_s=0, request_timeout_s=0)
+    with pytest.raises(ServiceUnavailable, match="failed 2 times .*TimeoutError"):
+        asyncio.run(call_with_retries(never_answers, "retriever", svc))
+    assert len(calls) == 2
+
+
+def test_backoff_doubles_up_to_30_seconds(monkeypatch):
+    waits = []
+
+    async def no_wait(seconds):
+        waits.append(seconds)
+
+    monkeypatch.setattr(clients.asyncio, "sleep", no_wait)
+    call = script(*[EngineUnavailable("dead")] * 8)
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(call_with_retries(call, "engine", ServiceConfig(request_retries=7, retry_backoff_s=1.0)))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]  # none after the last try
+    assert len(call.calls) == 8
+
+
+# --- vLLM completions as plain records -----------------------------------------------------
+
+
+def lp(value):
+    return SimpleNamespace(logprob=value)
+
+
+def completion(**changes):
+    fields = dict(token_ids=(5, 7, 9), text="raw text", cumulative_logprob=-0.61,
+                  logprobs=[{5: lp(-0.1), 100: lp(-2.0)}, {7: lp(-0.5)}, {101: lp(-3.0), 9: lp(-0.01)}])
+    return SimpleNamespace(**{**fields, **changes})
+
+
+def test_to_continuation_keeps_only_the_asked_ids():
+    out = to_continuation(completion(), frozenset({100, 101}))
+    assert out == Continuation(token_ids=[5, 7, 9], logprobs=[{100: -2.0}, {}, {101: -3.0}],
+                               cumulative_logprob=-0.61, text="raw text")
+    assert isinstance(out.token_ids, list)
+
+
+def test_to_continuation_keeps_every_id_without_keep():
+    out = to_continuation(completion(), None)
+    assert out.logprobs == [{5: -0.1, 100: -2.0}, {7: -0.5}, {101: -3.0, 9: -0.01}]
+
+
+def test_to_continuation_decodes_the_ids_when_given_a_decoder():
+    seen = []
+
+    def decode(ids):
+        seen.append(ids)
+        return "-".join(map(str, ids))
+
+    assert to_continuation(completion(text=None), None, decode).text == "5-7-9"
+    assert seen == [[5, 7, 9]]
+
+
+def test_to_continuation_of_missing_values():
+    out = to_continuation(completion(cumulative_logprob=None, logprobs=None), frozenset({100}))
+    assert out.cumulative_logprob == 0.0 and isinstance(out.cumulative_logprob, float)
+    assert out.logprobs == []
+    assert to_continuation(completion(token_ids=(), logprobs=[], text=""), None) == Continuation([], [], -0.61, "")
