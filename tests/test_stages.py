@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.selfrag import tokens as T
 from pipeline.services.clients import ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
-from pipeline.stages.common import route_key
+from pipeline.stages.common import route_buckets, route_key
 from pipeline.stages.contract import Contract, ContractError, check_chain
 from pipeline.stages.critique import Critique
 from pipeline.stages.first_pass import FirstPass
@@ -28,6 +28,16 @@ U5 = IDS[T.UTILITY[4]]
 
 def cfg(*overrides):
     return load_config([], list(overrides))
+
+
+BUCKETS = route_buckets(cfg())  # one engine replica: one routing key
+
+
+def test_rows_spread_over_four_routing_keys_per_replica_but_one_for_a_single_deployed_replica():
+    assert BUCKETS == 1  # a batch is one call
+    assert route_buckets(cfg("engine.service.replicas=2")) == 8
+    assert route_buckets(cfg("engine.service.min_replicas=1", "engine.service.max_replicas=3")) == 12
+    assert route_buckets(cfg("engine.service.deployment=running")) == 4  # a reused service may have more replicas
 
 
 def prepared(rows: list[dict], config) -> pa.Table:
@@ -71,8 +81,8 @@ def test_first_pass_decides_from_probabilities_and_answers_without_evidence():
     # row's routing key (rows of one key share a call: one decision call and one answer call per key)
     requests = [(route, text, budget) for route, texts, budgets, _ in engine.calls for text, budget in zip(texts, budgets)]
     assert sorted((route, budget) for route, _, budget in requests) == sorted(
-        [(route_key("a", 4), 1), (route_key("b", 4), 1), (route_key("b", 4), 100)])
-    assert len(engine.calls) == len({route_key(i, 4) for i in "ab"}) + 1  # no call without requests
+        [(route_key("a", BUCKETS), 1), (route_key("b", BUCKETS), 1), (route_key("b", BUCKETS), 100)])
+    assert len(engine.calls) == len({route_key(i, BUCKETS) for i in "ab"}) + 1  # no call without requests
 
 
 def test_first_pass_engine_errors_and_too_long_prompts_are_row_errors():
@@ -86,7 +96,7 @@ def test_first_pass_engine_errors_and_too_long_prompts_are_row_errors():
     # b: BOS + 233 characters ("### Instruction:\n", 200 x, "\n\n### Response:\n") + [No Retrieval] = 235
     assert rows[1]["error"] == "prompt is 235 tokens; with 100 new tokens it exceeds max_model_len=160"
     assert rows[2]["error"] == "engine error: ValueError: boom" and rows[2]["retrieved"] is None
-    assert {route for route, *_ in engine.calls} == {route_key("a", 4), route_key("c", 4)}
+    assert {route for route, *_ in engine.calls} == {route_key("a", BUCKETS), route_key("c", BUCKETS)}
 
 
 def test_never_mode_answers_every_row_without_a_decision():
@@ -159,7 +169,7 @@ def test_critique_scores_every_passage_and_selects_the_best():
     assert rows[0]["answer"] == "w14" and rows[0]["best_passage_id"] == "p2"
     # one engine call for the row's two candidates, keyed by its id, prompts ending in the evidence
     ((route, texts, budgets, _),) = engine.calls
-    assert route == route_key("a", 4) and budgets == [100, 100]
+    assert route == route_key("a", BUCKETS) and budgets == [100, 100]
     assert texts[1].endswith("[Retrieval]<paragraph>P2\ntwo</paragraph>")
 
 
@@ -256,3 +266,15 @@ def test_the_dataflow_chain_is_checked_when_built():
     wrong_type = [Contract("src", reads={}, writes={"n": pa.int64()}), Contract("use", reads={"n": pa.string()})]
     with pytest.raises(ContractError, match="reads column 'n' as string, but it is int64"):
         check_chain({}, wrong_type)
+
+
+def test_non_empty_reads_list_lengths_and_keeps_the_contract():
+    ctxs = pa.list_(pa.struct([("text", pa.string())]))
+    table = pa.table({"ctxs": pa.array([[{"text": "a"}], [], None, [{"text": None}]], type=ctxs),
+                      "note": ["x", "", None, "y"]})
+    view = Contract("s", reads={"ctxs": None, "note": None, "absent": None}, optional=frozenset({"absent"})).view(table)
+    assert view.non_empty("ctxs") == [True, False, False, True]  # a passage with null text is still an item
+    assert view.non_empty("note") == [True, False, False, True]  # not a list: Python truthiness
+    assert view.non_empty("absent") == [False] * 4  # an optional column the input lacks
+    with pytest.raises(ContractError, match="does not declare"):
+        Contract("s", reads={"note": None}).view(table).non_empty("ctxs")

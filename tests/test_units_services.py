@@ -327,3 +327,48 @@ def test_to_continuation_of_missing_values():
     assert out.cumulative_logprob == 0.0 and isinstance(out.cumulative_logprob, float)
     assert out.logprobs == []
     assert to_continuation(completion(token_ids=(), logprobs=[], text=""), None) == Continuation([], [], -0.61, "")
+
+
+# --- balance: a row leaves a far busier home --------------------------------------------------
+
+
+def test_a_row_stays_home_unless_home_is_far_busier_than_the_least_loaded():
+    from pipeline.services.routing import SPILL_FACTOR, SPILL_SLACK, spill_to
+
+    order = ["a", "b", "c"]
+    assert spill_to(order, {}) == "a"  # nothing in flight: home
+    assert spill_to(order, {"a": SPILL_SLACK, "b": 0}) == "a"  # not more than the slack
+    assert spill_to(order, {"a": SPILL_SLACK + 1, "b": 5, "c": 0}) == "c"  # the least loaded
+    assert spill_to(order, {"a": SPILL_SLACK + 1, "b": 0, "c": 0}) == "b"  # ties: the row's own order
+    busy = 4 * SPILL_SLACK
+    assert spill_to(order, {"a": busy, "b": busy / SPILL_FACTOR, "c": busy / SPILL_FACTOR}) == "a"  # within the factor
+    assert spill_to(order, {"a": busy, "b": busy / SPILL_FACTOR - 1, "c": busy}) == "b"
+
+
+def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():
+    from pipeline.services.routing import SPILL_SLACK
+
+    router = object.__new__(RowAffinityRouter)
+    candidates = [replica(r) for r in REPLICAS[:2]]
+    home = rendezvous_order("row-1", REPLICAS[:2])[0]
+    other = next(r for r in REPLICAS[:2] if r != home)
+
+    def routed(request_id, replica_id, prompts):
+        pending = SimpleNamespace(args=[{ROUTE: "x", "prompts": [[1]] * prompts}], kwargs={},
+                                  metadata=SimpleNamespace(internal_request_id=request_id))
+        router.on_request_routed(pending, SimpleNamespace(unique_id=replica_id), None)
+
+    def first_choice():
+        ranked = asyncio.run(router.choose_replicas(candidates, request({ROUTE: "row-1"})))
+        return ranked[0][0].replica_id.unique_id
+
+    assert first_choice() == home
+    routed("r1", home, SPILL_SLACK + 1)
+    assert first_choice() == other  # home holds 65 prompts, the other none
+    routed("r2", other, 40)
+    assert first_choice() == home  # 65 against 40: within the slack
+    router.on_request_completed(SimpleNamespace(unique_id=other), "r2")
+    router.on_request_completed(SimpleNamespace(unique_id=home), "unknown")  # a request it never counted
+    assert first_choice() == other
+    router.on_request_completed(SimpleNamespace(unique_id=home), "r1")
+    assert first_choice() == home and router._counts()[0] == {home: 0, other: 0}

@@ -6,6 +6,12 @@ same replica, vLLM's prefix cache serves the shared part. Each request names a r
 first), which is stable while the replica set is stable and moves only the keys of a replica
 that comes or goes. A preferred replica that is full falls back to the others, least loaded
 first, so affinity never blocks progress.
+
+A few keys per replica hash unevenly (8 keys over 2 replicas put 5 or more on one about a third
+of the time), and affinity alone would leave the other replica idle: each router counts the
+prompts it has in flight per replica, and sends a row elsewhere when its home holds far more
+than the least loaded replica (``spill_to``). A row's own prompts travel in one call, so they
+still share one replica's prefix cache.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from typing import List, Optional
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from .clients import ROUTE
+
+#: A row leaves its home replica when the home holds more than SPILL_SLACK prompts more than
+#: the least loaded replica, and more than SPILL_FACTOR times as many (this router's count).
+SPILL_SLACK = 64
+SPILL_FACTOR = 1.5
 
 
 def rendezvous_order(key: str, replica_ids: list[str]) -> list[str]:
@@ -34,8 +45,30 @@ def route_key(pending_request: Optional[PendingRequest]) -> str | None:
     return str(first.get(ROUTE)) if isinstance(first, dict) and first.get(ROUTE) is not None else None
 
 
+def spill_to(ordered: list[str], in_flight: dict[str, int]) -> str:
+    """The replica a row goes to: its home (``ordered[0]``, its rendezvous order), unless the
+    home holds far more prompts in flight than the least loaded replica (see SPILL_SLACK)."""
+    home = ordered[0]
+    least = min(ordered, key=lambda r: in_flight.get(r, 0))  # ties: the earliest in the row's order
+    h, low = in_flight.get(home, 0), in_flight.get(least, 0)
+    return least if h - low > SPILL_SLACK and h > SPILL_FACTOR * low else home
+
+
+def prompts_in(pending_request: Optional[PendingRequest]) -> int:
+    """How many prompts an engine request carries (1 for any other request)."""
+    first = pending_request.args[0] if pending_request is not None and pending_request.args else None
+    return (len(first.get("prompts") or ()) or 1) if isinstance(first, dict) else 1
+
+
 class RowAffinityRouter(FIFOMixin, RequestRouter):
-    """Serve request router: a row's requests to its rendezvous-hash replica, others as fallback."""
+    """Serve request router: a row's requests to its rendezvous-hash replica (or, when that one
+    is far busier, the least loaded), the others as fallback."""
+
+    def _counts(self) -> tuple[dict[str, int], dict[str, tuple[str, int]]]:
+        if not hasattr(self, "_in_flight"):
+            self._in_flight: dict[str, int] = {}  # replica -> prompts this router has in flight there
+            self._requests: dict[str, tuple[str, int]] = {}  # request id -> (replica, prompts)
+        return self._in_flight, self._requests
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
@@ -45,5 +78,19 @@ class RowAffinityRouter(FIFOMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if key is None:
             return [candidate_replicas]
-        ordered = [by_id[i] for i in rendezvous_order(key, list(by_id))]
+        order = rendezvous_order(key, list(by_id))
+        first = spill_to(order, self._counts()[0])
+        ordered = [by_id[first]] + [by_id[i] for i in order if i != first]
         return [[ordered[0]], ordered[1:]] if len(ordered) > 1 else [ordered]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        in_flight, requests = self._counts()
+        weight = prompts_in(pending_request)
+        requests[pending_request.metadata.internal_request_id] = (replica_id.unique_id, weight)
+        in_flight[replica_id.unique_id] = in_flight.get(replica_id.unique_id, 0) + weight
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        in_flight, requests = self._counts()
+        entry = requests.pop(internal_request_id, None)
+        if entry is not None:
+            in_flight[entry[0]] -= entry[1]

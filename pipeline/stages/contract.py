@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class ContractError(KeyError):
@@ -56,17 +57,33 @@ class BatchView:
 
     def __getitem__(self, name: str) -> list:
         """A declared column as Python values (a copy: change it and ``set`` it back)."""
-        c = self.contract
         if name in self._updates:
             return list(self._updates[name])
+        column = self._column(name)
+        return [None] * self.num_rows if column is None else column.to_pylist()
+
+    def _column(self, name: str) -> pa.ChunkedArray | None:
+        """A declared column of the batch (None: an optional column the input lacks)."""
+        c = self.contract
         if name not in c.reads and name not in c.writes:
             raise ContractError(f"stage '{c.stage}' reads column '{name}', which its contract does not declare")
         if name not in self.table.column_names:
             if name in c.optional:
-                return [None] * self.num_rows
+                return None
             raise ContractError(f"stage '{c.stage}' reads column '{name}', which the batch lacks "
                                 f"(columns: {self.table.column_names})")
-        return self.table.column(name).to_pylist()
+        return self.table.column(name)
+
+    def non_empty(self, name: str) -> list[bool]:
+        """Whether each row's value of a declared column is non-null and non-empty, read from
+        Arrow (a list column's lengths) without turning the values into Python objects."""
+        column = None if name in self._updates else self._column(name)
+        if column is None:
+            return [bool(v) for v in self[name]]
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            lengths = pc.fill_null(pc.list_value_length(column), 0)
+            return [n > 0 for n in lengths.to_pylist()]
+        return [bool(v) for v in column.to_pylist()]
 
     def set(self, **columns: Sequence[Any]) -> None:
         """Replace declared output columns (applied by ``result``)."""

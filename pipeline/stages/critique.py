@@ -53,9 +53,10 @@ class Critique(StageLogic):
 
     async def process(self, view) -> dict:
         cfg = self.cfg
-        names = (cfg.input.id_column, cfg.input.task_column, cfg.input.question_column, cfg.input.ctxs_column,
-                 "prompt", PROMPT_IDS, "retrieved", "passages", "error")
+        names = (cfg.input.id_column, cfg.input.task_column, cfg.input.question_column, "prompt", PROMPT_IDS,
+                 "retrieved", "passages", "error")
         rows = [dict(zip(names, values)) for values in zip(*(view[name] for name in names))]
+        own_passages = view.non_empty(cfg.input.ctxs_column)  # the row brought its own (ctxs): read as lengths
         out = {name: view[name] for name in WRITES}
         short, trees = [], []
         for i, r in enumerate(rows):
@@ -74,7 +75,7 @@ class Critique(StageLogic):
             r = rows[i]
             result, stats = await decode_tree(self, route_key(r[cfg.input.id_column], buckets), r["prompt"],
                                               r[PROMPT_IDS], r[cfg.input.question_column], r["passages"],
-                                              bool(r[cfg.input.ctxs_column]))
+                                              own_passages[i])
             tree_stats.append(stats)
             self.set_long_form(out, i, result)
 
