@@ -28,79 +28,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 
-from pipeline import io
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.console import print_error
-from pipeline.ray_connect import init_ray, stop_ray
-from pipeline.retrieval.index import CURRENT_FILE, IndexBuilder, build_version, check_buildable, corpus_fingerprint
-
-
-def import_embeddings(cfg: Config) -> dict:
-    """Build a new version of the index at ``retrieval.index_dir`` from the precomputed vectors
-    of ``retrieval.embeddings`` and the passages of ``retrieval.corpus`` (no encoder over the
-    corpus, no Ray); returns the index metadata."""
-    from pipeline.retrieval.embeddings import EmbeddingsImport
-
-    io.configure(cfg.storage)
-    r = cfg.retrieval
-    if not io.exists(r.corpus):
-        raise FileNotFoundError(f"corpus not found: {r.corpus}")
-    check_buildable(r.index_dir)
-    job = EmbeddingsImport(r)  # lists the files and reads the encoder's dimension before any version exists
-    version, meta = build_version(r.index_dir, job.build)
-    print(f"index version {version} written; {io.join(r.index_dir, CURRENT_FILE)} names it", flush=True)
-    return meta
-
-
-def build(cfg: Config) -> dict:
-    """Embed the corpus and build a new version of the index at ``retrieval.index_dir``; returns
-    the index metadata (with timings and the version's name)."""
-    if cfg.retrieval.embeddings:  # precomputed vectors: no encoder replicas, no Ray
-        return import_embeddings(cfg)
-    import ray
-
-    from pipeline.retrieval.corpus import corpus_dataset
-    from pipeline.stages.embed import EmbedPassages, split_embeddings, tokenize_passages
-
-    io.configure(cfg.storage)
-    r, st = cfg.retrieval, cfg.stages.embed
-    if not io.exists(r.corpus):
-        raise FileNotFoundError(f"corpus not found: {r.corpus}")
-    check_buildable(r.index_dir)
-    init_ray(cfg.ray.address)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = cfg.ray.progress_bars
-    context.execution_options.preserve_order = True  # index row i must be corpus row i
-
-    # Tokenize in CPU tasks (as many as free CPUs allow), embed token ids on the actors: the GPU
-    # never waits for the tokenizer. (Ray Data fuses the two where their resources are equal, a
-    # CPU-only build; with stages.embed.num_gpus > 0 they stay apart.)
-    ds = corpus_dataset(r.corpus).map_batches(
-        tokenize_passages, fn_kwargs={"encoder": r.encoder, "max_length": r.max_length},
-        batch_size=st.batch_size, batch_format="pyarrow",
-    ).map_batches(
-        EmbedPassages, fn_constructor_kwargs={"cfg": cfg}, compute=ray.data.ActorPoolStrategy(size=st.replicas),
-        batch_size=st.batch_size,
-        num_cpus=st.num_cpus, num_gpus=st.num_gpus, batch_format="pyarrow")
-
-    def write(local: str, extra_meta: dict) -> dict:
-        start = time.time()
-        builder = None
-        for batch in ds.iter_batches(batch_size=r.add_chunk_size, batch_format="pyarrow"):
-            passages, vectors = split_embeddings(batch)
-            builder = builder or IndexBuilder(r, vectors.shape[1], local)
-            builder.add(passages, vectors)
-            rate = builder.count / (time.time() - start)
-            print(f"embedded and indexed {builder.count} passages ({rate:.0f}/s)", flush=True)
-        if builder is None:
-            raise ValueError(f"corpus {r.corpus} has no passages")
-        return builder.close({**corpus_fingerprint(r.corpus), **extra_meta, "seconds": round(time.time() - start, 2)})
-
-    version, meta = build_version(r.index_dir, write)
-    print(f"index version {version} written; {io.join(r.index_dir, CURRENT_FILE)} names it", flush=True)
-    return meta
+from pipeline.ray_connect import stop_ray
+from pipeline.run.index_build import build
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,20 +16,13 @@ copies; the second pass converts, filters and writes. The driver writes the card
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from collections import Counter
 
-from pipeline import io
 from pipeline.config import ConfigError
-from pipeline.console import print_error
-from pipeline.export.card import render_card
-from pipeline.export.config import ExportConfig, config_dict, load_export_config
-from pipeline.export.convert import KINDS, convert_table, find_duplicates
-from pipeline.export.source import ExportError, Run, check_locations, open_run
-from pipeline.export.writer import write_records
-from pipeline.ray_connect import init_ray, stop_ray
+from pipeline.export.config import load_export_config
+from pipeline.export.source import ExportError
+from pipeline.run.exit_codes import end_job
+from pipeline.run.export_dataset import export
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -42,109 +35,13 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     return args.run, args.overrides
 
 
-def reflection_ids(cfg: ExportConfig, run: Run) -> dict[str, int] | None:
-    """The reflection tokens' ids of the run's tokenizer (a local directory), for the critic's
-    ISSUP / ISUSE probabilities; None when it cannot be loaded here."""
-    path = cfg.tokenizer or run.model
-    if not path or io.is_remote(path) or not os.path.isdir(path):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        from pipeline.selfrag.tokens import ReflectionIds
-
-        tok = AutoTokenizer.from_pretrained(path)
-        return ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id).by_token
-    except Exception as exc:  # noqa: BLE001 - the export goes on without those probabilities
-        print(f"note: tokenizer {path} not loaded ({type(exc).__name__}); ISSUP/ISUSE probabilities are null",
-              file=sys.stderr)
-        return None
-
-
-def prepare_output(cfg: ExportConfig) -> None:
-    """Refuse an output holding an earlier export unless ``overwrite``; then clear it."""
-    earlier = [p for p in ("README.md", *KINDS) if io.exists(io.join(cfg.output, p))]
-    if earlier and not cfg.overwrite:
-        raise ExportError(f"output {cfg.output} already holds an export ({', '.join(earlier)}); "
-                          "set overwrite=true to replace it")
-    for name in earlier:
-        fs, path = io.filesystem(io.join(cfg.output, name))
-        fs.rm(path, recursive=True)
-
-
-def shard_task(cfg: ExportConfig, columns: dict, ids: dict | None, duplicates: dict | None):
-    """The per-shard function of a Ray Data ``map``: keys only (``duplicates`` None) or convert
-    and write."""
-    def run(item: dict) -> dict:
-        io.configure(cfg.storage)
-        shard = item["shard"]
-        stem = io.shard_stem(shard)
-        if duplicates is None:
-            result = convert_table(io.read_table(shard), stem, columns, cfg, keys_only=True)
-            return {"stem": stem, "payload": json.dumps(result.keys)}
-        result = convert_table(io.read_table(shard), stem, columns, cfg, set(duplicates.get(stem, ())), ids)
-        files = [f for kind in KINDS for split, recs in result.records[kind].items()
-                 for f in write_records(recs, cfg.output, kind, split, stem, cfg.formats)]
-        records = {kind: sum(len(v) for v in result.records[kind].values()) for kind in KINDS}
-        return {"stem": stem, "payload": json.dumps({"counts": result.counts, "labels": result.labels,
-                                                     "files": files, "records": records})}
-    return run
-
-
-def export(cfg: ExportConfig) -> dict:
-    """Run the export; returns its summary (also written as ``_export.json``)."""
-    import ray
-
-    io.configure(cfg.storage)
-    run = open_run(cfg.run)
-    check_locations(cfg.run, cfg.output)
-    prepare_output(cfg)
-    ids = reflection_ids(cfg, run)
-    # A Ray this driver did not find running is ended with the job (a local one it started goes
-    # down; on a cluster, only this driver disconnects); one already running (tests) is left alone.
-    started = not ray.is_initialized()
-    init_ray(cfg.ray.address)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-
-        def over_shards(fn):
-            ds = ray.data.from_items([{"shard": s} for s in run.shards], override_num_blocks=len(run.shards))
-            return ds.map(fn, num_cpus=cfg.ray.num_cpus).take_all()
-
-        duplicates: dict = {}
-        if cfg.filters.dedupe:
-            keys = {r["stem"]: [tuple(k) for k in json.loads(r["payload"])]
-                    for r in over_shards(shard_task(cfg, run.columns, ids, None))}
-            duplicates = {stem: sorted(offsets) for stem, offsets in find_duplicates(keys).items()}
-        results = [json.loads(r["payload"]) for r in over_shards(shard_task(cfg, run.columns, ids, duplicates))]
-    finally:
-        if started:
-            stop_ray()
-    counts, labels, records, files = Counter(), Counter(), Counter(), []
-    for r in results:
-        counts.update(r["counts"])
-        labels.update(r["labels"])
-        records.update(r["records"])
-        files += r["files"]
-    splits = {kind: [s for s in ("train", "validation") if any(f"/{kind}/{s}/" in f for f in files)] for kind in KINDS}
-    summary = {"source": {"run": cfg.run, "run_id": run.manifest.get("run_id"), "model": run.model,
-                          "config_hash": run.config_hash, "shards": len(run.shards)},
-               "counts": dict(counts), "labels": dict(labels), "records": dict(records), "splits": splits,
-               "files": sorted(files), "config": config_dict(cfg)}
-    summary["config"].pop("storage", None)
-    io.write_text(io.join(cfg.output, "_export.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    io.write_text(io.join(cfg.output, "README.md"), render_card(summary))
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint: returns the exit code (2: refused)."""
     run, overrides = parse_args(argv)
     try:
         summary = export(load_export_config(run, overrides))
     except (ConfigError, ExportError) as exc:
-        print_error(exc)
-        return 2
+        return end_job(exc)
     c = summary["counts"]
     print(f"exported {c.get('rows_out', 0)} of {c.get('rows_in', 0)} rows (train {c.get('rows_train', 0)}, "
           f"validation {c.get('rows_validation', 0)}) to {summary['config']['output']}", flush=True)

@@ -21,6 +21,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.console import print_error
 from pipeline.preflight import PreflightError, check_model, ensure_index
 from pipeline.ray_connect import init_ray, stop_ray
+from pipeline.run.exit_codes import end_job
 from pipeline.services.deploy import (ENGINE_APP, RETRIEVER_APP, Services, ServicesUnavailable, start_services,
                                       started_here, stop_services)
 from pipeline.tokenizer import tokenizer_spec
@@ -42,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             check_model(cfg)
             ensure_index(cfg)  # the services search the version the location names now
     except (ConfigError, PreflightError) as exc:
-        print_error(exc)
-        return 2
+        return end_job(exc)
     init_ray(cfg.ray.address)
     try:
         if started_here():
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             services = start_services(cfg, tokenizer_spec(cfg.engine.model), retrieval=retrieval)
         except ServicesUnavailable as exc:
-            print_error(exc)
-            return 1
+            return end_job(exc)
         print(f"running: {', '.join(services.owned)}. Jobs reuse them with engine.service.deployment={ENGINE_APP}"
               + (f" retrieval.service.deployment={RETRIEVER_APP}" if retrieval else "")
               + "; stop them with python -m jobs.serve --stop", flush=True)

@@ -225,7 +225,7 @@ def recorded_identity(output: str, marker: dict) -> dict | None:
     old = marker.get("annotation_identity")
     if isinstance(old, dict):
         return old
-    manifest = io.read_json(io.join(output, "_manifest.json"))  # jobs.annotate's MANIFEST_FILE
+    manifest = io.read_json(io.join(output, "_manifest.json"))  # pipeline.run.output.MANIFEST_FILE
     old = manifest.get("annotation_identity") if isinstance(manifest, dict) else None
     return old if isinstance(old, dict) and identity_hash(old) == marker.get("annotation_hash") else None
 

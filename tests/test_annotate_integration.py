@@ -356,7 +356,7 @@ def test_export_of_the_run_is_trainable_data(adaptive, tmp_path):
 
     from conftest import REPO
     from jobs.export_dataset import main
-    from jobs.train_tiny_model import collate, loss_on_targets
+    from pipeline.synthetic.tiny_model import collate, loss_on_targets
     from pipeline.export.records import prompt_of
     from pipeline.export.training import generator_example
     from pipeline.synthetic.training_data import NOT_IN_LOSS, label_ids, tokenize_pieces

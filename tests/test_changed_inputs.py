@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotate import main, prepare_output
+from jobs.annotate import main
 from pipeline import io, staging
 from pipeline.config import load_config
 from pipeline.preflight import marker_path, preflight
+from pipeline.run.output import prepare_output
 from pipeline.stages.prepare import prepare_table
 from pipeline.stages.write import ShardWriter
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from jobs.cpu_account import CpuAccount
+from pipeline.bench.cpu_account import CpuAccount
 
 
 def test_cpu_time_is_summed_by_role_over_the_window():

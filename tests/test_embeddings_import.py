@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.build_index as build_index
 from conftest import REPO
+from jobs.build_index import main
 from pipeline.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval.corpus import read_corpus
 from pipeline.retrieval.embeddings import ADMITTED, UnsafePickleError, natural_key, restricted_load
 from pipeline.retrieval.index import CURRENT_FILE, Retriever, passage_texts, read_meta
+from pipeline.run import index_build
 
 DEMO_CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
 N, DIM = 24, 384  # the packaged MiniLM encoder (retrieval.encoder's default) gives 384
@@ -65,7 +66,7 @@ def run(tmp_path, *overrides: str, monkeypatch=None) -> tuple[int, str]:
 
     err = stdio.StringIO()
     with contextlib.redirect_stderr(err):
-        code = build_index.main([f"retrieval.index_dir={tmp_path / 'idx'}", "retrieval.factory=Flat", *overrides])
+        code = main([f"retrieval.index_dir={tmp_path / 'idx'}", "retrieval.factory=Flat", *overrides])
     return code, err.getvalue()
 
 
@@ -74,7 +75,7 @@ def no_ray(monkeypatch):
     """An import never starts Ray."""
     def refuse(*_args, **_kwargs):
         raise AssertionError("the embeddings import started Ray")
-    monkeypatch.setattr(build_index, "init_ray", refuse)
+    monkeypatch.setattr(index_build, "init_ray", refuse)
 
 
 def assert_refused(tmp_path, code: int, err: str, *fragments: str) -> None:

@@ -12,11 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from jobs import evaluate
+from jobs.evaluate import main
 from pipeline.evaluation import layouts, synthetic
 from pipeline.evaluation.layouts import LayoutError
 from pipeline.evaluation.metrics import (TokenInfo, exact, fever_label, is_correct, match, report_runs,
                                          summarize, well_formed)
+from pipeline.evaluation.outputs import read_output
+from pipeline.evaluation.tokens import token_info
+from pipeline.run import evaluate as evaluation_run
 from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, format_prompt
 from pipeline.stages.columns import OUTPUT_TYPES
 
@@ -124,7 +127,7 @@ def handmade_rows() -> list[dict]:
 
 def test_per_task_and_overall_figures_of_a_handmade_annotated_parquet(tmp_path):
     out = write_output(tmp_path / "out", handmade_rows(), mode="adaptive")
-    rows = evaluate.read_output(str(out))
+    rows = read_output(str(out))
     assert [r["id"] for r in rows] == ["q1", "q2", "q3", "q4", "f1", "f2", "a1", "a2"]
     summary = summarize(rows)
     free, fever, arc = (summary["groups"][t] for t in ("free-form", "fever", "arc_c"))
@@ -245,9 +248,9 @@ def test_synthetic_report_of_missing_modes_is_null_and_probes_fall_back_to_text(
 
 def test_cli_scores_existing_outputs_and_prints_the_report_as_the_last_line(tmp_path, monkeypatch, capsys):
     dirs = [write_output(tmp_path / mode, rows, mode) for mode, rows in synthetic_runs().items()]
-    monkeypatch.setattr(evaluate, "token_info", lambda model: TOKENS)
+    monkeypatch.setattr(evaluation_run, "token_info", lambda model: TOKENS)
     args = [arg for d in dirs for arg in ("--annotated", str(d))]
-    assert evaluate.main(args + ["--workdir", str(tmp_path / "w")]) == 0
+    assert main(args + ["--workdir", str(tmp_path / "w")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     printed = json.loads(lines[-1])
     assert {k: printed[k] for k in EXPECTED_SYNTHETIC} == EXPECTED_SYNTHETIC
@@ -258,7 +261,7 @@ def test_cli_scores_existing_outputs_and_prints_the_report_as_the_last_line(tmp_
 def test_tokenizer_ids_of_the_committed_model():
     from transformers import AutoTokenizer
 
-    tokens = evaluate.token_info(str(REPO / "models" / "tiny-selfrag"))
+    tokens = token_info(str(REPO / "models" / "tiny-selfrag"))
     tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny-selfrag")
     assert tokens.relevant == tok.convert_tokens_to_ids("[Relevant]")
     assert tokens.utility == tuple(tok.convert_tokens_to_ids(f"[Utility:{k}]") for k in range(1, 6))
@@ -435,13 +438,13 @@ def test_converted_shard_is_read_by_the_annotation_job(tmp_path):
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys):
     unknown = write_lines(tmp_path / "x.jsonl", [{"text": "a passage"}])
     work = tmp_path / "work"
-    assert evaluate.main(["--queries", unknown, "--workdir", str(work)]) == 2
+    assert main(["--queries", unknown, "--workdir", str(work)]) == 2
     assert "unknown layout" in capsys.readouterr().err and not work.exists()
-    assert evaluate.main(["--modes", "adaptive,sometimes", "--workdir", str(work)]) == 2
+    assert main(["--modes", "adaptive,sometimes", "--workdir", str(work)]) == 2
     assert "--modes 'adaptive,sometimes'" in capsys.readouterr().err
-    assert evaluate.main(["--workdir", str(work), "selfrag.mode=never"]) == 2
+    assert main(["--workdir", str(work), "selfrag.mode=never"]) == 2
     assert "selfrag.mode is set by jobs.evaluate" in capsys.readouterr().err
-    assert evaluate.main(["--workdir", str(work), "selfrag.top_k=0"]) == 2
+    assert main(["--workdir", str(work), "selfrag.top_k=0"]) == 2
     assert "config key 'selfrag.top_k'" in capsys.readouterr().err
     assert not work.exists()
 
@@ -499,9 +502,9 @@ def test_cli_converts_queries_annotates_each_mode_and_scores_per_task(tmp_path, 
                           for r in rows]
         return runs, {mode: 0.0 for mode in configs}
 
-    monkeypatch.setattr(evaluate, "annotate_all", fake_annotate)
+    monkeypatch.setattr(evaluation_run, "annotate_all", fake_annotate)
     work = tmp_path / "work"
-    assert evaluate.main(["--queries", qa, "--queries", arc, "--task", "popqa", "--modes", "always,never",
+    assert main(["--queries", qa, "--queries", arc, "--task", "popqa", "--modes", "always,never",
                           "--workdir", str(work), f"retrieval.index_dir={tmp_path / 'no-index'}"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     shards = [str(work / "popqa" / "queries" / n) for n in ("popqa.parquet", "arc.parquet")]
@@ -571,10 +574,10 @@ def test_synthetic_cli_with_a_scripted_annotation(tmp_path, monkeypatch, capsys)
         seen["ids"] = [r["id"] for r in rows]
         return {"always": scripted_always_run(rows)}, {"always": 0.0}
 
-    monkeypatch.setattr(evaluate, "annotate_all", scripted_annotate)
-    monkeypatch.setattr(evaluate, "token_info", lambda model: TOKENS)
+    monkeypatch.setattr(evaluation_run, "annotate_all", scripted_annotate)
+    monkeypatch.setattr(evaluation_run, "token_info", lambda model: TOKENS)
     work = tmp_path / "eval"
-    assert evaluate.main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
+    assert main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
                           f"retrieval.index_dir={tmp_path / 'no-index'}"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(seen["ids"]) == 12 and sum(i.endswith("#gold") for i in seen["ids"]) == 2  # plain rows and probes
@@ -611,7 +614,7 @@ def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, cap
     """One real annotation run (vLLM, FAISS, Ray): 2 + 2 + 2 held-out questions (knowledge,
     no-knowledge, long-form) and 6 probe rows."""
     work = tmp_path / "eval"
-    code = evaluate.main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
+    code = main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
                           f"retrieval.index_dir={index_dir}"])
     assert code == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -620,14 +623,14 @@ def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, cap
     assert rep["probe_basis"] == "token_ids" and rep["gold_in_corpus"] == 1.0
     # the figures are those of the rows written (the report itself is checked with hand-worked
     # values on scripted rows: test_synthetic_cli_with_a_scripted_annotation)
-    runs = {"always": evaluate.read_output(str(work / "synthetic" / "always"))}
-    again = synthetic.report(runs, evaluate.token_info(str(REPO / "models" / "tiny-selfrag")))
+    runs = {"always": read_output(str(work / "synthetic" / "always"))}
+    again = synthetic.report(runs, token_info(str(REPO / "models" / "tiny-selfrag")))
     for key in SEVEN:
         assert rep[key] is not None and rep[key] == again[key], key
     # always: every short-form row has token ids; the 2 long-form (tree) rows have none
     assert rep["well_formed_checked"] == 10 and rep["well_formed_unchecked"] == 2
     assert rep["long_form_accuracy"] is None  # a figure of the adaptive run, which did not run
-    rows = evaluate.read_output(str(work / "synthetic" / "always"))
+    rows = read_output(str(work / "synthetic" / "always"))
     assert len(rows) == 12 and all(c["token_ids"] for r in rows if r["kind"] != "long_form" for c in r["candidates"])
     assert all(r["segments"] and r["candidates"] is None for r in rows if r["kind"] == "long_form")
     page = (work / "synthetic" / "report.html").read_text()  # the accuracy table, then the run's figures

@@ -1,4 +1,4 @@
-"""The dataset export (pipeline/export, jobs/export_dataset.py) on hand-made annotated rows:
+"""The dataset export (pipeline/export, pipeline/run/export_dataset.py) on hand-made annotated rows:
 conversions, filters and their counts, the split, refusals, and one end-to-end CLI run."""
 
 from __future__ import annotations

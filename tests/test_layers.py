@@ -1,4 +1,5 @@
-"""Layering: no module under ``pipeline/`` or ``jobs/`` imports from a layer above its own.
+"""Layering: no module under ``pipeline/`` or ``jobs/`` imports from a layer above its own, and
+nothing imports a job.
 
 Every module is parsed with ``ast`` (nothing is imported), and every ``import`` counts,
 module-level or inside a function. The layers, lowest first, as the code uses them:
@@ -7,8 +8,10 @@ module-level or inside a function. The layers, lowest first, as the code uses th
    nothing of ``pipeline`` outside itself, and never ``ray`` or ``vllm``.
 1. **infrastructure** - what a run is built from, knowing nothing of runs: ``config``,
    ``secrets``, ``io``, ``console``, ``schema`` (the output's columns and their types),
-   ``tokenizer``, ``engine`` (vLLM arguments and records), ``retrieval``, ``synthetic``,
-   and the tools over a finished output: ``evaluation``, ``export``, ``report``.
+   ``tokenizer``, ``engine`` (vLLM arguments and records), ``retrieval``, ``synthetic`` (the
+   world, the demo data, the tiny model and its training), and the tools over a finished
+   output: ``evaluation`` (metrics, file layouts, the synthetic suite, reading outputs back,
+   the tables), ``export``, ``report`` (figures, page, ``report.write``).
 2. **run bookkeeping** - the state of one run and its output location: ``identity``,
    ``lease``, ``staging`` (staged rows and the shards' success markers), ``manifest``,
    ``run_log``, ``progress``, ``metrics``, ``phases``, ``phase_times``, ``ray_connect``.
@@ -17,7 +20,16 @@ module-level or inside a function. The layers, lowest first, as the code uses th
 4. **stages** - ``pipeline.stages``: the Ray Data stages (they call the services' clients).
 5. **run planning and assembly** - ``preflight`` (its id scan assigns ids exactly as the
    prepare stage does, so it uses ``stages.prepare``) and ``dataflow`` (the chain of stages).
-6. **jobs** - ``jobs.*``, the entrypoints; nothing in ``pipeline`` imports them.
+6. **runs** - ``pipeline.run``: what each job does, as library functions: the annotation run
+   (preflight, lease, execute, manifest), the evaluation run (annotation runs per mode, so it
+   sits here beside the annotation run and not in ``pipeline.evaluation``, whose modules only
+   read and score outputs), the index build (it runs the embedding stage), the export, and
+   the exit codes every job maps its outcome to (they name errors of every layer below).
+7. **benchmarks** - ``pipeline.bench``: the benchmarks' code (they run the annotation run and
+   the index build, and time the jobs as processes).
+8. **jobs** - ``jobs.*``, the command-line entrypoints: parse, call the library, map the
+   outcome to an exit code. Nothing imports a job: no module of ``pipeline``, no other job, and
+   the tests only a job's ``main`` or ``parse_args`` (the command line itself).
 
 A module may import its own layer and the ones below. A new module must be given a layer
 here (the test names any module it cannot place).
@@ -49,10 +61,14 @@ LAYERS: dict[str, int] = {
     "pipeline.stages": 4,
     "pipeline.preflight": 5,
     "pipeline.dataflow": 5,
-    "jobs": 6,
+    "pipeline.run": 6,
+    "pipeline.bench": 7,
+    "jobs": 8,
 }
 NAMES = {0: "algorithm", 1: "infrastructure", 2: "run bookkeeping", 3: "services", 4: "stages",
-         5: "run planning and assembly", 6: "jobs"}
+         5: "run planning and assembly", 6: "runs", 7: "benchmarks", 8: "jobs"}
+#: What a test may import from a job: its command line.
+JOB_ENTRYPOINTS = {"main", "parse_args"}
 
 #: Third-party packages the algorithm layer must never import.
 NOT_IN_ALGORITHM = ("ray", "vllm")
@@ -112,7 +128,7 @@ def test_the_parser_sees_imports_inside_functions_and_relative_ones():
     found = dict((m, line) for line, m in imports("pipeline.preflight", MODULES["pipeline.preflight"]))
     assert "pipeline.stages.prepare" in found  # imported inside scan_ids, relative
     assert "pipeline.staging" in found and "pipeline.io" in found  # "from . import io, staging"
-    assert "jobs.report" in {m for _, m in imports("jobs.annotate", MODULES["jobs.annotate"])}  # in a function
+    assert "pipeline.report.write" in {m for _, m in imports("pipeline.run.annotate", MODULES["pipeline.run.annotate"])}
 
 
 @pytest.mark.parametrize("name", [m for m in MODULES if m != "pipeline"])
@@ -136,7 +152,24 @@ def test_the_algorithm_imports_only_itself_and_no_ray_or_vllm(name):
     assert not bad, f"{name} must stay pure Python: {bad}"
 
 
-def test_nothing_in_pipeline_imports_jobs():
-    bad = [f"{name}:{line} {target}" for name, path in MODULES.items() if name.startswith("pipeline")
+def test_no_module_imports_a_job():
+    """A job is a command line: neither ``pipeline`` nor another job imports one (what two jobs
+    share lives in the library)."""
+    bad = [f"{name}:{line} {target}" for name, path in MODULES.items()
            for line, target in imports(name, path) if target.split(".")[0] == "jobs"]
     assert not bad, bad
+
+
+def test_tests_import_only_the_command_line_of_a_job():
+    """Tests use the library; from a job they take only its entrypoint (``from jobs.X import main``)."""
+    bad = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                bad += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names
+                        if a.name.split(".")[0] == "jobs"]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "jobs":
+                names = {a.name for a in node.names}
+                if node.module == "jobs" or not names <= JOB_ENTRYPOINTS:
+                    bad.append(f"{path.name}:{node.lineno} from {node.module} import {sorted(names)}")
+    assert not bad, f"import these from the library instead: {bad}"

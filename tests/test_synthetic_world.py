@@ -1,4 +1,5 @@
-"""Tests for the synthetic world and the demo-asset writer (jobs/make_demo_assets.py)."""
+"""Tests for the synthetic world and the demo-asset writer (pipeline/synthetic/demo_assets.py,
+through ``python -m jobs.make_demo_assets``'s main)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import make_demo_assets
+from jobs.make_demo_assets import main as make_demo_assets
 from pipeline.synthetic.world import attribute_spec, build_world, lexicon, random_entity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def read_queries(data_dir: Path) -> list[dict]:
 
 
 def test_demo_data_writer(tmp_path, world):
-    make_demo_assets.main(["--out-data", str(tmp_path / "demo")])
+    make_demo_assets(["--out-data", str(tmp_path / "demo")])
     corpus = pq.read_table(tmp_path / "demo" / "corpus.parquet")
     assert corpus.column_names == ["id", "title", "text"]
     assert corpus.num_rows == 300
@@ -174,7 +175,7 @@ def test_demo_data_writer(tmp_path, world):
 
 def test_committed_demo_data_matches_the_generator(tmp_path):
     committed = REPO / "data" / "demo"
-    make_demo_assets.main(["--out-data", str(tmp_path)])
+    make_demo_assets(["--out-data", str(tmp_path)])
     assert read_queries(tmp_path) == read_queries(committed)
     fresh = pq.read_table(tmp_path / "corpus.parquet")
     assert fresh.equals(pq.read_table(committed / "corpus.parquet"))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jobs.train_tiny_model import build_tokenizer, check_tokenizer
+from pipeline.synthetic.tiny_tokenizer import build_tokenizer, check_tokenizer
 from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, Special, evidence_pieces, format_prompt
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.training_data import (

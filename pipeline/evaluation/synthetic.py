@@ -211,7 +211,7 @@ def long_form_figures(rows: list[dict] | None) -> dict:
 
 def report(runs: dict[str, list[dict]], tokens: TokenInfo | None) -> dict:
     """The evaluation report of the suite's annotated runs (``{mode: output rows}``); figures
-    of a mode missing from ``runs`` are null. The keys are listed in ``jobs/evaluate.py``."""
+    of a mode missing from ``runs`` are null. The keys are listed in ``jobs/evaluate.py``'s help."""
     out: dict = {}
     for mode in list(MODES) + [m for m in runs if m not in MODES]:
         out.update(mode_figures(mode, runs.get(mode)))

@@ -1,0 +1,176 @@
+"""The throughput benchmark (``make bench``; what it measures: ``python -m jobs.bench --help``):
+the pipeline against the bare engine replaying its requests and against the per-query
+reference baseline, the CPU by role, and a small job in fresh processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..services.recording import read_records
+from ..stages.common import max_new_tokens
+from ..stages.long_form import is_long_form
+from .common import BENCH_DIR, ENGINE_ROLES, RAY, RECORDING, annotate, free_port, fresh_env, print_figures, timed
+from .cpu_account import CpuAccount
+from .reference_baseline import ReferenceSettings, annotate_long_form, annotate_one
+from .workload import MIX, workload, write_shards
+
+
+def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, overrides: list[str]) -> dict:
+    """Run the whole benchmark on ``n_rows`` rows of the workload in ``shards`` shards (the
+    baseline on the first ``baseline_rows``, the small job on the first ``small_rows``), with
+    the config ``overrides``; prints the figures and returns them."""
+    rows = workload(n_rows)
+    recorded = RECORDING
+    shutil.rmtree(recorded, ignore_errors=True)
+    account = CpuAccount().start()
+    manifest, out = annotate("main", rows, shards,
+                             [f"debug.record_engine_requests={recorded.absolute()}", *overrides])
+    summary, stages = manifest["this_run"], manifest["stages"]
+    engine = stages["engine"]
+    cfg = load_config([], list(overrides))
+    bare = bare_engine(cfg, read_records(recorded))
+    account.stop()
+    origin = summary["timeline_origin"]
+
+    small = small_jobs(rows[:small_rows], list(overrides))
+
+    # the baseline's subset (the workload's mix), annotated again with the reference rule, equal
+    # weights and the same passages at every long-form depth, as the baseline runs it
+    settings = ReferenceSettings(threshold=cfg.selfrag.threshold)
+    subset = rows[:baseline_rows]
+    ref_overrides = ["selfrag.retrieval_rule=reference_logprob_ratio", "selfrag.w_rel=1.0", "selfrag.w_sup=1.0",
+                     "selfrag.w_use=1.0", "selfrag.long_form.retrieve_per_segment=false", *overrides]
+    _, ref_out = annotate("reference", subset, 2, ref_overrides)
+    base = baseline(cfg, ref_out, settings)
+    agrees = {r["id"]: r["answer"] == base["answers"][r["id"]]["answer"] and
+              r["retrieved"] == base["answers"][r["id"]]["retrieved"] for r in ref_out}
+    long_ids = {r["id"] for r in subset if is_long_form(r["task"], cfg)}
+
+    window = engine["last_end"] - engine["first_start"]
+    tokens = engine["generated_tokens"]
+    pipeline_cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
+    harness_cores = sum(v for role, v in pipeline_cores.items() if role not in ENGINE_ROLES)
+    result = {
+        "rows": summary["rows"],
+        "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},
+        "errors": summary["errors"],
+        "retrieval_rate": round(summary["retrieved"] / max(summary["rows"], 1), 3),
+        "pipeline_seconds": summary["seconds"],
+        "generation_window_seconds": round(window, 2),
+        "rows_per_s": round(summary["rows"] / summary["seconds"], 3),
+        "rows_per_s_warm": round(summary["rows"] / window, 3),
+        "generated_tokens": tokens,
+        "generated_tokens_per_s": round(tokens / window, 1),
+        "engine_requests": engine["requests"],
+        "engine_startups": engine["startups"],
+        "engine_startup_seconds": round(engine["init_seconds"], 2),
+        "prefix_cache_hit_rate": engine.get("prefix_cache_hit_rate"),
+        "stage_seconds": {name: round(s.get("seconds", 0.0), 2) for name, s in stages.items()},
+        "stage_timeline": {name: [s.get("first_start"), s.get("last_end")] for name, s in stages.items()},
+        "bare_engine_tokens": bare["tokens"],
+        "bare_engine_seconds": round(bare["seconds"], 2),
+        "bare_engine_tokens_per_s": round(bare["tokens"] / bare["seconds"], 1),
+        "engine_ratio": round((tokens / window) / (bare["tokens"] / bare["seconds"]), 3),
+        "baseline_rows": len(subset),
+        "baseline_rows_by_kind": {k: sum(r["kind"] == k for r in subset) for k in MIX},
+        "baseline_seconds_per_row_by_kind": base["seconds_per_row_by_kind"],
+        "baseline_rows_per_s": round(base["rows_per_s"], 3),
+        "baseline_speedup": round((summary["rows"] / window) / base["rows_per_s"], 1),
+        "baseline_speedup_end_to_end": round((summary["rows"] / summary["seconds"]) / base["rows_per_s"], 1),
+        "baseline_speedup_short_form_only": round((summary["rows"] / window) / base["short_form_rows_per_s"], 1),
+        "baseline_agree": f"{sum(v for i, v in agrees.items() if i not in long_ids)}/{len(agrees) - len(long_ids)}",
+        "baseline_agree_long_form": f"{sum(v for i, v in agrees.items() if i in long_ids)}/{len(long_ids)}",
+        "baseline_vocabulary_logprobs": base["vocabulary"],
+        "cpu_cores": {"machine": os.cpu_count(), "pipeline_window": pipeline_cores,
+                      "bare_engine": account.cores(*bare["window"])},
+        "harness_cpu_ms_per_request": round(harness_cores * window * 1000 / engine["requests"], 2),
+        **small,
+    }
+    print_figures("benchmark figures", result)
+    return result
+
+
+def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
+    """A small job end to end in fresh processes: the pipeline (``small_job_seconds``), the
+    plain script that loads vLLM and generates the same engine requests
+    (``bare_engine_process_seconds``), and the pipeline again with its services already
+    running on a cluster (``small_job_seconds_warm``)."""
+    name = BENCH_DIR / "small"
+    write_shards(name / "queries", rows, 2)
+    requests = (name / "engine-requests").absolute()
+    shutil.rmtree(requests, ignore_errors=True)
+    common = [f"input.paths=[{name / 'queries'}]", "output.overwrite=true", "ray.progress_bars=false", *overrides]
+    job = [sys.executable, "-m", "jobs.annotate", *common]
+    cold = timed([*job, f"output.path={name / 'out'}", f"debug.record_engine_requests={requests}"], name / "cold.log")
+    bare = timed([sys.executable, "-m", "jobs.bare_engine", str(requests), *overrides], name / "bare.log")
+    warm = warm_small_job(job, name, overrides)
+    return {"small_job_rows": len(rows), "small_job_seconds": round(cold, 2), "bare_engine_process_seconds": round(bare, 2),
+            "small_job_ratio": round(bare / cold, 3), "small_job_seconds_warm": round(warm, 2)}
+
+
+def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
+    """Seconds of ``job`` as a fresh driver on a Ray cluster whose services already run
+    (started with ``python -m jobs.serve`` and stopped after)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--disable-usage-stats"], check=True,
+                   stdout=subprocess.DEVNULL, env=fresh_env())
+    on_cluster = [f"ray.address={address}", *overrides]
+    try:
+        timed([sys.executable, "-m", "jobs.serve", *on_cluster], name / "serve.log")
+        return timed([*job, f"output.path={name / 'out-warm'}", f"ray.address={address}",
+                      "engine.service.deployment=selfrag-engine", "retrieval.service.deployment=selfrag-retriever"],
+                     name / "warm.log")
+    finally:
+        subprocess.run([sys.executable, "-m", "jobs.serve", "--stop", *on_cluster], env=fresh_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def bare_engine(cfg: Config, requests: list[dict]) -> dict:
+    """One vLLM engine in this process generating every request at once (start-up not timed)."""
+    from ..engine import Engine
+
+    start = time.perf_counter()
+    engine = Engine(cfg.engine)
+    startup = time.perf_counter() - start
+    start, began = time.perf_counter(), time.time()
+    outputs = engine.replay(requests)
+    seconds = time.perf_counter() - start
+    engine.shutdown()
+    return {"startup_seconds": startup, "seconds": seconds, "window": (began, began + seconds),
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict:
+    """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
+    passages); returns its answers by id, its rows/s, and its seconds by kind of row (engine
+    start-up not timed)."""
+    from ..engine import Engine
+    from ..tokenizer import model_prompt_tokens
+
+    tokens = model_prompt_tokens(cfg.engine.model)
+    engine = Engine(cfg.engine, max_logprobs=-1)  # -1: whole-vocabulary logprobs allowed
+    vocabulary = engine.llm.llm_engine.model_config.get_vocab_size()
+    answers, by_kind = {}, {}
+    for r in rows:
+        start = time.perf_counter()
+        prompt_ids, budget = tokens.prompt(r["prompt"]), max_new_tokens(r["task"], cfg)
+        if is_long_form(r["task"], cfg):
+            answers[r["id"]] = annotate_long_form(cfg, engine, tokens, r, prompt_ids, budget, vocabulary, settings)
+        else:
+            answers[r["id"]] = annotate_one(engine, tokens, prompt_ids, r["passages"] or [], r["task"], budget,
+                                            vocabulary, settings)
+        by_kind.setdefault(r["kind"], []).append(time.perf_counter() - start)
+    engine.shutdown()
+    seconds = sum(sum(v) for v in by_kind.values())
+    short = [t for kind, v in by_kind.items() if kind != "long_form" for t in v]
+    return {"answers": answers, "seconds": seconds, "rows_per_s": len(rows) / seconds, "vocabulary": vocabulary,
+            "short_form_rows_per_s": len(short) / sum(short) if short else None,
+            "seconds_per_row_by_kind": {kind: round(sum(v) / len(v), 3) for kind, v in sorted(by_kind.items())}}

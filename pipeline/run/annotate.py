@@ -1,0 +1,61 @@
+"""The annotation run: preflight, take the output's lease, annotate the shards not done yet
+(``pipeline.run.execute``), write the manifest and the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .. import phase_times
+from ..config import Config
+from ..console import say
+from ..io import join, write_text
+from ..lease import Lease
+from ..manifest import build_manifest
+from ..preflight import preflight
+from .execute import execute
+from .output import MANIFEST_FILE, prepare_output
+
+
+def run(cfg: Config) -> dict:
+    """Preflight, take the output's lease, annotate the shards not done yet, write the manifest;
+    returns the manifest."""
+    phase_times.start_run()
+    plan = preflight(cfg)
+    phase_times.mark("preflight")
+    duplicates = plan.ids["duplicates"]
+    if duplicates["rows"]:
+        say(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
+            f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
+            file=sys.stderr)
+    run_id = cfg.run_id or plan.annotation_hash
+    lease = Lease.acquire(cfg.output.path, run_id, stale_after_s=cfg.output.lease_stale_after_s,
+                          heartbeat_s=cfg.output.lease_heartbeat_s)
+    try:
+        prepare_output(cfg, plan)
+        staged = sum(plan.staged.values())
+        say(f"{len(plan.todo)} shard(s) to annotate, {len(plan.done)} already done, {len(plan.bad)} skipped "
+            f"as unreadable -> {cfg.output.path} (run {run_id})"
+            + (f"; {staged} row(s) staged by an earlier run are kept" if staged else ""))
+        started = time.time()
+        written, stages = execute(cfg, plan, run_id, lease) if plan.todo else ([], {})
+        phase_times.mark("exit")
+        manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started,
+                                  phases=phase_times.relative())
+        write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+        if cfg.output.report:
+            report_run(cfg.output.path)
+    finally:
+        lease.release()
+    return manifest
+
+
+def report_run(path: str) -> None:
+    """Write the output's report.html; a failure costs the report only (one warning line)."""
+    from ..report.write import write_report
+
+    try:
+        print(f"report: {write_report(path)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the annotations are written; the report is a view of them
+        say(f"warning: no report written ({type(exc).__name__}: {exc})", file=sys.stderr)
