@@ -16,8 +16,16 @@ BENCH_DIR = Path("outputs/bench")
 #: The engine requests and outputs ``make bench`` records (``make bench-scale`` replays them).
 RECORDING = BENCH_DIR / "engine-requests"
 #: Roles of the CPU account that are the engine (vLLM's processes and the replica in front of
-#: them); everything else is the harness.
+#: them).
 ENGINE_ROLES = ("engine_replica", "engine_core", "engine_worker")
+#: Roles that are not the harness either: the engine's, and processes that are not the job's
+#: ("other": whatever else runs on the machine).
+NOT_HARNESS = (*ENGINE_ROLES, "other")
+
+
+def harness_cores(cores: dict[str, float]) -> float:
+    """The mean cores of the harness (every role of the job but the engine's) in a CPU account."""
+    return sum(v for role, v in cores.items() if role not in NOT_HARNESS)
 RAY = str(Path(sys.executable).parent / "ray")  # the command line of this environment's Ray
 
 

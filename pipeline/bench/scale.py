@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..services.recording import read_records
-from .common import BENCH_DIR, ENGINE_ROLES, RECORDING, annotate, print_figures
+from .common import BENCH_DIR, RECORDING, annotate, harness_cores, print_figures
 from .cpu_account import CpuAccount
 from .workload import workload
 
@@ -104,7 +104,7 @@ def benchmark(n_rows: int, shards: int, ks: list[int], nodes: int, check_prompts
             engine, origin = manifest["stages"]["engine"], manifest["this_run"]["timeline_origin"]
             window = engine["last_end"] - engine["first_start"]
             cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
-            harness = sum(v for role, v in cores.items() if role not in ENGINE_ROLES)
+            harness = harness_cores(cores)
             agree = sum(real.get(r["id"]) == (r["answer"], r["retrieved"]) for r in out)
             per_k.append({"k": k, "rows_per_s": manifest["this_run"]["rows"] / window, "harness_cores": harness,
                           "agree": agree, "errors": manifest["this_run"]["errors"],

@@ -15,7 +15,7 @@ from ..config import Config, load_config
 from ..services.recording import read_records
 from ..stages.common import max_new_tokens
 from ..stages.long_form import is_long_form
-from .common import BENCH_DIR, ENGINE_ROLES, RAY, RECORDING, annotate, free_port, fresh_env, print_figures, timed
+from .common import BENCH_DIR, RAY, RECORDING, annotate, free_port, fresh_env, harness_cores, print_figures, timed
 from .cpu_account import CpuAccount
 from .reference_baseline import ReferenceSettings, annotate_long_form, annotate_one
 from .workload import MIX, workload, write_shards
@@ -55,7 +55,7 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
     window = engine["last_end"] - engine["first_start"]
     tokens = engine["generated_tokens"]
     pipeline_cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
-    harness_cores = sum(v for role, v in pipeline_cores.items() if role not in ENGINE_ROLES)
+    harness = harness_cores(pipeline_cores)
     result = {
         "rows": summary["rows"],
         "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},
@@ -89,7 +89,7 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
         "baseline_vocabulary_logprobs": base["vocabulary"],
         "cpu_cores": {"machine": os.cpu_count(), "pipeline_window": pipeline_cores,
                       "bare_engine": account.cores(*bare["window"])},
-        "harness_cpu_ms_per_request": round(harness_cores * window * 1000 / engine["requests"], 2),
+        "harness_cpu_ms_per_request": round(harness * window * 1000 / engine["requests"], 2),
         **small,
     }
     print_figures("benchmark figures", result)
@@ -117,14 +117,12 @@ def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
 def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
     """Seconds of ``job`` as a fresh driver on a Ray cluster whose services already run
     (started with ``python -m jobs.serve`` and stopped after)."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--disable-usage-stats"], check=True,
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--disable-usage-stats"], check=True,
                    stdout=subprocess.DEVNULL, env=fresh_env())
-    on_cluster = [f"ray.address={address}", *overrides]
+    on_cluster = ["ray.address=auto", *overrides]  # the cluster just started (its address is on the node's IP)
     try:
         timed([sys.executable, "-m", "jobs.serve", *on_cluster], name / "serve.log")
-        return timed([*job, f"output.path={name / 'out-warm'}", f"ray.address={address}",
+        return timed([*job, f"output.path={name / 'out-warm'}", "ray.address=auto",
                       "engine.service.deployment=selfrag-engine", "retrieval.service.deployment=selfrag-retriever"],
                      name / "warm.log")
     finally:
