@@ -19,7 +19,7 @@ from pipeline.services import clients
 from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
 from pipeline.metrics import Reporter
 from pipeline.services.engine import EngineReplica, EngineUnavailable
-from pipeline.services.routing import RowAffinityRouter, rendezvous_order, route_key
+from pipeline.services.routing import RowAffinityRouter, rendezvous_order, request_route
 
 REPLICAS = [f"replica-{i}" for i in range(5)]
 KEYS = [f"row-{i}" for i in range(1000)]
@@ -76,20 +76,20 @@ def test_adding_a_replica_moves_keys_only_to_it():
 
 
 def request(*args):
-    """What ``route_key`` reads of a Serve ``PendingRequest``: its positional arguments."""
+    """What ``request_route`` reads of a Serve ``PendingRequest``: its positional arguments."""
     return SimpleNamespace(args=list(args), kwargs={})
 
 
-def test_route_key():
-    assert route_key(request({ROUTE: "q7", "prompts": [[1]]})) == "q7"
-    assert route_key(request({ROUTE: 7})) == "7"  # a key is text
-    assert route_key(request({ROUTE: 0})) == "0"  # a falsy id is still a key
-    assert route_key(None) is None
-    assert route_key(request()) is None  # no arguments
-    assert route_key(request({"prompts": [[1]]})) is None  # a dict without a route
-    assert route_key(request({ROUTE: None})) is None
-    assert route_key(request(["q7"])) is None  # not a dict
-    assert route_key(request("q7", {ROUTE: "q8"})) is None  # only the first argument counts
+def test_request_route():
+    assert request_route(request({ROUTE: "q7", "prompts": [[1]]})) == "q7"
+    assert request_route(request({ROUTE: 7})) == "7"  # a key is text
+    assert request_route(request({ROUTE: 0})) == "0"  # a falsy id is still a key
+    assert request_route(None) is None
+    assert request_route(request()) is None  # no arguments
+    assert request_route(request({"prompts": [[1]]})) is None  # a dict without a route
+    assert request_route(request({ROUTE: None})) is None
+    assert request_route(request(["q7"])) is None  # not a dict
+    assert request_route(request("q7", {ROUTE: "q8"})) is None  # only the first argument counts
 
 
 def replica(unique_id):

@@ -37,7 +37,7 @@ def rendezvous_order(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=score, reverse=True)
 
 
-def route_key(pending_request: Optional[PendingRequest]) -> str | None:
+def request_route(pending_request: Optional[PendingRequest]) -> str | None:
     """The routing key a request carries, if any."""
     if pending_request is None or not pending_request.args:
         return None
@@ -74,7 +74,7 @@ class RowAffinityRouter(FIFOMixin, RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
-        key = route_key(pending_request)
+        key = request_route(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if key is None:
             return [candidate_replicas]
