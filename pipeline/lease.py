@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 
 from .io import filesystem, is_remote, join, replacing
+from .output_names import LEASE_DIR
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"^(\d{10})\.json$")
@@ -117,7 +118,7 @@ class Lease:
 
     def __init__(self, output: str, holder: dict, heartbeat_s: float):
         self.output, self.holder = output, holder
-        self._fs, self._root = filesystem(join(output, "_lease"))
+        self._fs, self._root = filesystem(join(output, LEASE_DIR))
         self._path = join(self._root, f"{holder['generation']:010d}.json")
         self._lost, self._stop, self._lock = False, threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._beat_loop, args=(heartbeat_s,), daemon=True,
@@ -126,7 +127,7 @@ class Lease:
     @classmethod
     def acquire(cls, output: str, run_id: str, stale_after_s: float = 600.0, heartbeat_s: float = 30.0) -> "Lease":
         """Take the lease or raise LeaseHeld. Starts a daemon heartbeat thread."""
-        fs, root = filesystem(join(output, "_lease"))
+        fs, root = filesystem(join(output, LEASE_DIR))
         generations = _generations(fs, root)
         current = generations[-1] if generations else 0
         if current:

@@ -18,6 +18,7 @@ from . import io, staging
 from .config import Config
 from .identity import annotation_identity, identity_changes, identity_hash
 from .io import InputError, list_shards, read_footer, shard_stem
+from .output_names import MANIFEST_FILE
 from .retrieval.index import (
     build_index_in_process, build_version, check_compatible, is_version, read_meta, resolve_index,
 )
@@ -225,7 +226,7 @@ def recorded_identity(output: str, marker: dict) -> dict | None:
     old = marker.get("annotation_identity")
     if isinstance(old, dict):
         return old
-    manifest = io.read_json(io.join(output, "_manifest.json"))  # pipeline.run.output.MANIFEST_FILE
+    manifest = io.read_json(io.join(output, MANIFEST_FILE))
     old = manifest.get("annotation_identity") if isinstance(manifest, dict) else None
     return old if isinstance(old, dict) and identity_hash(old) == marker.get("annotation_hash") else None
 

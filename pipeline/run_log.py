@@ -18,8 +18,8 @@ import time
 
 from . import io
 from .console import printable
+from .output_names import LOGS_DIR
 
-LOG_DIR = "_logs"
 #: Top-level packages whose warnings the console shows.
 OWN = ("pipeline", "jobs", "__main__")
 #: Library loggers whose INFO lines are progress chatter, kept for the file.
@@ -171,7 +171,7 @@ class RunLog:
             os.remove(self.path)
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = io.child(output, LOG_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
+        dest = io.child(output, LOGS_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
         try:
             fs, path = io.filesystem(dest)
             io.make_parent(fs, path)

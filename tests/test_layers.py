@@ -7,7 +7,7 @@ module-level or inside a function. The layers, lowest first, as the code uses th
 0. **algorithm** - ``pipeline.selfrag``: the Self-RAG algorithm as pure Python. It imports
    nothing of ``pipeline`` outside itself, and never ``ray`` or ``vllm``.
 1. **infrastructure** - what a run is built from, knowing nothing of runs: ``config``,
-   ``secrets``, ``io``, ``console``, ``schema`` (the output's columns and their types),
+   ``secrets``, ``io``, ``console``, ``schema`` (the output's columns and their types), ``output_names`` (the files under an output),
    ``tokenizer``, ``engine`` (vLLM arguments and records), ``retrieval``, ``synthetic`` (the
    world, the demo data, the tiny model and its training), and the tools over a finished
    output: ``evaluation`` (metrics, file layouts, the synthetic suite, reading outputs back,
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, int] = {
     "pipeline.selfrag": 0,
     **dict.fromkeys([
-        "pipeline.config", "pipeline.secrets", "pipeline.io", "pipeline.console", "pipeline.schema",
+        "pipeline.config", "pipeline.secrets", "pipeline.io", "pipeline.console", "pipeline.schema", "pipeline.output_names",
         "pipeline.tokenizer", "pipeline.engine", "pipeline.retrieval", "pipeline.synthetic",
         "pipeline.evaluation", "pipeline.export", "pipeline.report",
     ], 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from .. import io
+from ..output_names import CONFIG_FILE
 
 
 def read_output(path: str) -> list[dict]:
@@ -19,7 +20,7 @@ def output_mode(path: str, rows: list[dict]) -> str | None:
     row retrieved: always; none: never); None when undecidable."""
     from omegaconf import OmegaConf
 
-    for name in ("_config.yaml", "config.yaml"):
+    for name in (CONFIG_FILE, "config.yaml"):
         try:
             return str(OmegaConf.create(io.read_text(io.join(path, name))).selfrag.mode)
         except Exception:  # noqa: BLE001 - no or odd config: try the next clue

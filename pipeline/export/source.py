@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .. import io
 from ..config import LongFormConfig
+from ..output_names import MANIFEST_FILE
 from ..schema import OUTPUT_TYPES
 
 #: Output columns an export reads; a run whose shards lack one is refused.
@@ -59,7 +60,7 @@ class Run:
 def open_run(path: str) -> Run:
     """Read and check an annotated run; raises ExportError (one line) when ``path`` is not one:
     no ``_manifest.json``, no shards, or shards lacking the output columns or the question column."""
-    manifest_path = io.join(path, "_manifest.json")
+    manifest_path = io.join(path, MANIFEST_FILE)
     try:
         if not io.exists(manifest_path):
             raise ExportError(f"{path} is not an annotated run: no _manifest.json there "

@@ -8,10 +8,11 @@ import json
 from html import escape
 
 from .. import io
+from ..output_names import HISTORY_FILE, MANIFEST_FILE, REPORT_FILE
 from .page import evaluation_section, history_section, render, run_sections
 from .summary import COLUMNS, RunFigures
 
-MANIFEST, HISTORY, REPORT = "_manifest.json", "_history.json", "report.html"
+MANIFEST, HISTORY, REPORT = MANIFEST_FILE, HISTORY_FILE, REPORT_FILE
 
 
 class ReportError(ValueError):

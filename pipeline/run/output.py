@@ -9,7 +9,7 @@ from ..console import say
 from ..io import join, write_text
 from ..preflight import DONE_DIR, Plan, marker_path
 
-CONFIG_FILE, MANIFEST_FILE = "_config.yaml", "_manifest.json"
+from ..output_names import CONFIG_FILE, MANIFEST_FILE  # noqa: F401 - named here for the run's callers
 
 
 def prepare_output(cfg: Config, plan: Plan) -> None:
