@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     from pipeline.config import load_config
-    from pipeline.engine import Engine
+    from pipeline.vllm_engine import Engine
     from pipeline.services.recording import read_records
 
     cfg = load_config([], args[1:])

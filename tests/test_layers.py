@@ -50,12 +50,12 @@ LAYERS: dict[str, int] = {
     "pipeline.selfrag": 0,
     **dict.fromkeys([
         "pipeline.config", "pipeline.secrets", "pipeline.io", "pipeline.console", "pipeline.schema", "pipeline.output_names",
-        "pipeline.tokenizer", "pipeline.engine", "pipeline.retrieval", "pipeline.synthetic",
+        "pipeline.tokenizer", "pipeline.vllm_engine", "pipeline.retrieval", "pipeline.synthetic",
         "pipeline.evaluation", "pipeline.export", "pipeline.report",
     ], 1),
     **dict.fromkeys([
         "pipeline.identity", "pipeline.lease", "pipeline.staging", "pipeline.manifest", "pipeline.run_log",
-        "pipeline.progress", "pipeline.metrics", "pipeline.phases", "pipeline.phase_times", "pipeline.ray_connect",
+        "pipeline.progress", "pipeline.metrics_actor", "pipeline.phases", "pipeline.phase_times", "pipeline.ray_connect",
     ], 2),
     "pipeline.services": 3,
     "pipeline.stages": 4,

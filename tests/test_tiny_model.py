@@ -26,7 +26,7 @@ N = 12  # fixed held-out knowledge questions
 
 @pytest.fixture(scope="module")
 def engine():
-    from pipeline.engine import Engine
+    from pipeline.vllm_engine import Engine
 
     eng = Engine(EngineConfig(model=str(MODEL)))
     yield eng

@@ -133,7 +133,7 @@ def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
 
 def bare_engine(cfg: Config, requests: list[dict]) -> dict:
     """One vLLM engine in this process generating every request at once (start-up not timed)."""
-    from ..engine import Engine
+    from ..vllm_engine import Engine
 
     start = time.perf_counter()
     engine = Engine(cfg.engine)
@@ -150,7 +150,7 @@ def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict
     """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
     passages); returns its answers by id, its rows/s, and its seconds by kind of row (engine
     start-up not timed)."""
-    from ..engine import Engine
+    from ..vllm_engine import Engine
     from ..tokenizer import model_prompt_tokens
 
     tokens = model_prompt_tokens(cfg.engine.model)

@@ -51,7 +51,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     import ray
 
     from ..dataflow import build_dataset
-    from ..metrics import start_metrics
+    from ..metrics_actor import start_metrics
 
     ready = [shard for shard, n in plan.todo.items() if plan.staged.get(shard, 0) == n]
     written = [commit_ready_shard(cfg, plan, shard, run_id) for shard in ready]

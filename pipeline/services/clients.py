@@ -85,7 +85,7 @@ class ServeEngineClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
-        from ..metrics import job_actor_name
+        from ..metrics_actor import job_actor_name
 
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
@@ -105,7 +105,7 @@ class ServeRetrieverClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
-        from ..metrics import job_actor_name
+        from ..metrics_actor import job_actor_name
 
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import phases
 from ..config import Config, ServiceConfig
-from ..metrics import job_actor_name
+from ..metrics_actor import job_actor_name
 from ..tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)

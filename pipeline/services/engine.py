@@ -74,7 +74,7 @@ class EngineReplica(ReportingReplica):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from .. import io
-        from ..engine import engine_kwargs
+        from ..vllm_engine import engine_kwargs
         from ..tokenizer import spec_tokens
 
         start = time.perf_counter()
@@ -111,7 +111,7 @@ class EngineReplica(ReportingReplica):
     async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int]) -> Continuation:
         from vllm.inputs import TokensPrompt
 
-        from ..engine import sampling_params, to_continuation
+        from ..vllm_engine import sampling_params, to_continuation
 
         params = sampling_params(self.ids, max_tokens, stop_ids, final_only=True, detokenize=False)
         final = None

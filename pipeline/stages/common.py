@@ -111,7 +111,7 @@ class ServiceStage:
 
     def __init__(self, cfg: Config, tokenizer, engine_app: str | None, retriever_app: str | None):
         """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications."""
-        from ..metrics import Reporter
+        from ..metrics_actor import Reporter
         from ..services.clients import ServeEngineClient, ServeRetrieverClient
         from ..tokenizer import spec_tokens
 

@@ -12,7 +12,7 @@ import asyncio
 import pyarrow as pa
 
 from ..config import Config
-from ..engine import PromptTooLong, check_fits
+from ..vllm_engine import PromptTooLong, check_fits
 from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import select_answer, short_form_answer

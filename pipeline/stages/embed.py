@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from .. import io
 from ..config import Config
-from ..metrics import Reporter
+from ..metrics_actor import Reporter
 from ..retrieval.encoder import Encoder, encoder_tokenizer, tokenize
 from ..retrieval.index import passage_texts
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .. import phases
 from ..config import Config
-from ..engine import PromptTooLong, check_fits
+from ..vllm_engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import short_form_answer
 from .columns import OUTPUT_TYPES, PROMPT_IDS, INTERNAL_TYPES

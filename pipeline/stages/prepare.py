@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from .. import staging
 from ..config import Config, InputConfig, SelfRagConfig, StorageConfig
 from ..io import configure, read_table, shard_stem
-from ..metrics import Reporter
+from ..metrics_actor import Reporter
 from ..selfrag.prompts import PromptTokens, format_prompt
 from ..tokenizer import TokenizerSpec, spec_tokens
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, optional_column, set_columns

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .. import io, phases, staging
 from ..config import Config
-from ..metrics import Reporter
+from ..metrics_actor import Reporter
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
 from .contract import Contract
 
