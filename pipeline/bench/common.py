@@ -18,6 +18,7 @@ RECORDING = BENCH_DIR / "engine-requests"
 #: Roles of the CPU account that are the engine (vLLM's processes and the replica in front of
 #: them).
 ENGINE_ROLES = ("engine_replica", "engine_core", "engine_worker")
+RAY = str(Path(sys.executable).parent / "ray")  # the command line of this environment's Ray
 #: Roles that are not the harness either: the engine's, and processes that are not the job's
 #: ("other": whatever else runs on the machine).
 NOT_HARNESS = (*ENGINE_ROLES, "other")
@@ -26,7 +27,6 @@ NOT_HARNESS = (*ENGINE_ROLES, "other")
 def harness_cores(cores: dict[str, float]) -> float:
     """The mean cores of the harness (every role of the job but the engine's) in a CPU account."""
     return sum(v for role, v in cores.items() if role not in NOT_HARNESS)
-RAY = str(Path(sys.executable).parent / "ray")  # the command line of this environment's Ray
 
 
 def annotate(name: str, rows: list[dict], shards: int, overrides: list[str]) -> tuple[dict, list[dict]]:

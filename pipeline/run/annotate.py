@@ -15,7 +15,8 @@ from ..lease import Lease
 from ..manifest import build_manifest
 from ..preflight import preflight
 from .execute import execute
-from .output import MANIFEST_FILE, prepare_output
+from ..output_names import MANIFEST_FILE
+from .output import prepare_output
 
 
 def run(cfg: Config) -> dict:

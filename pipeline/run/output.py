@@ -1,5 +1,5 @@
 """The output location before a run annotates: what it clears, what it keeps, and the resolved
-config it writes (``CONFIG_FILE``; the manifest, ``MANIFEST_FILE``, is written at the end)."""
+config it writes (``CONFIG_FILE``; the manifest is written at the end)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..console import say
 from ..io import join, write_text
 from ..preflight import DONE_DIR, Plan, marker_path
 
-from ..output_names import CONFIG_FILE, MANIFEST_FILE  # noqa: F401 - named here for the run's callers
+from ..output_names import CONFIG_FILE
 
 
 def prepare_output(cfg: Config, plan: Plan) -> None:

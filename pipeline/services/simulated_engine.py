@@ -23,6 +23,7 @@ from typing import Sequence
 from ..config import EngineConfig, SimulatedEngineConfig, StorageConfig
 from ..tokenizer import TokenizerSpec
 from .reporting import ReportingReplica
+from .engine import EngineCounters
 from .recording import output_of, read_records, request_key
 
 #: Tokens per prefix-cache block (vLLM's GPU default).
@@ -126,8 +127,7 @@ class SimulatedEngineReplica(ReportingReplica):
                               "(record a real run with debug.record_engine_requests)")
         self.cache = PrefixCache()
         self.schedule = BatchSchedule(self.model)
-        self.counters = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                         "requests": 0, "steps": 0, "running_sum": 0, "waiting_sum": 0}
+        self.counters = EngineCounters().totals  # the real replica's counters, kept here by hand
         self._wake = asyncio.Event()
         self._stepper = asyncio.get_running_loop().create_task(self._run_steps())
         self.start_reporting(self.counters, time.perf_counter() - start, record_requests)
