@@ -188,9 +188,11 @@ def test_a_rebuild_beside_a_running_job_never_touches_the_index_it_searches(tmp_
         for name in replicas:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         deadline = time.time() + 120
-        while (not replica_names("retriever-a") or replica_names("retriever-a") & replicas) and time.time() < deadline:
+        # one snapshot per check: between two lookups the killed replica may vanish before its
+        # replacement appears
+        while (not (names := replica_names("retriever-a")) or names & replicas) and time.time() < deadline:
             time.sleep(0.5)
-        assert replica_names("retriever-a") and not replica_names("retriever-a") & replicas
+        assert names and not names & replicas, names
         assert [found[0]["id"] for found in search_until_served(handle, queries)] == expected
         assert handle.index_meta.remote().result(timeout_s=60)["version"] == Path(version_a).name
 
