@@ -14,13 +14,13 @@ import argparse
 import logging
 import sys
 
-from pipeline import phase_times
-from pipeline.config import load_config
+from pipeline.runtime import phase_times
+from pipeline.infra.config import load_config
 from pipeline.run.annotate import run
 from pipeline.run.exit_codes import end_job
 from pipeline.run.signals import Interrupted, catch_interrupts, restore_signals
 from pipeline.run.summary import print_examples, print_summary
-from pipeline.run_log import RunLog
+from pipeline.output.run_log import RunLog
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print(__doc__, file=sys.stderr)
         return 2
-    from pipeline.config import load_config
-    from pipeline.vllm_engine import Engine
+    from pipeline.infra.config import load_config
+    from pipeline.model.vllm_engine import Engine
     from pipeline.services.recording import read_records
 
     cfg = load_config([], args[1:])

@@ -29,9 +29,9 @@ import json
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.console import print_error
-from pipeline.ray_connect import stop_ray
+from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.console import print_error
+from pipeline.runtime.ray_connect import stop_ray
 from pipeline.run.index_build import build
 
 

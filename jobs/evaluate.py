@@ -82,11 +82,11 @@ import sys
 
 from pipeline.evaluation import layouts
 from pipeline.evaluation.metrics import CLOSED_METRICS
-from pipeline.ray_connect import stop_ray
+from pipeline.runtime.ray_connect import stop_ray
 from pipeline.run.evaluate import MODES, evaluate
 from pipeline.run.exit_codes import end_job
 from pipeline.run.signals import Interrupted, catch_interrupts, restore_signals
-from pipeline.run_log import RunLog
+from pipeline.output.run_log import RunLog
 
 
 def build_parser() -> argparse.ArgumentParser:

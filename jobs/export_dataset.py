@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.infra.config import ConfigError
 from pipeline.export.config import load_export_config
 from pipeline.export.source import ExportError
 from pipeline.run.exit_codes import end_job

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import io
-from pipeline.config import StorageConfig
+from pipeline.infra import io
+from pipeline.infra.config import StorageConfig
 from pipeline.report.write import ReportError, write_report
 from pipeline.run.exit_codes import end_job
 

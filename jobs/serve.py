@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import io
-from pipeline.config import ConfigError, load_config
-from pipeline.console import print_error
-from pipeline.preflight import PreflightError, check_model, ensure_index
-from pipeline.ray_connect import init_ray, stop_ray
+from pipeline.infra import io
+from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.console import print_error
+from pipeline.run.preflight import PreflightError, check_model, ensure_index
+from pipeline.runtime.ray_connect import init_ray, stop_ray
 from pipeline.run.exit_codes import end_job
 from pipeline.services.deploy import (ENGINE_APP, RETRIEVER_APP, Services, ServicesUnavailable, start_services,
                                       started_here, stop_services)
-from pipeline.tokenizer import tokenizer_spec
+from pipeline.model.tokenizer import tokenizer_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) ->
     """Run the annotation job (``pipeline.run.annotate.run``) in this process, in the prompt style
     the tiny model was trained on (the subprocess runs of other modules keep the default style);
     returns this run's summary (the manifest's ``this_run``) and all output rows."""
-    from pipeline.config import load_config
+    from pipeline.infra.config import load_config
     from pipeline.run.annotate import run
     from pipeline.synthetic.world import TRAINED_PROMPT_STYLE
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import copy_demo_queries, run_job
 from test_report import check_in_browser
-from pipeline.phase_times import PHASES
+from pipeline.runtime.phase_times import PHASES
 from pipeline.selfrag.scoring import Continuation, ScoreWeights, score_continuation
 from pipeline.selfrag.selection import select_answer, short_form_answer
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS

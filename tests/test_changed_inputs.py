@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.annotate import main
-from pipeline import io, staging
-from pipeline.config import load_config
-from pipeline.preflight import marker_path, preflight
+from pipeline.infra import io
+from pipeline.output import staged_rows
+from pipeline.infra.config import load_config
+from pipeline.run.preflight import marker_path, preflight
 from pipeline.run.output import prepare_output
 from pipeline.stages.prepare import prepare_table
 from pipeline.stages.write import ShardWriter
@@ -100,7 +101,7 @@ def test_rows_staged_for_a_replaced_shard_are_discarded(run, capsys):
     prepare_output(cfg, plan)
     assert plan.staged == {a: 0, b: 0}
     assert f"input shard {a} changed since an earlier run staged its rows" in capsys.readouterr().out
-    assert staging.list_parts(cfg.output.path, plan.annotation_hash, a) == {}
+    assert staged_rows.list_parts(cfg.output.path, plan.annotation_hash, a) == {}
 
 
 def test_staged_rows_without_a_recorded_version_are_discarded(run):
@@ -108,9 +109,9 @@ def test_staged_rows_without_a_recorded_version_are_discarded(run):
     cfg = load_config([], overrides)
     plan = preflight(cfg)
     rows = prepared(cfg, plan, a)
-    staging.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
-    assert staging.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    staging.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
-    staging.record_version(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    assert not staging.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    assert len(staging.staged_offsets(cfg.output.path, plan.annotation_hash, a)) == 2
+    staged_rows.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
+    assert staged_rows.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
+    staged_rows.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
+    staged_rows.record_version(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
+    assert not staged_rows.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
+    assert len(staged_rows.staged_offsets(cfg.output.path, plan.annotation_hash, a)) == 2

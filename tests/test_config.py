@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.infra.config import ConfigError, load_config, to_yaml
 
 
 def test_defaults_are_the_embedded_default():

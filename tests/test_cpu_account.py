@@ -3,24 +3,54 @@
 import subprocess
 import sys
 import time
+import uuid
 
+from pipeline.bench import cpu_account
 from pipeline.bench.cpu_account import CpuAccount
 
 
-def test_cpu_time_is_summed_by_role_over_the_window():
+def burn(cpu_seconds: float) -> None:
+    """Spin until this process has used ``cpu_seconds`` more of CPU time (however busy the machine is)."""
+    end = time.process_time() + cpu_seconds
+    while time.process_time() < end:
+        pass
+
+
+def next_samples(account: CpuAccount, n: int = 2) -> None:
+    """Wait until the account has taken ``n`` more samples."""
+    until = len(account.samples) + n
+    while len(account.samples) < until:
+        time.sleep(0.05)
+
+
+def test_cpu_time_is_summed_by_role_over_the_window(monkeypatch):
+    """A child with a title of its own role uses 1.0 s of CPU between two samples and idles
+    around them; this process (the driver) uses 0.6 s. Counted in CPU seconds, not cores, and
+    by a title no other process has, so the figures depend neither on how busy the machine is
+    nor on what else runs on it."""
+    title = f"selfrag-cpu-account-test-{uuid.uuid4().hex}"
+    monkeypatch.setattr(cpu_account, "ROLES", ((title, "busy_child"),) + cpu_account.ROLES)
     account = CpuAccount(interval_s=0.2).start()
     t0 = time.time()
-    # a busy child titled like a vLLM engine core, and this process (the driver) busy too
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass",
-                              "VLLM::EngineCore"])
-    end = time.time() + 2.5
-    while time.time() < end:
-        pass
-    child.wait()
-    time.sleep(0.5)
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+                              "end = time.process_time() + 1.0\nwhile time.process_time() < end: pass\n"
+                              "print('done', flush=True)\ntime.sleep(60)", title],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        next_samples(account)  # the child's start-up is sampled before the window's CPU use
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        burn(0.6)
+        assert child.stdout.readline() == "done\n"
+        next_samples(account)  # and its total after it
+    finally:
+        child.kill()
+        child.wait()
     account.stop()
     t1 = time.time()
-    cores = account.cores(t0, t1)
-    assert 0.4 < cores["engine_core"] < 1.05, cores  # 2.5 s busy in a window of about 3 s (2 cores, shared)
-    assert 0.4 < cores["driver"] < 1.05, cores
+    seconds = {role: cores * (t1 - t0) for role, cores in account.cores(t0, t1).items()}
+    assert 0.85 < seconds["busy_child"] < 1.15, seconds
+    assert 0.55 < seconds["driver"] < 0.9, seconds  # 0.6 s, plus the sampling thread
     assert account.cores(t1, t1 + 10) == {}  # nothing sampled after stop

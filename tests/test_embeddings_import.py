@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 from jobs.build_index import main
-from pipeline.config import ConfigError, RetrievalConfig, load_config
+from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval.corpus import read_corpus
 from pipeline.retrieval.embeddings import ADMITTED, UnsafePickleError, natural_key, restricted_load
 from pipeline.retrieval.index import CURRENT_FILE, Retriever, passage_texts, read_meta

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, RetrievalConfig, load_config
+from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval.encoder import Encoder, resolve_dtype, tokenize
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
@@ -75,7 +75,7 @@ def test_dtype_defaults_by_device_and_bad_values_are_refused():
 def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder):
     import pyarrow as pa
 
-    from pipeline.config import Config
+    from pipeline.infra.config import Config
     from pipeline.stages.embed import EmbedPassages, split_embeddings, tokenize_passages
 
     passages = pa.table({"id": [str(i) for i in range(len(TEXTS))], "title": ["T"] * len(TEXTS), "text": TEXTS})

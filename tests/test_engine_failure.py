@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_QUERIES, REPO
-from pipeline.config import ServiceConfig
-from pipeline.phase_times import PHASES
+from pipeline.infra.config import ServiceConfig
+from pipeline.runtime.phase_times import PHASES
 from pipeline.services.clients import ServiceUnavailable, call_with_retries
 from pipeline.services.engine import EngineUnavailable
 from pipeline.stages.common import run_isolated

@@ -412,8 +412,8 @@ def test_unknown_layout_and_unreadable_files_are_refused(tmp_path):
 
 
 def test_converted_shard_is_read_by_the_annotation_job(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.preflight import check_inputs
+    from pipeline.infra.config import load_config
+    from pipeline.run.preflight import check_inputs
     from pipeline.stages.prepare import prepare_table
 
     qa = write_lines(tmp_path / "qa.jsonl", [{"question": "Q?", "answers": ["a"],

@@ -10,12 +10,12 @@ import signal
 import pytest
 
 from jobs.evaluate import main as evaluate_main
-from pipeline.config import ConfigError
+from pipeline.infra.config import ConfigError
 from pipeline.export.source import ExportError
 from pipeline.evaluation.layouts import LayoutError
-from pipeline.io import InputError
-from pipeline.lease import LeaseHeld
-from pipeline.preflight import PreflightError
+from pipeline.infra.io import InputError
+from pipeline.output.lease import LeaseHeld
+from pipeline.run.preflight import PreflightError
 from pipeline.report.write import ReportError
 from pipeline.run import evaluate as evaluation_run
 from pipeline.run import exit_codes

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 from conftest import REPO
-from pipeline.config import load_config
-from pipeline.identity import annotation_identity, identity_hash
-from pipeline.preflight import PreflightError, split_done
+from pipeline.infra.config import load_config
+from pipeline.output.identity import annotation_identity, identity_hash
+from pipeline.run.preflight import PreflightError, split_done
 
 
 @pytest.fixture

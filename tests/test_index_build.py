@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.config import RetrievalConfig
+from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.corpus import corpus_format, read_corpus
 from pipeline.retrieval.index import Retriever, build_index_in_process, passage_texts, read_meta
 

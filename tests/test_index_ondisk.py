@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import RetrievalConfig
+from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.index import IndexBuilder, Retriever, index_exists
 from pipeline.retrieval.search import RefineStore, merge_topk
 
@@ -167,8 +167,8 @@ def test_a_shard_in_its_own_deployment_answers_as_in_the_replica(tmp_path, corpu
     their hits; the passages found equal those of an in-process retriever over the same version."""
     from ray import serve
 
-    from pipeline.config import Config
-    from pipeline.ray_connect import init_ray
+    from pipeline.infra.config import Config
+    from pipeline.runtime.ray_connect import init_ray
     from pipeline.retrieval.index import passage_texts, read_corpus
     from pipeline.services.deploy import apart_shards, replica_demands, retriever_application
 

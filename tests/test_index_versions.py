@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.config import load_config
-from pipeline.identity import annotation_identity, identity_hash
-from pipeline.preflight import PreflightError, ensure_index
+from pipeline.infra.config import load_config
+from pipeline.output.identity import annotation_identity, identity_hash
+from pipeline.run.preflight import PreflightError, ensure_index
 from pipeline.retrieval.index import (
     CURRENT_FILE, INDEX_FILES, IndexBuilder, Retriever, build_index_in_process, build_version, passage_texts,
     read_meta, resolve_index,
@@ -154,7 +154,7 @@ def test_a_rebuild_beside_a_running_job_never_touches_the_index_it_searches(tmp_
     import ray
     from ray import serve
 
-    from pipeline.ray_connect import init_ray
+    from pipeline.runtime.ray_connect import init_ray
     from pipeline.services.deploy import check_reused_retriever, retriever_application
 
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "index")

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io
-from pipeline.config import InputConfig, load_config
-from pipeline.preflight import scan_ids
+from pipeline.infra import io
+from pipeline.infra.config import InputConfig, load_config
+from pipeline.run.preflight import scan_ids
 from pipeline.stages.prepare import prepare_table
 
 

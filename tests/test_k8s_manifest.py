@@ -17,8 +17,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from conftest import REPO
-from pipeline.config import Config, load_config
-from pipeline.secrets import SECRET_VALUE, find_credentials, is_credential_key
+from pipeline.infra.config import Config, load_config
+from pipeline.infra.secrets import SECRET_VALUE, find_credentials, is_credential_key
 
 RAYJOB = REPO / "k8s" / "rayjob.yaml"
 RAY_CLUSTER = REPO / "ray_cluster.yaml"

@@ -6,20 +6,22 @@ module-level or inside a function. The layers, lowest first, as the code uses th
 
 0. **algorithm** - ``pipeline.selfrag``: the Self-RAG algorithm as pure Python. It imports
    nothing of ``pipeline`` outside itself, and never ``ray`` or ``vllm``.
-1. **infrastructure** - what a run is built from, knowing nothing of runs: ``config``,
-   ``secrets``, ``io``, ``console``, ``schema`` (the output's columns and their types), ``output_names`` (the files under an output),
-   ``tokenizer``, ``engine`` (vLLM arguments and records), ``retrieval``, ``synthetic`` (the
-   world, the demo data, the tiny model and its training), and the tools over a finished
+1. **infrastructure** - what a run is built from, knowing nothing of runs: ``pipeline.infra``
+   (config, secrets, paths and filesystems, console lines), ``pipeline.model`` (the tokenizer,
+   vLLM's arguments and a synchronous engine), ``output.schema`` (the output's columns and
+   their types) and ``output.names`` (the files under an output), ``retrieval``, ``synthetic``
+   (the world, the demo data, the tiny model and its training), and the tools over a finished
    output: ``evaluation`` (metrics, file layouts, the synthetic suite, reading outputs back,
    the tables), ``export``, ``report`` (figures, page, ``report.write``).
-2. **run bookkeeping** - the state of one run and its output location: ``identity``,
-   ``lease``, ``staging`` (staged rows and the shards' success markers), ``manifest``,
-   ``run_log``, ``progress``, ``metrics``, ``phases``, ``phase_times``, ``ray_connect``.
+2. **run bookkeeping** - the state of one run and its output location: the rest of
+   ``pipeline.output`` (identity, lease, staged rows and the shards' success markers,
+   manifest, run log) and ``pipeline.runtime`` (connecting to Ray, the metrics actor,
+   progress, phase times, the phases a signal may hit).
 3. **services** - ``pipeline.services``: the engine and retriever Serve deployments and the
    clients the stages call them through.
 4. **stages** - ``pipeline.stages``: the Ray Data stages (they call the services' clients).
-5. **run planning and assembly** - ``preflight`` (its id scan assigns ids exactly as the
-   prepare stage does, so it uses ``stages.prepare``) and ``dataflow`` (the chain of stages).
+5. **run planning and assembly** - ``run.preflight`` (its id scan assigns ids exactly as the
+   prepare stage does, so it uses ``stages.prepare``) and ``run.dataflow`` (the chain of stages).
 6. **runs** - ``pipeline.run``: what each job does, as library functions: the annotation run
    (preflight, lease, execute, manifest), the evaluation run (annotation runs per mode, so it
    sits here beside the annotation run and not in ``pipeline.evaluation``, whose modules only
@@ -44,23 +46,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Module name prefix -> layer. The longest matching prefix decides (``pipeline.selfrag`` and
-#: everything under it; ``pipeline.io`` is only that module).
+#: Module name prefix -> layer. The longest matching prefix decides (``pipeline.output`` and
+#: everything under it, except ``pipeline.output.schema`` and ``pipeline.output.names``).
 LAYERS: dict[str, int] = {
     "pipeline.selfrag": 0,
     **dict.fromkeys([
-        "pipeline.config", "pipeline.secrets", "pipeline.io", "pipeline.console", "pipeline.schema", "pipeline.output_names",
-        "pipeline.tokenizer", "pipeline.vllm_engine", "pipeline.retrieval", "pipeline.synthetic",
-        "pipeline.evaluation", "pipeline.export", "pipeline.report",
+        "pipeline.infra", "pipeline.model", "pipeline.output.schema", "pipeline.output.names",
+        "pipeline.retrieval", "pipeline.synthetic", "pipeline.evaluation", "pipeline.export", "pipeline.report",
     ], 1),
-    **dict.fromkeys([
-        "pipeline.identity", "pipeline.lease", "pipeline.staging", "pipeline.manifest", "pipeline.run_log",
-        "pipeline.progress", "pipeline.metrics_actor", "pipeline.phases", "pipeline.phase_times", "pipeline.ray_connect",
-    ], 2),
+    **dict.fromkeys(["pipeline.output", "pipeline.runtime"], 2),
     "pipeline.services": 3,
     "pipeline.stages": 4,
-    "pipeline.preflight": 5,
-    "pipeline.dataflow": 5,
+    "pipeline.run.preflight": 5,
+    "pipeline.run.dataflow": 5,
     "pipeline.run": 6,
     "pipeline.bench": 7,
     "jobs": 8,
@@ -125,9 +123,9 @@ def test_every_module_has_a_layer():
 
 
 def test_the_parser_sees_imports_inside_functions_and_relative_ones():
-    found = dict((m, line) for line, m in imports("pipeline.preflight", MODULES["pipeline.preflight"]))
+    found = dict((m, line) for line, m in imports("pipeline.run.preflight", MODULES["pipeline.run.preflight"]))
     assert "pipeline.stages.prepare" in found  # imported inside scan_ids, relative
-    assert "pipeline.staging" in found and "pipeline.io" in found  # "from . import io, staging"
+    assert "pipeline.output.staged_rows" in found and "pipeline.infra.io" in found  # "from ..output import staged_rows"
     assert "pipeline.report.write" in {m for _, m in imports("pipeline.run.annotate", MODULES["pipeline.run.annotate"])}
 
 

@@ -16,9 +16,9 @@ import uuid
 import pytest
 
 from conftest import start_moto
-from pipeline import io
-from pipeline.config import StorageConfig
-from pipeline.lease import Lease, LeaseHeld, process_namespace
+from pipeline.infra import io
+from pipeline.infra.config import StorageConfig
+from pipeline.output.lease import Lease, LeaseHeld, process_namespace
 
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.integration)]
 

@@ -11,7 +11,7 @@ Where each actor runs is arranged with resources, not left to the scheduler: the
 replica asks for 2 CPUs, so it can only start on the 2-CPU node, and takes all of it; the job's
 Ray Data tasks and actors (0.1 CPU each) then all run on the 1-CPU node. The moment of the loss
 is an event, never a sleep: a shard written, or the writer held at the commit of its first
-shard by the test hook (``pipeline.phases``), armed on the writer's node only.
+shard by the test hook (``pipeline.runtime.phases``), armed on the writer's node only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_QUERIES, REPO
-from pipeline.phases import PAUSE_AT, PAUSED_FILE
+from pipeline.runtime.phases import PAUSE_AT, PAUSED_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -140,8 +140,8 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
 def test_a_replaced_remote_directory_is_downloaded_again(s3, tmp_path, monkeypatch):
     """io.localize: one download per URL while the remote files stay the same; a file replaced at
     the same URL gives a fresh copy, never the stale one."""
-    from pipeline import io
-    from pipeline.config import StorageConfig
+    from pipeline.infra import io
+    from pipeline.infra.config import StorageConfig
 
     endpoint, env, fs = s3
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
@@ -164,8 +164,8 @@ def test_a_replaced_remote_directory_is_downloaded_again(s3, tmp_path, monkeypat
 def test_an_s3_shard_version_is_its_content_digest(s3, tmp_path, monkeypatch):
     """io.file_version on S3: the same bytes uploaded again keep the version (the ETag is their
     MD5), other bytes under the same key change it, so a resume tells a replaced shard."""
-    from pipeline import io
-    from pipeline.config import StorageConfig
+    from pipeline.infra import io
+    from pipeline.infra.config import StorageConfig
 
     endpoint, env, fs = s3
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
@@ -304,8 +304,8 @@ def test_unreachable_endpoint_is_one_clear_error(s3, tmp_path):
 
 def test_index_build_job_round_trip_through_s3(s3, tmp_path):
     endpoint, env, fs = s3
-    from pipeline import io
-    from pipeline.config import RetrievalConfig, StorageConfig
+    from pipeline.infra import io
+    from pipeline.infra.config import RetrievalConfig, StorageConfig
     from pipeline.retrieval.corpus import read_corpus
     from pipeline.retrieval.index import Retriever, passage_texts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import phase_times
+from pipeline.runtime import phase_times
 
 
 def test_phases_count_from_the_process_start_in_run_order(monkeypatch):

@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from pipeline.config import InputConfig
+from pipeline.infra.config import InputConfig
 from pipeline.stages.columns import OFFSET, OUTPUT_TYPES, SHARD
 from pipeline.stages.prepare import prepare_table
 
@@ -46,7 +46,7 @@ def test_prompts_follow_the_style_and_the_long_form_template():
     """asqa rows are decoded long-form by default, so they get the long-form script's template
     (no newline before the marker); with long form off, the short-form one; paper style joins
     with a blank line either way."""
-    from pipeline.config import LongFormConfig, SelfRagConfig
+    from pipeline.infra.config import LongFormConfig, SelfRagConfig
     from pipeline.selfrag.prompts import PAPER_INSTRUCTIONS, REFERENCE_INSTRUCTIONS
 
     table = pa.table({"instruction": ["Who?", "Claim."], "task": ["asqa", "fever"]})

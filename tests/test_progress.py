@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from pipeline.progress import Progress, bar, status
+from pipeline.runtime.progress import Progress, bar, status
 
 
 def test_status_and_bar_text():

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from conftest import REPO
-from pipeline import ray_connect
-from pipeline.ray_connect import address_file, end_orphaned_agents, resolve_address, stop_ray
+from pipeline.runtime import ray_connect
+from pipeline.runtime.ray_connect import address_file, end_orphaned_agents, resolve_address, stop_ray
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_driver_starts_a_local_ray_past_a_stale_address_file(ray_tmp):
     """The real thing: Ray alone retries the gone cluster's GCS for ever; init_ray starts a
     local Ray at once and says why."""
     ray_tmp.write_text(f"127.0.0.1:{closed_port()}")
-    code = ("from pipeline.ray_connect import init_ray; import ray; init_ray(None); "
+    code = ("from pipeline.runtime.ray_connect import init_ray; import ray; init_ray(None); "
             "print('resources', ray.cluster_resources().get('CPU')); ray.shutdown()")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

@@ -269,7 +269,7 @@ def test_error_lines_never_carry_terminal_escapes(capsys, out, tmp_path):
 
 
 def test_shards_that_store_ids_as_a_categorical_and_as_strings_agree(tmp_path):
-    from pipeline.preflight import check_compatible_schemas
+    from pipeline.run.preflight import check_compatible_schemas
 
     categorical = pa.table({"id": pa.array(["a", "b"]).dictionary_encode(), "instruction": ["Who?", "What?"]})
     plain = pa.table({"id": ["c"], "instruction": ["Where?"]})

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.config import RetrievalConfig
+from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.index import (
     Retriever, build_index_in_process, check_compatible, index_exists, passage_texts, read_meta,
 )

@@ -8,7 +8,7 @@ import io
 import logging
 import sys
 
-from pipeline.run_log import RunLog
+from pipeline.output.run_log import RunLog
 
 
 @contextlib.contextmanager
@@ -62,6 +62,6 @@ def test_library_errors_stay_in_the_file_and_own_warnings_are_one_printable_line
     console = io.StringIO()
     with started(console) as run_log:
         logging.getLogger("ray.data").error("Exception occurred in user code\nTraceback ...")
-        logging.getLogger("pipeline.lease").warning("lease heartbeat for %s failed", "out/\x1b[2Jx")
+        logging.getLogger("pipeline.output.lease").warning("lease heartbeat for %s failed", "out/\x1b[2Jx")
         assert "Exception occurred in user code" in logged(run_log)
     assert console.getvalue() == "warning: lease heartbeat for out/?[2Jx failed\n"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.config import load_config
+from pipeline.infra.config import load_config
 from pipeline.services.deploy import check_resources, replica_demands
 
 

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from pipeline.config import SimulatedEngineConfig, load_config
+from pipeline.infra.config import SimulatedEngineConfig, load_config
 from pipeline.selfrag.scoring import Continuation
 from pipeline.services.recording import Recorder, output_of, read_records, record_line, request_key
 from pipeline.services.simulated_engine import (BatchSchedule, PrefixCache, ScheduledPrompt, SimulatedEngineReplica,
@@ -108,7 +108,7 @@ def test_a_recording_without_requests_is_refused(tmp_path):
 
 
 def test_simulated_engine_settings_are_checked():
-    from pipeline.config import ConfigError
+    from pipeline.infra.config import ConfigError
 
     for bad in ("engine.simulated.step_s=0", "engine.simulated.max_num_seqs=0",
                 "engine.simulated.recording=s3://bucket/requests"):

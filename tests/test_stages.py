@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from fakes import EOS, IDS, TOKENS, FakeEngine, FakeRetriever, continuation, decode, position
-from pipeline.config import load_config
+from pipeline.infra.config import load_config
 from pipeline.selfrag import tokens as T
 from pipeline.services.clients import ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
@@ -251,7 +251,7 @@ def test_reading_an_undeclared_or_missing_column_is_an_error():
 
 
 def test_the_dataflow_chain_is_checked_when_built():
-    from pipeline.dataflow import stage_contracts
+    from pipeline.run.dataflow import stage_contracts
 
     schema = pa.schema([("id", pa.string()), ("instruction", pa.string())])
     for mode in ("adaptive", "always", "never"):

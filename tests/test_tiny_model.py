@@ -12,7 +12,7 @@ import random
 import pytest
 
 from conftest import REPO
-from pipeline.config import EngineConfig, SelfRagConfig
+from pipeline.infra.config import EngineConfig, SelfRagConfig
 from pipeline.selfrag.prompts import format_prompt
 from pipeline.selfrag.scoring import ScoreWeights, relevance_score, retrieval_probability, score_continuation
 from pipeline.selfrag.selection import clean_answer
@@ -26,7 +26,7 @@ N = 12  # fixed held-out knowledge questions
 
 @pytest.fixture(scope="module")
 def engine():
-    from pipeline.vllm_engine import Engine
+    from pipeline.model.vllm_engine import Engine
 
     eng = Engine(EngineConfig(model=str(MODEL)))
     yield eng
@@ -36,7 +36,7 @@ def engine():
 @pytest.fixture(scope="module")
 def tokens():
     """Prompts as token ids, as the pipeline builds them."""
-    from pipeline.tokenizer import model_prompt_tokens
+    from pipeline.model.tokenizer import model_prompt_tokens
 
     return model_prompt_tokens(str(MODEL))
 

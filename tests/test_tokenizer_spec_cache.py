@@ -7,9 +7,9 @@ import shutil
 import subprocess
 import sys
 
-from pipeline import io
-from pipeline.config import StorageConfig
-from pipeline.tokenizer import tokenizer_spec
+from pipeline.infra import io
+from pipeline.infra.config import StorageConfig
+from pipeline.model.tokenizer import tokenizer_spec
 
 MODEL = "models/tiny-selfrag"
 TOKENIZER_ONLY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
@@ -26,9 +26,9 @@ def test_the_cached_spec_equals_the_built_one_and_follows_the_files(tmp_path, mo
     assert len(cached) == 1
     assert tokenizer_spec(str(model)) == built  # read back from the file
 
-    code = ("import sys; from pipeline import io; from pipeline.config import StorageConfig; "
+    code = ("import sys; from pipeline.infra import io; from pipeline.infra.config import StorageConfig; "
             f"io.configure(StorageConfig(cache_dir={str(tmp_path / 'cache')!r})); "
-            "from pipeline.tokenizer import tokenizer_spec; "
+            "from pipeline.model.tokenizer import tokenizer_spec; "
             f"spec = tokenizer_spec({str(model)!r}); "
             "print(len(spec.special), spec.bos, 'transformers' in sys.modules)")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -12,7 +12,7 @@ from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, Special, evidence_pieces
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.training_data import (
     NOT_IN_LOSS, direct_example, evidence_example, label_ids, long_form_example, sample_example, tokenize_pieces)
-from pipeline.tokenizer import prompt_tokens
+from pipeline.model.tokenizer import prompt_tokens
 from pipeline.synthetic.world import TRAINED_PROMPT_STYLE, lexicon
 
 

@@ -1,7 +1,7 @@
 """Unit tests of the service plumbing, without Ray or an engine running: row affinity
 (``pipeline.services.routing``), the engine replica's mapping of failures
 (``EngineReplica.generate``), the clients' retries (``pipeline.services.clients``) and vLLM
-completions as plain records (``pipeline.vllm_engine.to_continuation``)."""
+completions as plain records (``pipeline.model.vllm_engine.to_continuation``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.config import ServiceConfig
-from pipeline.vllm_engine import PromptTooLong, to_continuation
+from pipeline.infra.config import ServiceConfig
+from pipeline.model.vllm_engine import PromptTooLong, to_continuation
 from pipeline.selfrag.scoring import Continuation
 from pipeline.services import clients
 from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
-from pipeline.metrics_actor import Reporter
+from pipeline.runtime.metrics_actor import Reporter
 from pipeline.services.engine import EngineReplica, EngineUnavailable
 from pipeline.services.routing import RowAffinityRouter, rendezvous_order, request_route
 

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import staging
-from pipeline.config import load_config
+from pipeline.output import staged_rows
+from pipeline.infra.config import load_config
 from pipeline.stages.columns import OFFSET
 from pipeline.stages.prepare import prepare_table
 from pipeline.stages.write import ShardWriter, commit_shard
@@ -29,7 +29,7 @@ def writer(tmp_path, n: int, buffer_rows: int = 10, stage_rows: int = 8, flush_s
 
 def rows(n: int) -> pa.Table:
     """A shard's prepared rows, with the answer a first pass would give."""
-    from pipeline.config import InputConfig
+    from pipeline.infra.config import InputConfig
 
     table = prepare_table(pa.table({"instruction": [f"Question {i}?" for i in range(n)]}), SHARD, InputConfig(),
                           "m", "r")
@@ -57,7 +57,7 @@ def test_a_shard_is_staged_in_bounded_memory_and_committed_whole_in_input_order(
         assert w.held <= 10  # never more than buffer_rows in memory
         if i < len(parts) - 1:
             assert visible(tmp_path) == [] and summaries == []  # nothing exposed before the shard is whole
-    staged_before_commit = staging.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    staged_before_commit = staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD)
     assert summaries and summaries[0]["rows"] == 50 and summaries[0]["errors"] == 0
     out = pq.read_table(tmp_path / "out" / "part-0.parquet")
     assert out.column("answer").to_pylist() == [f"answer {i}" for i in range(50)]
@@ -71,9 +71,9 @@ def test_rows_are_staged_by_bucket_once_the_buffer_is_full(tmp_path):
     table, w = rows(40), writer(tmp_path, 40, buffer_rows=10, stage_rows=8)
     for batch in batches(table, 6)[:4]:  # 24 of 40 rows
         w(batch)
-    parts = staging.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    parts = staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD)
     assert parts and set(parts) <= {0, 1, 2, 3, 4}
-    staged = staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD)
+    staged = staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD)
     assert len(staged) + w.held == 24 and w.held <= 10
     for bucket, paths in parts.items():  # a part holds rows of its bucket only
         for p in paths:
@@ -99,7 +99,7 @@ def test_a_restarted_writer_keeps_what_was_staged_and_a_resume_adds_only_the_res
     first = writer(tmp_path, 30, buffer_rows=4, stage_rows=8)
     for batch in parts[:4]:  # 20 rows: at least 16 staged, up to 4 held in memory
         first(batch)
-    staged = set(staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist())
+    staged = set(staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist())
     assert len(staged) >= 16
     del first  # the writer dies: what it held is lost, nothing is exposed
     assert visible(tmp_path) == []
@@ -123,9 +123,9 @@ def killed_run_with_20_row_buckets(tmp_path, table: pa.Table, legacy_names: bool
     for batch in batches(table.filter(pa.array([o in staged for o in range(table.num_rows)])), 5):
         assert first(batch).num_rows == 0
     del first
-    assert set(staging.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist()) == staged
+    assert set(staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist()) == staged
     if legacy_names:
-        for paths in staging.list_parts(str(tmp_path / "out"), HASH, SHARD).values():
+        for paths in staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD).values():
             for path in paths:
                 name = path.rsplit("/", 1)[-1]
                 bucket, width, suffix = name.split("-")
@@ -156,23 +156,23 @@ def test_a_resume_with_another_stage_rows_commits_in_input_order(tmp_path, legac
 def test_parts_staged_with_another_stage_rows_are_recut_once(tmp_path):
     output = str(tmp_path / "out")
     table = rows(30)
-    staging.stage(table.slice(0, 10), output, HASH, SHARD, stage_rows=20)  # bucket 0 of 20: offsets 0-9
-    staging.stage(table.slice(10, 10), output, HASH, SHARD, stage_rows=5)  # buckets 2, 3 of 5
-    assert staging.rebucket(output, HASH, SHARD, 5) == 1  # only the 20-row part
-    parts = staging.list_parts(output, HASH, SHARD)
+    staged_rows.stage(table.slice(0, 10), output, HASH, SHARD, stage_rows=20)  # bucket 0 of 20: offsets 0-9
+    staged_rows.stage(table.slice(10, 10), output, HASH, SHARD, stage_rows=5)  # buckets 2, 3 of 5
+    assert staged_rows.rebucket(output, HASH, SHARD, 5) == 1  # only the 20-row part
+    parts = staged_rows.list_parts(output, HASH, SHARD)
     assert sorted(parts) == [0, 1, 2, 3]
-    assert all(staging.part_width(p) == 5 for paths in parts.values() for p in paths)
-    assert staging.rebucket(output, HASH, SHARD, 5) == 0
-    assert sorted(staging.staged_offsets(output, HASH, SHARD).tolist()) == list(range(20))
+    assert all(staged_rows.part_width(p) == 5 for paths in parts.values() for p in paths)
+    assert staged_rows.rebucket(output, HASH, SHARD, 5) == 0
+    assert sorted(staged_rows.staged_offsets(output, HASH, SHARD).tolist()) == list(range(20))
     # a part named before names recorded their width is re-cut only if its rows leave its bucket
-    staging.remove_shard(output, HASH, SHARD)
-    staging.stage(table.slice(0, 5), output, HASH, SHARD, stage_rows=20)
-    [[path]] = staging.list_parts(output, HASH, SHARD).values()
+    staged_rows.remove_shard(output, HASH, SHARD)
+    staged_rows.stage(table.slice(0, 5), output, HASH, SHARD, stage_rows=20)
+    [[path]] = staged_rows.list_parts(output, HASH, SHARD).values()
     legacy = path.replace("-w20-", "-")
     os.rename(path, legacy)
-    assert staging.part_width(legacy) is None
-    assert staging.rebucket(output, HASH, SHARD, 5) == 0  # offsets 0-4: bucket 0 of 5 too
-    assert staging.rebucket(output, HASH, SHARD, 3) == 1
+    assert staged_rows.part_width(legacy) is None
+    assert staged_rows.rebucket(output, HASH, SHARD, 5) == 0  # offsets 0-4: bucket 0 of 5 too
+    assert staged_rows.rebucket(output, HASH, SHARD, 3) == 1
 
 
 def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, capsys):
@@ -180,8 +180,8 @@ def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, 
     ``stage_rows=20`` and the rest with ``stage_rows=7``; the resume (``stage_rows=7``) commits it
     without a model, in input order, and its marker records the annotation identity."""
     from jobs.annotate import main
-    from pipeline import io
-    from pipeline.preflight import marker_path, preflight
+    from pipeline.infra import io
+    from pipeline.run.preflight import marker_path, preflight
 
     (tmp_path / "in").mkdir()
     shard = str(tmp_path / "in" / "part-0.parquet")
@@ -194,9 +194,9 @@ def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, 
     table = prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
                           selfrag=cfg.selfrag)
     first = [o for o in range(60) if o < 18 or o >= 28]
-    staging.record_version(cfg.output.path, plan.annotation_hash, shard, plan.versions[shard])
-    staging.stage(table.take(first), cfg.output.path, plan.annotation_hash, shard, stage_rows=20)
-    staging.stage(table.slice(18, 10), cfg.output.path, plan.annotation_hash, shard, stage_rows=7)
+    staged_rows.record_version(cfg.output.path, plan.annotation_hash, shard, plan.versions[shard])
+    staged_rows.stage(table.take(first), cfg.output.path, plan.annotation_hash, shard, stage_rows=20)
+    staged_rows.stage(table.slice(18, 10), cfg.output.path, plan.annotation_hash, shard, stage_rows=7)
 
     assert main(overrides) == 0
     assert "60 row(s) staged by an earlier run are kept" in capsys.readouterr().out
@@ -207,7 +207,7 @@ def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, 
 
 def test_an_incomplete_commit_exposes_nothing(tmp_path):
     output = str(tmp_path / "out")
-    staging.stage(rows(10).slice(0, 6), output, HASH, SHARD, stage_rows=4)
+    staged_rows.stage(rows(10).slice(0, 6), output, HASH, SHARD, stage_rows=4)
     with pytest.raises(RuntimeError, match="6 rows staged, 10 expected"):
         commit_shard(output, HASH, SHARD, 10, stage_rows=4)
     assert visible(tmp_path) == [] and not (tmp_path / "out" / "_done").exists()
@@ -216,15 +216,15 @@ def test_an_incomplete_commit_exposes_nothing(tmp_path):
 
 def test_staged_rows_of_another_identity_are_removed(tmp_path):
     output = str(tmp_path / "out")
-    staging.stage(rows(4), output, "other", SHARD, stage_rows=4)
-    staging.stage(rows(4), output, HASH, SHARD, stage_rows=4)
-    assert staging.remove_other_identities(output, HASH) == ["other"]
-    assert len(staging.staged_offsets(output, HASH, SHARD)) == 4
-    assert staging.remove_other_identities(output, None) == [HASH]
+    staged_rows.stage(rows(4), output, "other", SHARD, stage_rows=4)
+    staged_rows.stage(rows(4), output, HASH, SHARD, stage_rows=4)
+    assert staged_rows.remove_other_identities(output, HASH) == ["other"]
+    assert len(staged_rows.staged_offsets(output, HASH, SHARD)) == 4
+    assert staged_rows.remove_other_identities(output, None) == [HASH]
 
 
 def test_temporaries_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
-    from pipeline import io
+    from pipeline.infra import io
 
     out = tmp_path / "out"
     out.mkdir()

@@ -36,7 +36,7 @@ def annotate(name: str, rows: list[dict], shards: int, overrides: list[str]) -> 
     import pyarrow.parquet as pq
     import ray
 
-    from ..config import load_config
+    from ..infra.config import load_config
     from ..run.annotate import run
 
     write_shards(BENCH_DIR / name / "queries", rows, shards)

@@ -163,7 +163,7 @@ def exact_top(root: Path, q: np.ndarray, k: int = 10) -> np.ndarray:
 def serve(version: str, queries_path: str, out_path: str, nprobe: int, k_factor: float, batch: int) -> None:
     """(In a fresh process) load the version as a retrieval replica does, search every query in
     batches, fetch the passages; write the rows found and the process's memory figures."""
-    from ..config import RetrievalConfig
+    from ..infra.config import RetrievalConfig
     from ..retrieval.index import PASSAGES_FILE, PassageStore, load_shard, read_meta
     from ..retrieval.search import REFINE_FILE, RefineStore, merge_topk
 

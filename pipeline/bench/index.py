@@ -123,7 +123,7 @@ def benchmark(n_passages: int, n_queries: int, embed_threads: int, out: Path, re
     returns them."""
     import faiss
 
-    from ..config import load_config
+    from ..infra.config import load_config
     from ..retrieval.encoder import Encoder
     from ..retrieval.index import INDEX_FILE, resolve_index
     from ..run.index_build import build

@@ -136,7 +136,7 @@ def annotate_long_form(cfg, engine, tokens, row: dict, prompt_ids: list[int], bu
                        s: ReferenceSettings) -> dict:
     """One long-form question, as the static long-form script does; returns {retrieved, answer,
     best_passage_id} (no single best passage: None)."""
-    from ..stages.long_form import decode_tree
+    from ..stages.tree_decoding import decode_tree
 
     passages = row.get("passages") or []
     if not _decide(engine, prompt_ids, vocabulary, s) or not passages:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import load_config
+from ..infra.config import load_config
 from ..services.recording import read_records
 from .common import BENCH_DIR, RECORDING, annotate, harness_cores, print_figures
 from .cpu_account import CpuAccount

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..infra.config import Config, load_config
 from ..services.recording import read_records
 from ..stages.common import max_new_tokens
-from ..stages.long_form import is_long_form
+from ..stages.tree_decoding import is_long_form
 from .common import BENCH_DIR, RAY, RECORDING, annotate, free_port, fresh_env, harness_cores, print_figures, timed
 from .cpu_account import CpuAccount
 from .reference_baseline import ReferenceSettings, annotate_long_form, annotate_one
@@ -133,7 +133,7 @@ def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
 
 def bare_engine(cfg: Config, requests: list[dict]) -> dict:
     """One vLLM engine in this process generating every request at once (start-up not timed)."""
-    from ..vllm_engine import Engine
+    from ..model.vllm_engine import Engine
 
     start = time.perf_counter()
     engine = Engine(cfg.engine)
@@ -150,8 +150,8 @@ def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict
     """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
     passages); returns its answers by id, its rows/s, and its seconds by kind of row (engine
     start-up not timed)."""
-    from ..vllm_engine import Engine
-    from ..tokenizer import model_prompt_tokens
+    from ..model.vllm_engine import Engine
+    from ..model.tokenizer import model_prompt_tokens
 
     tokens = model_prompt_tokens(cfg.engine.model)
     engine = Engine(cfg.engine, max_logprobs=-1)  # -1: whole-vocabulary logprobs allowed

@@ -20,7 +20,7 @@ def annotated_batch(offsets: list[int]):
     """``mode=never`` rows for these offsets: a question, its prompt and token ids, an answer."""
     import pyarrow as pa
 
-    from ..config import InputConfig
+    from ..infra.config import InputConfig
     from ..stages.columns import OFFSET, PROMPT_IDS
     from ..stages.prepare import prepare_table
 
@@ -42,7 +42,7 @@ def annotated_batch(offsets: list[int]):
 
 def measure(rows: int, overrides: list[str]) -> dict:
     """Feed one shard of ``rows`` rows to a writer in this process; its peak memory and time."""
-    from ..config import load_config
+    from ..infra.config import load_config
     from ..stages.write import ShardWriter
 
     with tempfile.TemporaryDirectory() as out:

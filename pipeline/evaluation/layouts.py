@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import io
+from ..infra import io
 from ..selfrag.prompts import KNOWN_TASKS, TASK_INSTRUCTIONS
 from .metrics import FEVER_LABELS, fever_label
 

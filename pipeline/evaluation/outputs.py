@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .. import io
-from ..output_names import CONFIG_FILE
+from ..infra import io
+from ..output.names import CONFIG_FILE
 
 
 def read_output(path: str) -> list[dict]:

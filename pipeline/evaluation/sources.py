@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import io
-from ..config import Config
+from ..infra import io
+from ..infra.config import Config
 from . import layouts, log, synthetic
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import io
+from ..infra import io
 from . import log
 from .metrics import TokenInfo
 
@@ -16,7 +16,7 @@ def token_info(model: str | None) -> TokenInfo | None:
         from transformers import AutoTokenizer, GenerationConfig
 
         from ..selfrag.tokens import IRRELEVANT, ISUSE_GROUP, RELEVANT, ReflectionIds
-        from ..tokenizer import TOKENIZER_FILES
+        from ..model.tokenizer import TOKENIZER_FILES
 
         local = io.localize(model, only=TOKENIZER_FILES)
         tok = AutoTokenizer.from_pretrained(local)

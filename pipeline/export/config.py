@@ -1,6 +1,6 @@
 """The export job's configuration: dataclasses with types and defaults, ``key=value`` overrides.
 
-Loaded with OmegaConf as ``pipeline.config`` loads the annotation config; the same storage
+Loaded with OmegaConf as ``pipeline.infra.config`` loads the annotation config; the same storage
 options and the same refusal of credentials apply.
 """
 
@@ -12,8 +12,8 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import ConfigError, StorageConfig, _error_message, split_list
-from ..secrets import WHERE_CREDENTIALS_BELONG, find_credentials
+from ..infra.config import ConfigError, StorageConfig, _error_message, split_list
+from ..infra.secrets import WHERE_CREDENTIALS_BELONG, find_credentials
 
 FORMATS = ("parquet", "jsonl")
 NEVER_MODE_CHOICES = ("no_retrieval", "skip")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..config import LongFormConfig
+from ..infra.config import LongFormConfig
 from ..selfrag.longform import cite
 from ..selfrag.prompts import TEMPLATE_MARKERS, format_prompt, render, evidence_pieces, task_instruction
 from ..selfrag.tokens import (ALL_REFLECTION_TOKENS, ISREL_GROUP, ISSUP_GROUP, ISUSE_GROUP, MARKUP, NO_RETRIEVAL,

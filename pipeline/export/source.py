@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .. import io
-from ..config import LongFormConfig
-from ..output_names import MANIFEST_FILE
-from ..schema import OUTPUT_TYPES
+from ..infra import io
+from ..infra.config import LongFormConfig
+from ..output.names import MANIFEST_FILE
+from ..output.schema import OUTPUT_TYPES
 
 #: Output columns an export reads; a run whose shards lack one is refused.
 REQUIRED_COLUMNS = ("prompt", "retrieval_prob", "retrieved", "passages", "candidates", "answer", "answer_raw",

@@ -7,7 +7,7 @@ import json
 
 import pyarrow as pa
 
-from .. import io
+from ..infra import io
 
 _STR = pa.string()
 SCHEMAS = {

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from html import escape
 
-from .. import io
-from ..output_names import HISTORY_FILE, MANIFEST_FILE, REPORT_FILE
+from ..infra import io
+from ..output.names import HISTORY_FILE, MANIFEST_FILE, REPORT_FILE
 from .page import evaluation_section, history_section, render, run_sections
 from .summary import COLUMNS, RunFigures
 

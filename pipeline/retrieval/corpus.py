@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .. import io
+from ..infra import io
 
 CORPUS_COLUMNS = ("id", "title", "text")
 

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io
-from ..config import EMBEDDINGS_FORMATS, RetrievalConfig
+from ..infra import io
+from ..infra.config import EMBEDDINGS_FORMATS, RetrievalConfig
 from .corpus import iter_corpus
 from .encoder import resolve_encoder_path
 from .index import IndexBuilder, corpus_fingerprint

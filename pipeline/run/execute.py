@@ -7,18 +7,19 @@ import os
 import signal
 import time
 
-from .. import io, phase_times, phases
-from ..config import Config
-from ..console import say
-from ..lease import Lease
-from ..preflight import Plan
-from ..progress import Progress
-from ..ray_connect import init_ray
-from ..run_log import capture_workers, quiet
+from ..infra import io
+from ..runtime import phase_times, phases
+from ..infra.config import Config
+from ..infra.console import say
+from ..output.lease import Lease
+from .preflight import Plan
+from ..runtime.progress import Progress
+from ..runtime.ray_connect import init_ray
+from ..output.run_log import capture_workers, quiet
 from ..services.deploy import (cluster_nodes, cluster_total, services_awaited_beside, start_services,
                                stop_services, wait_for_engine_start, wait_for_services)
 from ..services.reporting import REPORT_EVERY_S
-from ..tokenizer import tokenizer_spec
+from ..model.tokenizer import tokenizer_spec
 from .errors import IncompleteRun
 from .signals import catch_interrupts, interrupt
 from .stage_metrics import collect_stage_metrics
@@ -50,8 +51,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     ``lease``: the run's lease on the output, checked after every shard."""
     import ray
 
-    from ..dataflow import build_dataset
-    from ..metrics_actor import start_metrics
+    from .dataflow import build_dataset
+    from ..runtime.metrics_actor import start_metrics
 
     ready = [shard for shard, n in plan.todo.items() if plan.staged.get(shard, 0) == n]
     written = [commit_ready_shard(cfg, plan, shard, run_id) for shard in ready]

@@ -15,14 +15,14 @@ import logging
 import signal
 import sys
 
-from ..config import ConfigError
-from ..console import no_space, printable
+from ..infra.config import ConfigError
+from ..infra.console import no_space, printable
 from ..evaluation.layouts import LayoutError
 from ..export.source import ExportError
-from ..io import InputError
-from ..lease import LeaseHeld
-from ..preflight import PreflightError
-from ..ray_connect import stop_ray
+from ..infra.io import InputError
+from ..output.lease import LeaseHeld
+from .preflight import PreflightError
+from ..runtime.ray_connect import stop_ray
 from ..report.write import ReportError
 from ..services.deploy import ServicesUnavailable
 from .errors import EvalError, IncompleteRun
@@ -68,7 +68,7 @@ def end_job(exc: BaseException, output: str = "the output") -> int:
     unexpected error's traceback goes to the log (the run log's file); the driver's Ray is
     stopped unless the job was refused or ended by itself (a local Ray goes down with every
     process of it, even one a signal caught inside ``ray.init``; on a cluster the job's actors
-    end with its connection: ``pipeline.ray_connect.stop_ray``)."""
+    end with its connection: ``pipeline.runtime.ray_connect.stop_ray``)."""
     code, line = exit_status(exc, output)
     if not isinstance(exc, EXPECTED):
         log.info("the run failed", exc_info=exc)

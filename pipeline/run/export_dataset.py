@@ -9,13 +9,13 @@ import os
 import sys
 from collections import Counter
 
-from .. import io
+from ..infra import io
 from ..export.card import render_card
 from ..export.config import ExportConfig, config_dict
 from ..export.convert import KINDS, convert_table, find_duplicates
 from ..export.source import ExportError, Run, check_locations, open_run
 from ..export.writer import write_records
-from ..ray_connect import init_ray, stop_ray
+from ..runtime.ray_connect import init_ray, stop_ray
 
 
 def reflection_ids(cfg: ExportConfig, run: Run) -> dict[str, int] | None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 
-from .. import io
-from ..config import Config
-from ..ray_connect import init_ray
+from ..infra import io
+from ..infra.config import Config
+from ..runtime.ray_connect import init_ray
 from ..retrieval.index import CURRENT_FILE, IndexBuilder, build_version, check_buildable, corpus_fingerprint
 
 

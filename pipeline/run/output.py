@@ -3,13 +3,14 @@ config it writes (``CONFIG_FILE``; the manifest is written at the end)."""
 
 from __future__ import annotations
 
-from .. import io, staging
-from ..config import Config, to_yaml
-from ..console import say
-from ..io import join, write_text
-from ..preflight import DONE_DIR, Plan, marker_path
+from ..infra import io
+from ..output import staged_rows
+from ..infra.config import Config, to_yaml
+from ..infra.console import say
+from ..infra.io import join, write_text
+from .preflight import DONE_DIR, Plan, marker_path
 
-from ..output_names import CONFIG_FILE
+from ..output.names import CONFIG_FILE
 
 
 def prepare_output(cfg: Config, plan: Plan) -> None:
@@ -22,13 +23,13 @@ def prepare_output(cfg: Config, plan: Plan) -> None:
             io.remove(marker_path(cfg.output.path, shard))
     for directory in (cfg.output.path, join(cfg.output.path, DONE_DIR)):  # what an interrupted write left
         io.remove_temporaries(directory)
-    removed = staging.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
+    removed = staged_rows.remove_other_identities(cfg.output.path, None if cfg.output.overwrite else plan.annotation_hash)
     if removed:
         say(f"removed staged rows of other annotation identities: {removed}")
     for shard in plan.todo:
-        if staging.discard_if_changed(cfg.output.path, plan.annotation_hash, shard, plan.versions.get(shard)):
+        if staged_rows.discard_if_changed(cfg.output.path, plan.annotation_hash, shard, plan.versions.get(shard)):
             say(f"input shard {shard} changed since an earlier run staged its rows: they are discarded and the "
                 "shard is annotated whole")
-    plan.staged = {shard: len(staging.staged_offsets(cfg.output.path, plan.annotation_hash, shard))
+    plan.staged = {shard: len(staged_rows.staged_offsets(cfg.output.path, plan.annotation_hash, shard))
                    for shard in plan.todo}
     write_text(join(cfg.output.path, CONFIG_FILE), to_yaml(cfg))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import io
-from ..config import Config
+from ..infra import io
+from ..infra.config import Config
 
 
 def print_summary(manifest: dict) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Protocol, Sequence
 
-from ..config import ServiceConfig
+from ..infra.config import ServiceConfig
 from ..selfrag.scoring import Continuation
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ServeEngineClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
-        from ..metrics_actor import job_actor_name
+        from ..runtime.metrics_actor import job_actor_name
 
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
@@ -105,7 +105,7 @@ class ServeRetrieverClient:
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
 
-        from ..metrics_actor import job_actor_name
+        from ..runtime.metrics_actor import job_actor_name
 
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc

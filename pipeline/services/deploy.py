@@ -15,10 +15,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .. import phases
-from ..config import Config, ServiceConfig
-from ..metrics_actor import job_actor_name
-from ..tokenizer import TokenizerSpec
+from ..runtime import phases
+from ..infra.config import Config, ServiceConfig
+from ..runtime.metrics_actor import job_actor_name
+from ..model.tokenizer import TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def replica_demands(cfg: Config, retrieval: bool) -> list[tuple[str, list[dict[s
     stages.append("write")
     for name in stages:
         stage = getattr(cfg.stages, name)
-        replicas = 1 if name == "write" else stage.replicas  # one writer sees every row (pipeline.dataflow)
+        replicas = 1 if name == "write" else stage.replicas  # one writer sees every row (pipeline.run.dataflow)
         demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * replicas
     return demands
 

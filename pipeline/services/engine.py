@@ -16,9 +16,9 @@ import time
 import uuid
 from typing import Sequence
 
-from ..config import EngineConfig, StorageConfig
+from ..infra.config import EngineConfig, StorageConfig
 from ..selfrag.scoring import Continuation
-from ..tokenizer import TokenizerSpec
+from ..model.tokenizer import TokenizerSpec
 from .reporting import ReportingReplica
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,9 @@ class EngineReplica(ReportingReplica):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from .. import io
-        from ..vllm_engine import engine_kwargs
-        from ..tokenizer import spec_tokens
+        from ..infra import io
+        from ..model.vllm_engine import engine_kwargs
+        from ..model.tokenizer import spec_tokens
 
         start = time.perf_counter()
         self.announce("engine", metrics)
@@ -111,7 +111,7 @@ class EngineReplica(ReportingReplica):
     async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int]) -> Continuation:
         from vllm.inputs import TokensPrompt
 
-        from ..vllm_engine import sampling_params, to_continuation
+        from ..model.vllm_engine import sampling_params, to_continuation
 
         params = sampling_params(self.ids, max_tokens, stop_ids, final_only=True, detokenize=False)
         final = None

@@ -19,7 +19,7 @@ class ReportingReplica:
         """Tell the metrics actor named ``metrics`` (the deploying job's) that a replica of
         ``stage`` is starting: its process runs, its model is loading (the job then starts its
         stages beside it)."""
-        from ..metrics_actor import Reporter
+        from ..runtime.metrics_actor import Reporter
 
         self.reporter = Reporter(stage, target=metrics)
         self.reporter.report(starting_at=time.time())

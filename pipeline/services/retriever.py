@@ -19,7 +19,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..config import RetrievalConfig, StorageConfig
+from ..infra.config import RetrievalConfig, StorageConfig
 from .reporting import ReportingReplica
 
 
@@ -31,7 +31,7 @@ class RetrieverReplica(ReportingReplica):
 
     async def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shards: list | None = None,
                        metrics: str | None = None):
-        from .. import io
+        from ..infra import io
         from ..retrieval.index import Retriever
 
         start = time.perf_counter()
@@ -78,7 +78,7 @@ class IndexShardReplica:
     def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shard_file: str):
         from pathlib import Path
 
-        from .. import io
+        from ..infra import io
         from ..retrieval.index import META_FILE, load_shard
         from ..retrieval.ondisk import ivfdata_name
 

@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..config import EngineConfig, SimulatedEngineConfig, StorageConfig
-from ..tokenizer import TokenizerSpec
+from ..infra.config import EngineConfig, SimulatedEngineConfig, StorageConfig
+from ..model.tokenizer import TokenizerSpec
 from .reporting import ReportingReplica
 from .engine import EngineCounters
 from .recording import output_of, read_records, request_key

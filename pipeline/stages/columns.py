@@ -1,5 +1,5 @@
 """The output columns every stage reads and writes, with fixed Arrow types (defined in
-``pipeline.schema``), and the helpers the stages set and read them with.
+``pipeline.output.schema``), and the helpers the stages set and read them with.
 
 The prepare stage adds all of them (as nulls) so that every block has the same schema, and
 later stages only replace values.
@@ -11,8 +11,16 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from ..schema import (
-    ALL_TYPES, CANDIDATE_TYPE, F64, INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PASSAGE_TYPE, PROMPT_IDS, SEGMENT_TYPE,
+from ..output.schema import (
+    ALL_TYPES,
+    CANDIDATE_TYPE,
+    F64,
+    INTERNAL_TYPES,
+    OFFSET,
+    OUTPUT_TYPES,
+    PASSAGE_TYPE,
+    PROMPT_IDS,
+    SEGMENT_TYPE,
     SHARD,
 )
 

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyarrow as pa
 
-from ..config import Config
+from ..infra.config import Config
 from ..selfrag.prompts import CLOSED_SET_TASKS, PromptTokens
 from ..selfrag.tokens import ReflectionIds
 from .contract import Contract
@@ -111,9 +111,9 @@ class ServiceStage:
 
     def __init__(self, cfg: Config, tokenizer, engine_app: str | None, retriever_app: str | None):
         """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications."""
-        from ..metrics_actor import Reporter
+        from ..runtime.metrics_actor import Reporter
         from ..services.clients import ServeEngineClient, ServeRetrieverClient
-        from ..tokenizer import spec_tokens
+        from ..model.tokenizer import spec_tokens
 
         start = time.perf_counter()
         tokens, ids, decode = spec_tokens(tokenizer)

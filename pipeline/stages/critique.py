@@ -11,8 +11,8 @@ import asyncio
 
 import pyarrow as pa
 
-from ..config import Config
-from ..vllm_engine import PromptTooLong, check_fits
+from ..infra.config import Config
+from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import select_answer, short_form_answer
@@ -20,7 +20,7 @@ from ..selfrag.tokens import ALL_REFLECTION_TOKENS
 from .columns import INTERNAL_TYPES, OUTPUT_TYPES, PROMPT_IDS
 from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_buckets, route_key
 from .contract import ANY, Contract
-from .long_form import decode_tree, is_long_form, result_columns, sum_stats
+from .tree_decoding import decode_tree, is_long_form, result_columns, sum_stats
 
 WRITES = ("candidates", "answer", "answer_raw", "answer_token_ids", "best_passage_id", "segments", "citations",
           "docs", "path_depth", "stop_reason", "error")

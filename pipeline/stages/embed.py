@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .. import io
-from ..config import Config
-from ..metrics_actor import Reporter
+from ..infra import io
+from ..infra.config import Config
+from ..runtime.metrics_actor import Reporter
 from ..retrieval.encoder import Encoder, encoder_tokenizer, tokenize
 from ..retrieval.index import passage_texts
 

@@ -13,9 +13,9 @@ import asyncio
 
 import pyarrow as pa
 
-from .. import phases
-from ..config import Config
-from ..vllm_engine import PromptTooLong, check_fits
+from ..runtime import phases
+from ..infra.config import Config
+from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import short_form_answer
 from .columns import OUTPUT_TYPES, PROMPT_IDS, INTERNAL_TYPES

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import staging
-from ..config import Config, InputConfig, SelfRagConfig, StorageConfig
-from ..io import configure, read_table, shard_stem
-from ..metrics_actor import Reporter
+from ..output import staged_rows
+from ..infra.config import Config, InputConfig, SelfRagConfig, StorageConfig
+from ..infra.io import configure, read_table, shard_stem
+from ..runtime.metrics_actor import Reporter
 from ..selfrag.prompts import PromptTokens, format_prompt
-from ..tokenizer import TokenizerSpec, spec_tokens
+from ..model.tokenizer import TokenizerSpec, spec_tokens
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD, optional_column, set_columns
 from .contract import ANY, Contract
 
@@ -146,7 +146,7 @@ def prepare_shards(batch: pa.Table, cfg: InputConfig, selfrag: SelfRagConfig, st
         tables = []
         for shard in batch.column("shard").to_pylist():
             rows = prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
-            staged = staging.staged_offsets(output, annotation_hash, shard)
+            staged = staged_rows.staged_offsets(output, annotation_hash, shard)
             if len(staged):
                 rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))
             tables.append(rows)

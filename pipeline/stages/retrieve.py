@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..config import Config
+from ..infra.config import Config
 from ..services.clients import ServiceUnavailable
 from .columns import OUTPUT_TYPES
 from .common import ServiceStage, StageLogic, run_isolated

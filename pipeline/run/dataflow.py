@@ -12,16 +12,16 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
-from .config import Config, StageConfig
-from .services.deploy import Services
-from .stages.columns import ALL_TYPES
-from .stages.contract import Contract, check_chain
-from .stages.critique import Critique, CritiqueStage
-from .stages.first_pass import FirstPass, FirstPassStage
-from .stages.prepare import prepare_contract, prepare_shards
-from .stages.retrieve import Retrieve, RetrieveStage
-from .stages.write import ShardWriter, writer_contract
-from .tokenizer import TokenizerSpec
+from ..infra.config import Config, StageConfig
+from ..services.deploy import Services
+from ..stages.columns import ALL_TYPES
+from ..stages.contract import Contract, check_chain
+from ..stages.critique import Critique, CritiqueStage
+from ..stages.first_pass import FirstPass, FirstPassStage
+from ..stages.prepare import prepare_contract, prepare_shards
+from ..stages.retrieve import Retrieve, RetrieveStage
+from ..stages.write import ShardWriter, writer_contract
+from ..model.tokenizer import TokenizerSpec
 
 
 #: Target size of the dataflow's blocks (Ray Data's default is 128 MiB).

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .config import EngineConfig
-from .selfrag.scoring import Continuation
-from .selfrag.tokens import ReflectionIds
+from ..infra.config import EngineConfig
+from ..selfrag.scoring import Continuation
+from ..selfrag.tokens import ReflectionIds
 
 
 class PromptTooLong(ValueError):

@@ -15,9 +15,9 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from . import io
-from .config import Config
-from .retrieval.index import read_meta
+from ..infra import io
+from ..infra.config import Config
+from ..retrieval.index import read_meta
 
 #: ``engine.extra`` keys that only change speed or memory, never a generated token.
 THROUGHPUT_ONLY = frozenset({

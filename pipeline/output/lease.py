@@ -18,8 +18,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from .io import filesystem, is_remote, join, replacing
-from .output_names import LEASE_DIR
+from ..infra.io import filesystem, is_remote, join, replacing
+from .names import LEASE_DIR
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"^(\d{10})\.json$")

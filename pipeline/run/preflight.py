@@ -14,23 +14,29 @@ from functools import partial
 
 import pyarrow as pa
 
-from . import io, staging
-from .config import Config
-from .identity import annotation_identity, identity_changes, identity_hash
-from .io import InputError, list_shards, read_footer, shard_stem
-from .output_names import MANIFEST_FILE
-from .retrieval.index import (
-    build_index_in_process, build_version, check_compatible, is_version, read_meta, resolve_index,
+from ..infra import io
+from ..output import staged_rows
+from ..infra.config import Config
+from ..output.identity import annotation_identity, identity_changes, identity_hash
+from ..infra.io import InputError, list_shards, read_footer, shard_stem
+from ..output.names import MANIFEST_FILE
+from ..retrieval.index import (
+    build_index_in_process,
+    build_version,
+    check_compatible,
+    is_version,
+    read_meta,
+    resolve_index,
 )
-from .schema import ALL_TYPES
-from .staging import marker_path
-from .selfrag.tokens import MissingReflectionTokens
-from .tokenizer import tokenizer_spec
+from ..output.schema import ALL_TYPES
+from ..output.staged_rows import marker_path
+from ..selfrag.tokens import MissingReflectionTokens
+from ..model.tokenizer import tokenizer_spec
 
 log = logging.getLogger(__name__)
 
-#: Where the success markers live (``pipeline.staging``, beside ``marker_path``; named here for the job).
-DONE_DIR = staging.DONE_DIR
+#: Where the success markers live (``pipeline.output.staged_rows``, beside ``marker_path``; named here for the job).
+DONE_DIR = staged_rows.DONE_DIR
 
 
 class PreflightError(ValueError):
@@ -45,7 +51,7 @@ class Plan:
     todo: dict[str, int]
     #: The unified schema of all readable shards.
     schema: pa.Schema
-    #: What decides the annotations (``pipeline.identity``); markers record its hash.
+    #: What decides the annotations (``pipeline.output.identity``); markers record its hash.
     identity: dict
     #: Shards whose success marker exists (skipped unless overwrite): their marker contents.
     done: list[dict] = field(default_factory=list)
@@ -121,7 +127,7 @@ def scan_ids(shards: list[str], id_column: str, examples: int = 5) -> dict:
     import numpy as np
     import pandas as pd
 
-    from .stages.prepare import derived_id, repair_text
+    from ..stages.prepare import derived_id, repair_text
 
     def ids_of(shard: str) -> tuple[list[str], int]:
         try:

@@ -28,13 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import io, output_names
+from ..infra import io
+from . import names
 from .schema import OFFSET
 
-STAGING_DIR = output_names.STAGING_DIR
+STAGING_DIR = names.STAGING_DIR
 VERSION_FILE = "_input.json"
 #: Where the success markers of committed shards live (``{output}/_done/``).
-DONE_DIR = output_names.DONE_DIR
+DONE_DIR = names.DONE_DIR
 _WIDTH_RE = re.compile(r"^b\d{7}-w(\d+)-")
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Callable
 
-from .console import printable
+from ..infra.console import printable
 
 
 def eta(seconds: float) -> str:

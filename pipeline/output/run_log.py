@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 
-from . import io
-from .console import printable
-from .output_names import LOGS_DIR
+from ..infra import io
+from ..infra.console import printable
+from .names import LOGS_DIR
 
 #: Top-level packages whose warnings the console shows.
 OWN = ("pipeline", "jobs", "__main__")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..config import Config
-from ..vllm_engine import PromptTooLong, check_fits
+from ..infra.config import Config
+from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.longform import LongFormParams, LongFormResult, LongFormTree
 from ..selfrag.scoring import Continuation
 from ..selfrag.tokens import RETRIEVAL

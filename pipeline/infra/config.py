@@ -19,9 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .secrets import WHERE_CREDENTIALS_BELONG, find_credentials, redact
 
-from .selfrag.prompts import KNOWN_TASKS, PROMPT_STYLES
-from .retrieval.encoder import DTYPES as ENCODER_DTYPES
-from .selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
+from ..selfrag.prompts import KNOWN_TASKS, PROMPT_STYLES
+from ..retrieval.encoder import DTYPES as ENCODER_DTYPES
+from ..selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
 
 
 class ConfigError(ValueError):
