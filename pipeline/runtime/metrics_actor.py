@@ -58,12 +58,17 @@ def _lookup(name: str | None):
 
 
 def start_metrics():
-    """Create (or replace) this job's metrics actor and return its handle."""
+    """Create (or replace) this job's metrics actor on the driver's node and return its handle.
+    (Left to the scheduler, it may land on a worker node, and the run's metrics would die with
+    that node while the run itself survives the loss.)"""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = job_actor_name()
     old = _lookup(name)
     if old is not None:
         ray.kill(old)
-    return StageMetrics.options(name=name, namespace=NAMESPACE).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StageMetrics.options(name=name, namespace=NAMESPACE, scheduling_strategy=here).remote()
 
 
 class Reporter:
