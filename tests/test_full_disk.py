@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_QUERIES, REPO
+from conftest import DEMO_QUERIES, REPO, RUN_MARK, wait_until_gone
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +33,17 @@ def small_disk(tmp_path):
 
 
 def annotate(inputs, out, engine: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    """The job, and then every process it started gone (Ray's workers may still hold files on
+    the small disk a moment after the driver exits)."""
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, **{RUN_MARK: mark})
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={inputs}", f"output.path={out}",
-                           "selfrag.mode=never", "engine.simulated.step_s=0.001", *engine],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={inputs}", f"output.path={out}",
+                               "selfrag.mode=never", "engine.simulated.step_s=0.001", *engine],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        wait_until_gone(mark)
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path, small_disk, simulated_engine):

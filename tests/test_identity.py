@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO
+from conftest import DEMO_QUERIES, REPO
 from pipeline.infra.config import load_config
 from pipeline.output.identity import annotation_identity, identity_hash
 from pipeline.run.preflight import PreflightError, split_done
@@ -93,24 +93,26 @@ def test_a_marker_of_an_older_version_is_refused_with_a_reason(base):
 
 
 @pytest.mark.integration
-def test_a_real_run_records_its_identity_and_a_resume_with_a_new_threshold_names_it(tmp_path, capsys, ray_session):
-    """Through ``jobs.annotate.main`` with the model (never mode, two rows): the markers record the
-    annotation identity, and the same output with another ``selfrag.threshold`` is refused (exit 2,
-    nothing touched) with one line naming that key, and only it."""
-    import pyarrow as pa
+def test_a_run_records_its_identity_and_a_resume_with_a_new_threshold_names_it(tmp_path, capsys, ray_session,
+                                                                             simulated_engine):
+    """Through ``jobs.annotate.main`` (never mode, two demo questions, the simulated engine
+    answering from a real run's recording): the markers record the annotation identity, and the
+    same output with another ``selfrag.threshold`` is refused (exit 2, nothing touched) with one
+    line naming that key, and only it."""
     import pyarrow.parquet as pq
 
     from jobs.annotate import main
 
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"instruction": ["Who wrote Hamlet?", "Say hello."]}), tmp_path / "in" / "q.parquet")
+    pq.write_table(pq.read_table(next(DEMO_QUERIES.glob("*.parquet"))).slice(0, 2), tmp_path / "in" / "q.parquet")
     overrides = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
-                 "output.report=false", "output.examples=0", "ray.progress_bars=false"]
+                 "output.report=false", "output.examples=0", "ray.progress_bars=false", *simulated_engine]
     assert main(overrides) == 0
     marker = json.loads((tmp_path / "out" / "_done" / "q.json").read_text())
     written = annotation_identity(load_config([], overrides))
     assert marker["annotation_hash"] == identity_hash(written)
     assert marker["annotation_identity"]["selfrag"]["threshold"] == 0.2
+    assert marker["annotation_identity"]["engine"]["simulated"] is True  # never mixed with a real engine's rows
     assert identity_hash(marker["annotation_identity"]) == marker["annotation_hash"]
     output_before = (tmp_path / "out" / "q.parquet").read_bytes()
     capsys.readouterr()

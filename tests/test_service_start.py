@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from pipeline.infra.config import load_config
+from pipeline.runtime import phases
 from pipeline.services.deploy import check_resources, replica_demands
 
 
@@ -48,10 +49,10 @@ def test_stage_actors_follow_the_mode():
                                "stages.write"]
 
 
-def run_job(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+def run_job(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"instruction": ["Say hello."]}), tmp_path / "in" / "q.parquet")
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={tmp_path / 'in'}",
                            f"output.path={tmp_path / 'out'}", "selfrag.mode=never", *overrides],
@@ -72,8 +73,11 @@ def test_services_the_local_ray_cannot_hold_are_refused_before_deploying(tmp_pat
 
 @pytest.mark.integration
 @pytest.mark.parametrize("overlap", ["false", "true"])  # true: the stages already run when the wait fails
-def test_a_service_not_running_within_its_start_timeout_stops_the_job(tmp_path, overlap):
-    proc = run_job(tmp_path, "engine.service.start_timeout_s=0.001", f"stages.start_with_services={overlap}")
+def test_a_service_not_running_within_its_start_timeout_stops_the_job(tmp_path, overlap, simulated_engine):
+    """The engine replica is held at its start by the test hook, so it can never be running
+    when the job looks (however slow the machine)."""
+    proc = run_job(tmp_path, "engine.service.start_timeout_s=0.001", f"stages.start_with_services={overlap}",
+                   *simulated_engine, env={phases.PAUSE_AT: "engine_start"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(

@@ -15,10 +15,11 @@ import time
 
 PAUSE_AT, PAUSED_FILE = "SELFRAG_TEST_PAUSE_AT", "SELFRAG_TEST_PAUSED_FILE"
 #: In the order a run passes them: the driver before ``ray.init``; inside ``ray.init`` (the
-#: local Ray's raylet started, its agents starting); the driver while the services deploy; a
+#: local Ray's raylet started, its agents starting); the driver while the services deploy; an
+#: engine replica starting, before it loads its model (held there, it never runs); a
 #: first-pass actor on its first batch; the writer between writing a shard's hidden file and
 #: moving it into place.
-PHASES = ("before_ray_init", "ray_init", "deploy", "first_batch", "commit")
+PHASES = ("before_ray_init", "ray_init", "deploy", "engine_start", "first_batch", "commit")
 MAX_PAUSE_S = 900.0
 
 

@@ -19,10 +19,13 @@ class ReportingReplica:
         """Tell the metrics actor named ``metrics`` (the deploying job's) that a replica of
         ``stage`` is starting: its process runs, its model is loading (the job then starts its
         stages beside it)."""
+        from ..runtime import phases
         from ..runtime.metrics_actor import Reporter
 
         self.reporter = Reporter(stage, target=metrics)
         self.reporter.report(starting_at=time.time())
+        if stage == "engine":
+            phases.reached("engine_start")  # test hook: an engine replica that never gets ready
 
     def start_reporting(self, totals: dict, init_seconds: float, record_requests: str | None = None) -> None:
         """After ``announce``: report the start-up, then ``totals`` (running counters) as they
