@@ -16,6 +16,7 @@ import sys
 
 from pipeline.runtime import phase_times
 from pipeline.infra.config import load_config
+from pipeline.output.folder import OutputFolder
 from pipeline.run.annotate import run
 from pipeline.run.exit_codes import end_job
 from pipeline.run.signals import Interrupted, catch_interrupts, restore_signals
@@ -53,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_signals()
         if run_log is not None:  # refused before any work: nothing is written to the output
-            saved = run_log.close(cfg.output.path if code != 2 else None, cfg.run_id)
+            saved = run_log.close(OutputFolder.of(cfg) if code != 2 else None, cfg.run_id)
             if saved:
                 print(f"log: {saved}", flush=True)
     print_summary(manifest)
     if cfg.output.examples:
-        print_examples(cfg, cfg.output.examples)
+        print_examples(OutputFolder.of(cfg), cfg.input.question_column, cfg.output.examples)
     return 0
 
 

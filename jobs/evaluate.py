@@ -82,6 +82,8 @@ import sys
 
 from pipeline.evaluation import layouts
 from pipeline.evaluation.metrics import CLOSED_METRICS
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.runtime.ray_connect import stop_ray
 from pipeline.run.evaluate import MODES, evaluate
 from pipeline.run.exit_codes import end_job
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_signals()
         stop_ray()  # a local Ray this job started goes down with all its processes
-        saved = run_log.close(None if code == 2 else args.workdir)
+        saved = run_log.close(None if code == 2 else OutputFolder(args.workdir, Storage()))  # a local directory
         if saved:
             print(f"log: {saved}", flush=True)
     print(json.dumps(rep), flush=True)

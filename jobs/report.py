@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.infra import io
 from pipeline.infra.config import StorageConfig
+from pipeline.infra.io import InputError, Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.report.write import ReportError, write_report
 from pipeline.run.exit_codes import end_job
 
@@ -30,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", default=None,
                         help="S3-compatible endpoint for s3:// locations (credentials: the AWS chain)")
     args = parser.parse_args(argv)
-    io.configure(StorageConfig(endpoint_url=args.endpoint_url))
+    output = OutputFolder(args.output, Storage(StorageConfig(endpoint_url=args.endpoint_url)))
     try:
-        print(f"report: {write_report(args.output)}")
-    except (ReportError, io.InputError) as exc:
+        print(f"report: {write_report(output)}")
+    except (ReportError, InputError) as exc:
         return end_job(exc)
     return 0
 

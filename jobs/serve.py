@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.infra import io
 from pipeline.infra.config import ConfigError, load_config
+from pipeline.infra.io import Storage
 from pipeline.infra.console import print_error
 from pipeline.run.preflight import PreflightError, check_model, ensure_index
 from pipeline.runtime.ray_connect import init_ray, stop_ray
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        io.configure(cfg.storage)
+        storage = Storage(cfg.storage)
         retrieval = cfg.selfrag.mode != "never"
         if not args.stop:
-            check_model(cfg)
-            ensure_index(cfg)  # the services search the version the location names now
+            check_model(cfg, storage)
+            ensure_index(cfg, storage)  # the services search the version the location names now
     except (ConfigError, PreflightError) as exc:
         return end_job(exc)
     init_ray(cfg.ray.address)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {sorted(running & {ENGINE_APP, RETRIEVER_APP}) or 'nothing was running'}", flush=True)
             return 0
         try:
-            services = start_services(cfg, tokenizer_spec(cfg.engine.model), retrieval=retrieval)
+            services = start_services(cfg, tokenizer_spec(storage, cfg.engine.model), retrieval=retrieval)
         except ServicesUnavailable as exc:
             return end_job(exc)
         print(f"running: {', '.join(services.owned)}. Jobs reuse them with engine.service.deployment={ENGINE_APP}"

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.annotate import main
-from pipeline.infra import io
+from pipeline.infra.io import Storage
 from pipeline.output import staged_rows
 from pipeline.infra.config import load_config
-from pipeline.run.preflight import marker_path, preflight
+from pipeline.run.preflight import preflight
 from pipeline.run.output import prepare_output
 from pipeline.stages.prepare import prepare_table
 from pipeline.stages.write import ShardWriter
@@ -40,7 +40,7 @@ def run(tmp_path):
 
 def prepared(cfg, plan, shard: str) -> pa.Table:
     """A shard's rows as the prepare stage gives them to the model stages."""
-    return prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
+    return prepare_table(plan.storage.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
                          selfrag=cfg.selfrag)
 
 
@@ -53,10 +53,11 @@ def replace(shard: str, questions: list[str]) -> None:
 
 def test_the_version_changes_with_the_content_and_not_without(run):
     a, _, _ = run
-    before = io.file_version(a)
-    assert io.file_version(a) == before
+    storage = Storage()
+    before = storage.file_version(a)
+    assert storage.file_version(a) == before
     replace(a, ["Who painted the Mona Lisa?"])
-    after = io.file_version(a)
+    after = storage.file_version(a)
     assert after != before and after["size"] != before["size"]
 
 
@@ -67,8 +68,9 @@ def test_a_resume_over_a_replaced_done_shard_is_refused_naming_it(run, capsys):
     writer = ShardWriter(cfg, plan.todo, plan.annotation_hash, plan.versions)
     for shard in plan.todo:  # both shards committed with their markers, as a finished run leaves them
         assert writer(prepared(cfg, plan, shard)).num_rows == 1
-    marker = json.loads(io.read_text(marker_path(cfg.output.path, a)))
-    assert marker["input"] == io.file_version(a) and marker["annotation_hash"] == plan.annotation_hash
+    marker_path = plan.output.marker(a)
+    marker = json.loads(plan.output.read_text(marker_path))
+    assert marker["input"] == plan.storage.file_version(a) and marker["annotation_hash"] == plan.annotation_hash
 
     assert main(overrides) == 0  # unchanged inputs: nothing to do, no refusal
     assert "0 shard(s) to annotate, 2 already done" in capsys.readouterr().out
@@ -79,10 +81,10 @@ def test_a_resume_over_a_replaced_done_shard_is_refused_naming_it(run, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, errors
     assert f"1 input shard(s) changed since {cfg.output.path} annotated them: {a} (size " in errors[0]
-    assert marker_path(cfg.output.path, a) in errors[0] and b not in errors[0]
+    assert marker_path in errors[0] and b not in errors[0]
     assert pq.read_table(os.path.join(cfg.output.path, "a.parquet")).equals(output_before)  # nothing touched
 
-    os.remove(marker_path(cfg.output.path, a))  # what the message says to do: the shard is annotated again
+    os.remove(marker_path)  # what the message says to do: the shard is annotated again
     plan = preflight(cfg)
     assert list(plan.todo) == [a] and [d["shard"] for d in plan.done] == [b]
 
@@ -101,7 +103,7 @@ def test_rows_staged_for_a_replaced_shard_are_discarded(run, capsys):
     prepare_output(cfg, plan)
     assert plan.staged == {a: 0, b: 0}
     assert f"input shard {a} changed since an earlier run staged its rows" in capsys.readouterr().out
-    assert staged_rows.list_parts(cfg.output.path, plan.annotation_hash, a) == {}
+    assert staged_rows.list_parts(plan.output, plan.annotation_hash, a) == {}
 
 
 def test_staged_rows_without_a_recorded_version_are_discarded(run):
@@ -109,9 +111,9 @@ def test_staged_rows_without_a_recorded_version_are_discarded(run):
     cfg = load_config([], overrides)
     plan = preflight(cfg)
     rows = prepared(cfg, plan, a)
-    staged_rows.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
-    assert staged_rows.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    staged_rows.stage(rows, cfg.output.path, plan.annotation_hash, a, stage_rows=8)
-    staged_rows.record_version(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    assert not staged_rows.discard_if_changed(cfg.output.path, plan.annotation_hash, a, plan.versions[a])
-    assert len(staged_rows.staged_offsets(cfg.output.path, plan.annotation_hash, a)) == 2
+    staged_rows.stage(rows, plan.output, plan.annotation_hash, a, stage_rows=8)
+    assert staged_rows.discard_if_changed(plan.output, plan.annotation_hash, a, plan.versions[a])
+    staged_rows.stage(rows, plan.output, plan.annotation_hash, a, stage_rows=8)
+    staged_rows.record_version(plan.output, plan.annotation_hash, a, plan.versions[a])
+    assert not staged_rows.discard_if_changed(plan.output, plan.annotation_hash, a, plan.versions[a])
+    assert len(staged_rows.staged_offsets(plan.output, plan.annotation_hash, a)) == 2

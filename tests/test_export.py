@@ -16,6 +16,8 @@ from pipeline.export.convert import convert_rows, find_duplicates
 from pipeline.export.filters import split_of
 from pipeline.export.records import chat_record, critic_records, generator_record
 from pipeline.export.source import ExportError, check_locations, open_run
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.export.training import generator_example
 from pipeline.selfrag.prompts import TASK_INSTRUCTIONS, render
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
@@ -285,12 +287,13 @@ def test_refusals(tmp_path, capsys):
                                        "(give --run the output.path of an annotation job)\n")
     lacking = write_run(tmp_path / "lacking", drop="candidates")
     with pytest.raises(ExportError, match=r"shard part-0 lacks the columns \['candidates'\]"):
-        open_run(str(lacking))
+        open_run(OutputFolder(str(lacking), Storage()))
     run = write_run(tmp_path / "ok")
-    assert [Path(s).name for s in open_run(str(run)).shards] == ["part-0.parquet", "part-1.parquet"]
+    shards = open_run(OutputFolder(str(run), Storage())).shards
+    assert [Path(s).name for s in shards] == ["part-0.parquet", "part-1.parquet"]
     for out, relation in ((run, "is"), (run / "ds", "is inside"), (tmp_path / "ok", "contains")):
         with pytest.raises(ExportError, match=f"output {out} {relation} the run"):
-            check_locations(str(run), str(out))
+            check_locations(Storage(), str(run), str(out))
     assert main(["--run", str(run)]) == 2
     assert capsys.readouterr().err == "error: config key 'output': must be set (output=DIR)\n"
     assert main(["--run", str(run), "output=/x", "never_mode_rows=drop"]) == 2

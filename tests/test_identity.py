@@ -11,6 +11,8 @@ import pytest
 
 from conftest import DEMO_QUERIES, REPO
 from pipeline.infra.config import load_config
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.output.identity import annotation_identity, identity_hash
 from pipeline.run.preflight import PreflightError, split_done
 
@@ -25,7 +27,7 @@ def base(tmp_path):
 
 
 def identity(base, *overrides):
-    return annotation_identity(load_config([], [*base, *overrides]))
+    return annotation_identity(load_config([], [*base, *overrides]), Storage())
 
 
 RUN_SETTINGS = [
@@ -79,17 +81,18 @@ def test_a_resume_with_new_run_settings_proceeds_and_one_with_a_new_threshold_is
     cfg = load_config([], base)
     rows, markers = {"q": 1, "r": 2}, {"q": marker, "r": None}
     rescaled = identity(base, "stages.critique.replicas=8", "stages.critique.batch_size=4", "engine.service.replicas=2")
-    todo, done = split_done(cfg, rows, markers, rescaled)
+    todo, done = split_done(cfg, OutputFolder.of(cfg), rows, markers, rescaled)
     assert todo == {"r": 2} and done == [marker]
     with pytest.raises(PreflightError, match=r"selfrag\.threshold: 0\.2 -> 0\.5") as refused:
-        split_done(cfg, rows, markers, identity(base, "selfrag.threshold=0.5"))
+        split_done(cfg, OutputFolder.of(cfg), rows, markers, identity(base, "selfrag.threshold=0.5"))
     assert "another annotation identity" in str(refused.value)
 
 
 def test_a_marker_of_an_older_version_is_refused_with_a_reason(base):
     cfg = load_config([], base)
     with pytest.raises(PreflightError, match="older version"):
-        split_done(cfg, {"q": 1}, {"q": {"shard": "q", "config_hash": "0123456789ab"}}, identity(base))
+        split_done(cfg, OutputFolder.of(cfg), {"q": 1}, {"q": {"shard": "q", "config_hash": "0123456789ab"}},
+                   identity(base))
 
 
 @pytest.mark.integration
@@ -109,7 +112,7 @@ def test_a_run_records_its_identity_and_a_resume_with_a_new_threshold_names_it(t
                  "output.report=false", "output.examples=0", "ray.progress_bars=false", *simulated_engine]
     assert main(overrides) == 0
     marker = json.loads((tmp_path / "out" / "_done" / "q.json").read_text())
-    written = annotation_identity(load_config([], overrides))
+    written = annotation_identity(load_config([], overrides), Storage())
     assert marker["annotation_hash"] == identity_hash(written)
     assert marker["annotation_identity"]["selfrag"]["threshold"] == 0.2
     assert marker["annotation_identity"]["engine"]["simulated"] is True  # never mixed with a real engine's rows
@@ -129,13 +132,13 @@ def test_a_marker_without_its_identity_is_explained_from_the_manifest(base, tmp_
     """Markers written before they recorded the identity: the run manifest's identity, when its
     hash is the marker's, still names what changed."""
     cfg = load_config([], [*base, f"output.path={tmp_path / 'out'}"])
-    written = annotation_identity(cfg)
+    written = annotation_identity(cfg, Storage())
     (tmp_path / "out").mkdir()
     marker = {"shard": "q", "rows": 1, "annotation_hash": identity_hash(written)}
     (tmp_path / "out" / "_manifest.json").write_text(json.dumps({"annotation_identity": written}))
     with pytest.raises(PreflightError, match=r"selfrag\.top_k: 5 -> 3\. Use"):
-        split_done(cfg, {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))
+        split_done(cfg, OutputFolder.of(cfg), {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))
     # a manifest of another identity (a later run with other settings) does not speak for the marker
     (tmp_path / "out" / "_manifest.json").write_text(json.dumps({"annotation_identity": identity(base, "selfrag.top_k=4")}))
     with pytest.raises(PreflightError, match="older version"):
-        split_done(cfg, {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))
+        split_done(cfg, OutputFolder.of(cfg), {"q": 1}, {"q": marker}, identity(base, "selfrag.top_k=3"))

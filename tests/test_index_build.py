@@ -15,7 +15,10 @@ from conftest import REPO
 from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.corpus import corpus_format, read_corpus
 from pipeline.retrieval.index import Retriever, build_index_in_process, passage_texts, read_meta
+from pipeline.infra.io import Storage
 
+#: The storage of the local files these tests read.
+LOCAL = Storage()
 CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
 
 
@@ -28,7 +31,7 @@ def test_corpus_formats_read_the_same_passages(tmp_path):
     parquet = tmp_path / "psgs.parquet"
     pq.write_table(pa.table({"id": ["1", "2"], "title": ["Aaron", "B"],
                              "text": ['Aaron is a "prophet", high priest.', "plain text"]}), parquet)
-    tables = [read_corpus(str(p)) for p in (tsv, jsonl, parquet)]
+    tables = [read_corpus(LOCAL, str(p)) for p in (tsv, jsonl, parquet)]
     assert tables[0].to_pylist() == tables[1].to_pylist() == tables[2].to_pylist()
     assert tables[0].schema.names == ["id", "title", "text"] and tables[0].column("id").type == pa.string()
     with pytest.raises(ValueError, match="unknown format"):
@@ -41,12 +44,12 @@ def test_trained_and_chunked_builds_load_and_answer(tmp_path, factory, top1_at_l
     # tiny chunks and a small training sample exercise buffering, training and chunked adds
     cfg = RetrievalConfig(corpus=CORPUS, index_dir=str(tmp_path / "idx"), factory=factory,
                           train_size=200, add_chunk_size=37, nprobe=4, ef_search=64)
-    meta = build_index_in_process(cfg, cfg.index_dir)
-    assert read_meta(cfg.index_dir) == meta
+    meta = build_index_in_process(cfg, LOCAL, cfg.index_dir)
+    assert read_meta(LOCAL, cfg.index_dir) == meta
     assert (meta["factory"], meta["passages"], meta["dim"]) == (factory, 300, 384)
-    retriever = Retriever(cfg)
+    retriever = Retriever(cfg, LOCAL)
     assert sum(shard.ntotal for shard in retriever.shards) == 300
-    corpus = read_corpus(CORPUS)
+    corpus = read_corpus(LOCAL, CORPUS)
     picks = list(range(0, 300, 7))
     results = retriever.search([passage_texts(corpus)[i] for i in picks], k=10)
     hits = sum(found[0]["id"] == corpus.column("id")[i].as_py() for i, found in zip(picks, results))
@@ -57,12 +60,12 @@ def test_trained_and_chunked_builds_load_and_answer(tmp_path, factory, top1_at_l
 def test_too_few_training_vectors_is_a_clear_error(tmp_path):
     cfg = RetrievalConfig(corpus=CORPUS, index_dir=str(tmp_path / "idx"), factory="IVF8,PQ16", train_size=100)
     with pytest.raises(ValueError, match=r"cannot train index 'IVF8,PQ16' on 100 vectors"):
-        build_index_in_process(cfg, cfg.index_dir)
+        build_index_in_process(cfg, LOCAL, cfg.index_dir)
 
 
 def test_build_index_job_on_ray(tmp_path):
     jsonl = tmp_path / "corpus.jsonl"
-    rows = read_corpus(CORPUS).slice(0, 120).to_pylist()
+    rows = read_corpus(LOCAL, CORPUS).slice(0, 120).to_pylist()
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "idx"
     proc = subprocess.run([sys.executable, "-m", "jobs.build_index", f"retrieval.corpus={jsonl}",
@@ -75,9 +78,10 @@ def test_build_index_job_on_ray(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["CURRENT", meta["version"]]  # a version, made current
     assert sorted(p.name for p in (out / meta["version"]).iterdir()) == ["index.faiss", "meta.json", "passages.arrow"]
     cfg = RetrievalConfig(corpus=str(jsonl), index_dir=str(out))
-    store_ids = Retriever(cfg).store.fetch(list(range(120)))
+    store_ids = Retriever(cfg, LOCAL).store.fetch(list(range(120)))
     assert [p["id"] for p in store_ids] == [r["id"] for r in rows]  # corpus order kept
-    found = Retriever(replace(cfg, factory="HNSW16")).search([passage_texts(read_corpus(str(jsonl)))[5]], k=3)
+    found = Retriever(replace(cfg, factory="HNSW16"), LOCAL).search([passage_texts(read_corpus(LOCAL, str(jsonl)))[5]],
+                                                                  k=3)
     assert found[0][0]["id"] == rows[5]["id"]
 
 

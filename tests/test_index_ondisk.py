@@ -18,7 +18,10 @@ import pytest
 from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.index import IndexBuilder, Retriever, index_exists
 from pipeline.retrieval.search import RefineStore, merge_topk
+from pipeline.infra.io import Storage
 
+#: The storage of the local files these tests read.
+LOCAL = Storage()
 DIM = 384  # the packaged encoder's dimension: Retriever checks the index against it
 
 
@@ -79,8 +82,8 @@ def test_two_shards_built_in_pieces_give_one_index_top_k(tmp_path, corpus):
     assert two["shards"] == ["index-0-of-2.faiss", "index-1-of-2.faiss"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         [*two["index_files"], "meta.json", "passages.arrow"])  # no piece file is left
-    a = Retriever(RetrievalConfig(index_dir=str(tmp_path / "one"), **IVF))
-    b = Retriever(RetrievalConfig(index_dir=str(tmp_path / "two"), **IVF))
+    a = Retriever(RetrievalConfig(index_dir=str(tmp_path / "one"), **IVF), LOCAL)
+    b = Retriever(RetrievalConfig(index_dir=str(tmp_path / "two"), **IVF), LOCAL)
     sizes = [shard.ntotal for shard in b.shards]
     assert sum(sizes) == 3000 and min(sizes) > 1000  # lists dealt out between the shards
     scores_a, rows_a = a.search_vectors(queries, 10)
@@ -90,10 +93,11 @@ def test_two_shards_built_in_pieces_give_one_index_top_k(tmp_path, corpus):
     # a version is self-contained: moved elsewhere, its on-disk lists are found beside it
     moved = tmp_path / "elsewhere" / "v"
     shutil.move(str(tmp_path / "two"), moved)
-    assert index_exists(str(moved))
-    assert (Retriever(RetrievalConfig(index_dir=str(moved), **IVF)).search_vectors(queries, 10)[1] == rows_a).all()
+    assert index_exists(LOCAL, str(moved))
+    moved_retriever = Retriever(RetrievalConfig(index_dir=str(moved), **IVF), LOCAL)
+    assert (moved_retriever.search_vectors(queries, 10)[1] == rows_a).all()
     os.unlink(moved / "index-1-of-2.ivfdata")
-    assert not index_exists(str(moved))  # a version missing a file its metadata names is incomplete
+    assert not index_exists(LOCAL, str(moved))  # a version missing a file its metadata names is incomplete
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -112,9 +116,9 @@ def test_float16_refine_recovers_exact_search(tmp_path, corpus):
     assert meta["refine"] == "float16" and "vectors.f16" in meta["index_files"]
     assert (tmp_path / "refined" / "vectors.f16").stat().st_size == 3000 * DIM * 2
     truth = exact_top(vectors, queries, 10)
-    plain = Retriever(RetrievalConfig(index_dir=str(tmp_path / "pq"), **settings)).search_vectors(queries, 10)
+    plain = Retriever(RetrievalConfig(index_dir=str(tmp_path / "pq"), **settings), LOCAL).search_vectors(queries, 10)
     refined = Retriever(RetrievalConfig(index_dir=str(tmp_path / "refined"), refine="float16", k_factor=8,
-                                        **settings)).search_vectors(queries, 10)
+                                        **settings), LOCAL).search_vectors(queries, 10)
     assert recall(plain[1], truth) < 0.9 <= 0.98 <= recall(refined[1], truth)
     exact_scores = np.take_along_axis(queries @ vectors.T, refined[1], 1)
     assert np.allclose(refined[0], exact_scores, atol=2e-3)  # scores are inner products (float16 vectors)
@@ -155,8 +159,8 @@ def test_empty_shards_and_lists_kept_in_ram(tmp_path, corpus):
     # fast-scan lists are blocks of interleaved codes: built in RAM, searched as before
     meta = build(tmp_path / "fs", vectors, factory="IVF16,PQ16x4fs", train_size=1200, refine="float16")
     assert meta["index_files"] == ["index.faiss", "vectors.f16"]
-    found = Retriever(RetrievalConfig(index_dir=str(tmp_path / "fs"), nprobe=16, refine="float16", k_factor=50)
-                      ).search_vectors(vectors[:5], 1)[1]
+    found = Retriever(RetrievalConfig(index_dir=str(tmp_path / "fs"), nprobe=16, refine="float16", k_factor=50),
+                      LOCAL).search_vectors(vectors[:5], 1)[1]
     assert found[:, 0].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"shards=32 is more than the 16 lists"):
         IndexBuilder(RetrievalConfig(factory="IVF16,PQ16", shards=32), DIM, str(tmp_path / "many"))
@@ -180,11 +184,11 @@ def test_a_shard_in_its_own_deployment_answers_as_in_the_replica(tmp_path, corpu
                                     train_size=200, shards=2, shards_apart=True, nprobe=4, refine="float16")
     from pipeline.retrieval.index import build_index_in_process
 
-    build_index_in_process(cfg.retrieval, cfg.retrieval.index_dir)
+    build_index_in_process(cfg.retrieval, LOCAL, cfg.retrieval.index_dir)
     assert apart_shards(cfg) == ["index-0-of-2.faiss", "index-1-of-2.faiss"]
     assert [what for what, _ in replica_demands(cfg, retrieval=True)].count("retrieval.shard_service") == 2
-    queries = passage_texts(read_corpus(corpus_path).slice(0, 5))
-    expected = Retriever(replace(cfg.retrieval, shards_apart=False)).search(queries, 4)
+    queries = passage_texts(read_corpus(LOCAL, corpus_path).slice(0, 5))
+    expected = Retriever(replace(cfg.retrieval, shards_apart=False), LOCAL).search(queries, 4)
     init_ray(None, configure_logging=False)
     try:
         serve.start(proxy_location="Disabled")
@@ -195,4 +199,4 @@ def test_a_shard_in_its_own_deployment_answers_as_in_the_replica(tmp_path, corpu
     finally:
         serve.shutdown()
     assert json.dumps(found, sort_keys=True) == json.dumps(expected, sort_keys=True)
-    assert [hits[0]["id"] for hits in found] == read_corpus(corpus_path).column("id").to_pylist()[:5]
+    assert [hits[0]["id"] for hits in found] == read_corpus(LOCAL, corpus_path).column("id").to_pylist()[:5]

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO
 from pipeline.infra.config import load_config
+from pipeline.infra.io import Storage
 from pipeline.output.identity import annotation_identity, identity_hash
 from pipeline.run.preflight import PreflightError, ensure_index
 from pipeline.retrieval.index import (
@@ -26,6 +27,8 @@ from pipeline.retrieval.index import (
 )
 
 DEMO_CORPUS = REPO / "data" / "demo" / "corpus.parquet"
+#: The storage of the local index locations these tests build.
+LOCAL = Storage()
 MODEL = REPO / "models" / "tiny-selfrag"
 
 
@@ -56,22 +59,22 @@ def test_builds_add_versions_and_never_write_over_one(tmp_path):
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "idx")
     write_corpus(corpus)
     cfg = config(corpus, location).retrieval
-    v1, meta1 = build_version(location, partial(build_index_in_process, cfg))
+    v1, meta1 = build_version(LOCAL, location, partial(build_index_in_process, cfg, LOCAL))
     before = fingerprint(v1)
     write_corpus(corpus, "new-")
-    v2, meta2 = build_version(location, partial(build_index_in_process, cfg))
+    v2, meta2 = build_version(LOCAL, location, partial(build_index_in_process, cfg, LOCAL))
     assert v1 != v2 and Path(v1).parent == Path(v2).parent == Path(location)
     assert (meta1["version"], meta2["version"]) == (Path(v1).name, Path(v2).name)
     assert fingerprint(v1) == before  # the first version is untouched
     assert (Path(location) / CURRENT_FILE).read_text().strip() == Path(v2).name
-    assert resolve_index(location) == v2 and resolve_index(v1) == v1
+    assert resolve_index(LOCAL, location) == v2 and resolve_index(LOCAL, v1) == v1
     assert sorted(os.listdir(location)) == sorted([CURRENT_FILE, Path(v1).name, Path(v2).name])  # no staging left
-    assert Retriever(cfg).store.fetch([0])[0]["id"].startswith("new-")  # a location: its current version
+    assert Retriever(cfg, LOCAL).store.fetch([0])[0]["id"].startswith("new-")  # a location: its current version
     # nothing writes over an index: not the builder, not a build into a version
     with pytest.raises(ValueError, match="already holds an index"):
         IndexBuilder(cfg, 384, v1)
     with pytest.raises(ValueError, match=f"{v1} is one version of the index at {location}"):
-        build_version(v1, partial(build_index_in_process, cfg))
+        build_version(LOCAL, v1, partial(build_index_in_process, cfg, LOCAL))
     assert fingerprint(v1) == before
 
 
@@ -79,30 +82,30 @@ def test_the_old_layout_is_read_as_one_version_and_a_rebuild_goes_beside_it(tmp_
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "idx")
     write_corpus(corpus)
     old = config(corpus, location)
-    build_index_in_process(old.retrieval, location)  # files directly in index_dir: the layout before versions
+    build_index_in_process(old.retrieval, LOCAL, location)  # files directly in index_dir: the layout before versions
     before = fingerprint(location)
-    assert ensure_index(old) == location == old.retrieval.index_dir
-    assert "index_version" not in annotation_identity(old)["retrieval"]  # identities of the old layout unchanged
+    assert ensure_index(old, LOCAL) == location == old.retrieval.index_dir
+    assert "index_version" not in annotation_identity(old, LOCAL)["retrieval"]  # identities of the old layout unchanged
     write_corpus(corpus, "new-")
     new = config(corpus, location)
-    version = ensure_index(new)  # the corpus changed: a new version beside the old files
+    version = ensure_index(new, LOCAL)  # the corpus changed: a new version beside the old files
     assert Path(version).parent == Path(location) and fingerprint(location) == before
-    assert annotation_identity(new)["retrieval"]["index_version"] == Path(version).name
-    assert not Retriever(old.retrieval, exact=True).store.fetch([0])[0]["id"].startswith("new-")
-    assert Retriever(new.retrieval, exact=True).store.fetch([0])[0]["id"].startswith("new-")
+    assert annotation_identity(new, LOCAL)["retrieval"]["index_version"] == Path(version).name
+    assert not Retriever(old.retrieval, LOCAL, exact=True).store.fetch([0])[0]["id"].startswith("new-")
+    assert Retriever(new.retrieval, LOCAL, exact=True).store.fetch([0])[0]["id"].startswith("new-")
 
 
 def test_a_pinned_version_is_searched_as_named_and_never_rebuilt(tmp_path):
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "idx")
     write_corpus(corpus)
-    v1 = ensure_index(config(corpus, location))
-    assert ensure_index(config(corpus, v1)) == v1  # naming a version pins it
+    v1 = ensure_index(config(corpus, location), LOCAL)
+    assert ensure_index(config(corpus, v1), LOCAL) == v1  # naming a version pins it
     write_corpus(corpus, "new-")
     with pytest.raises(PreflightError, match=f"names the index version {v1}.*set retrieval.index_dir to its "
                                              f"location {location}"):
-        ensure_index(config(corpus, v1))
-    assert ensure_index(config(corpus, v1, "retrieval.build_if_missing=false")) == v1
-    assert resolve_index(location) == v1  # the refusal built nothing
+        ensure_index(config(corpus, v1), LOCAL)
+    assert ensure_index(config(corpus, v1, "retrieval.build_if_missing=false"), LOCAL) == v1
+    assert resolve_index(LOCAL, location) == v1  # the refusal built nothing
 
 
 def test_a_dangling_current_pointer_is_a_clear_refusal(tmp_path):
@@ -112,13 +115,13 @@ def test_a_dangling_current_pointer_is_a_clear_refusal(tmp_path):
     (location / CURRENT_FILE).write_text("v-gone\n")
     with pytest.raises(PreflightError, match=f"unusable retrieval index at {location}: .*names v-gone, which is "
                                              "not a complete index"):
-        ensure_index(config(corpus, str(location)))
+        ensure_index(config(corpus, str(location)), LOCAL)
 
 
 def test_the_build_job_refuses_to_build_into_a_version(tmp_path):
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "idx")
     write_corpus(corpus)
-    v1 = ensure_index(config(corpus, location))
+    v1 = ensure_index(config(corpus, location), LOCAL)
     proc = subprocess.run([sys.executable, "-m", "jobs.build_index", f"retrieval.corpus={corpus}",
                            f"retrieval.index_dir={v1}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -160,8 +163,8 @@ def test_a_rebuild_beside_a_running_job_never_touches_the_index_it_searches(tmp_
     corpus, location = tmp_path / "corpus.parquet", str(tmp_path / "index")
     old_rows = write_corpus(corpus, rows=60)
     run_a = config(corpus, location, "selfrag.mode=always", f"output.path={tmp_path / 'out-a'}")
-    version_a = ensure_index(run_a)  # A's preflight
-    identity_a = annotation_identity(run_a)
+    version_a = ensure_index(run_a, LOCAL)  # A's preflight
+    identity_a = annotation_identity(run_a, LOCAL)
     files_a = fingerprint(version_a)
     queries = passage_texts(old_rows.slice(0, 4))
     expected = [row["id"] for row in old_rows.slice(0, 4).to_pylist()]
@@ -175,13 +178,13 @@ def test_a_rebuild_beside_a_running_job_never_touches_the_index_it_searches(tmp_
 
         write_corpus(corpus, "new-", rows=60)  # the corpus changes; run B (another output) builds
         run_b = config(corpus, location, "selfrag.mode=always", f"output.path={tmp_path / 'out-b'}")
-        version_b = ensure_index(run_b)
+        version_b = ensure_index(run_b, LOCAL)
 
         assert version_b != version_a and Path(version_b).parent == Path(location)
         assert fingerprint(version_a) == files_a  # not one byte of A's version changed
         assert [found[0]["id"] for found in search_until_served(handle, queries)] == expected
         assert replica_names("retriever-a") == replicas  # A's replica did not die
-        assert annotation_identity(run_a) == identity_a  # A's identity still names A's version
+        assert annotation_identity(run_a, LOCAL) == identity_a  # A's identity still names A's version
         assert identity_a["retrieval"]["index_version"] == Path(version_a).name
 
         # a replica Serve restarts mid-run loads A's version again, not what CURRENT names now
@@ -197,17 +200,17 @@ def test_a_rebuild_beside_a_running_job_never_touches_the_index_it_searches(tmp_
         assert handle.index_meta.remote().result(timeout_s=60)["version"] == Path(version_a).name
 
         # a job reusing A's running service for B's version is refused; for A's version it is not
-        check_reused_retriever("retriever-a", version_a)
+        check_reused_retriever("retriever-a", version_a, LOCAL)
         with pytest.raises(RuntimeError, match=f"searches the index version {Path(version_a).name}, but this "
                                                f"run resolved {version_b}"):
-            check_reused_retriever("retriever-a", version_b)
+            check_reused_retriever("retriever-a", version_b, LOCAL)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    identity_b = annotation_identity(run_b)
+    identity_b = annotation_identity(run_b, LOCAL)
     assert identity_b["retrieval"]["index_version"] == Path(version_b).name
     assert identity_hash(identity_b) != identity_hash(identity_a)
     later = config(corpus, location, "selfrag.mode=always")  # a new run of the same command picks B's version
-    assert ensure_index(later) == version_b and annotation_identity(later) == identity_b
-    assert Retriever(later.retrieval, exact=True).search([queries[0]], 1)[0][0]["id"] == "new-" + expected[0]
+    assert ensure_index(later, LOCAL) == version_b and annotation_identity(later, LOCAL) == identity_b
+    assert Retriever(later.retrieval, LOCAL, exact=True).search([queries[0]], 1)[0][0]["id"] == "new-" + expected[0]

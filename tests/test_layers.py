@@ -9,7 +9,8 @@ module-level or inside a function. The layers, lowest first, as the code uses th
 1. **infrastructure** - what a run is built from, knowing nothing of runs: ``pipeline.infra``
    (config, secrets, paths and filesystems, console lines), ``pipeline.model`` (the tokenizer,
    vLLM's arguments and a synchronous engine), ``output.schema`` (the output's columns and
-   their types) and ``output.names`` (the files under an output), ``retrieval``, ``synthetic``
+   their types) and ``output.folder`` (an output location, its storage and every name under
+   it: the report and the export read outputs through it), ``retrieval``, ``synthetic``
    (the world, the demo data, the tiny model and its training), and the tools over a finished
    output: ``evaluation`` (metrics, file layouts, the synthetic suite, reading outputs back,
    the tables), ``export``, ``report`` (figures, page, ``report.write``).
@@ -47,11 +48,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 #: Module name prefix -> layer. The longest matching prefix decides (``pipeline.output`` and
-#: everything under it, except ``pipeline.output.schema`` and ``pipeline.output.names``).
+#: everything under it, except ``pipeline.output.schema`` and ``pipeline.output.folder``).
 LAYERS: dict[str, int] = {
     "pipeline.selfrag": 0,
     **dict.fromkeys([
-        "pipeline.infra", "pipeline.model", "pipeline.output.schema", "pipeline.output.names",
+        "pipeline.infra", "pipeline.model", "pipeline.output.schema", "pipeline.output.folder",
         "pipeline.retrieval", "pipeline.synthetic", "pipeline.evaluation", "pipeline.export", "pipeline.report",
     ], 1),
     **dict.fromkeys(["pipeline.output", "pipeline.runtime"], 2),
@@ -125,7 +126,9 @@ def test_every_module_has_a_layer():
 def test_the_parser_sees_imports_inside_functions_and_relative_ones():
     found = dict((m, line) for line, m in imports("pipeline.run.preflight", MODULES["pipeline.run.preflight"]))
     assert "pipeline.stages.prepare" in found  # imported inside scan_ids, relative
-    assert "pipeline.output.staged_rows" in found and "pipeline.infra.io" in found  # "from ..output import staged_rows"
+    assert "pipeline.output.folder" in found and "pipeline.infra.io" in found
+    found = {m for _, m in imports("pipeline.run.output", MODULES["pipeline.run.output"])}
+    assert "pipeline.output.staged_rows" in found  # "from ..output import staged_rows"
     assert "pipeline.report.write" in {m for _, m in imports("pipeline.run.annotate", MODULES["pipeline.run.annotate"])}
 
 

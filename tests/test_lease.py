@@ -16,8 +16,9 @@ import uuid
 import pytest
 
 from conftest import start_moto
-from pipeline.infra import io
 from pipeline.infra.config import StorageConfig
+from pipeline.infra.io import Storage, join
+from pipeline.output.folder import OutputFolder
 from pipeline.output.lease import Lease, LeaseHeld, process_namespace
 
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.integration)]
@@ -25,31 +26,34 @@ BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.integration)]
 
 @pytest.fixture(scope="module")
 def s3_bucket():
-    """A moto S3 server with a bucket; this process's AWS variables and storage config point at it."""
+    """A moto S3 server with a bucket, this process's AWS variables pointing at it; the storage
+    that reaches it."""
     proc, endpoint = start_moto()
     try:
         with pytest.MonkeyPatch.context() as mp:
             for key, value in (("AWS_ACCESS_KEY_ID", "AKIATESTKEY"), ("AWS_SECRET_ACCESS_KEY", "test-secret"),
                                ("AWS_DEFAULT_REGION", "us-east-1")):
                 mp.setenv(key, value)
-            io.configure(StorageConfig(endpoint_url=endpoint))
-            try:
-                fs, _ = io.filesystem("s3://leases")
-                fs.mkdir("leases")
-                yield "s3://leases"
-            finally:
-                io.configure(StorageConfig())
+            storage = Storage(StorageConfig(endpoint_url=endpoint))
+            fs, _ = storage.filesystem("s3://leases")
+            fs.mkdir("leases")
+            yield storage
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
 @pytest.fixture(params=BACKENDS)
-def output(request, tmp_path) -> str:
+def output(request, tmp_path) -> OutputFolder:
     """A fresh output location, local or s3://."""
     if request.param == "local":
-        return str(tmp_path / "out")
-    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}"
+        return local(tmp_path / "out")
+    return OutputFolder(f"s3://leases/{uuid.uuid4().hex}", request.getfixturevalue("s3_bucket"))
+
+
+def local(path) -> OutputFolder:
+    """A local output location."""
+    return OutputFolder(str(path), Storage())
 
 
 @pytest.fixture
@@ -67,29 +71,29 @@ def take():
         lease.release()
 
 
-def record_path(output: str, generation: int) -> str:
-    return io.join(output, "_lease", f"{generation:010d}.json")
+def record_path(output: OutputFolder, generation: int) -> str:
+    return join(output.path, "_lease", f"{generation:010d}.json")
 
 
-def read_record(output: str, generation: int) -> dict:
-    return json.loads(io.read_text(record_path(output, generation)))
+def read_record(output: OutputFolder, generation: int) -> dict:
+    return json.loads(output.read_text(record_path(output, generation)))
 
 
-def write_record(output: str, generation: int = 1, **fields) -> None:
+def write_record(output: OutputFolder, generation: int = 1, **fields) -> None:
     """Write a lease record as another run would: through a client of its own (on S3, one whose
     listing cache this process's client knows nothing about)."""
     record = {"owner": "someone", "host": "elsewhere", "pid": 1, "run_id": "hand-written",
               "started_at": "2026-01-01T00:00:00+00:00", "heartbeat_at": time.time(), "released": False,
               "generation": generation, **fields}
-    fs, path = io.filesystem(record_path(output, generation))
+    fs, path = output.storage.filesystem(record_path(output, generation))
     other = type(fs)(skip_instance_cache=True, **fs.storage_options)
-    if not io.is_remote(output):
+    if not output.is_remote:
         other.makedirs(os.path.dirname(path), exist_ok=True)
     other.pipe_file(path, json.dumps(record).encode())
 
 
-def generations(output: str) -> list[str]:
-    fs, root = io.filesystem(io.join(output, "_lease"))
+def generations(output: OutputFolder) -> list[str]:
+    fs, root = output.storage.filesystem(join(output.path, "_lease"))
     fs.invalidate_cache()
     return sorted(os.path.basename(p) for p in fs.ls(root, detail=False) if p.endswith(".json"))
 
@@ -163,7 +167,7 @@ def test_a_retried_acquire_sees_the_generations_written_since(output):
 
 def test_of_many_runs_taking_over_a_stale_lease_at_once_exactly_one_wins(output):
     for round_ in range(3):
-        where = io.join(output, str(round_))
+        where = OutputFolder(join(output.path, str(round_)), output.storage)
         write_record(where, heartbeat_at=time.time() - 3600)
         barrier, won, refused = threading.Barrier(8), [], []
 
@@ -191,7 +195,7 @@ def test_of_many_runs_taking_over_a_stale_lease_at_once_exactly_one_wins(output)
 
 
 def test_the_heartbeat_advances(tmp_path, take):
-    output = str(tmp_path / "out")
+    output = local(tmp_path / "out")
     lease = take(output, "beating", heartbeat_s=0.1)
     first = read_record(output, 1)["heartbeat_at"]
     assert wait_for(lambda: read_record(output, 1)["heartbeat_at"] > first)
@@ -203,12 +207,12 @@ def test_a_dead_holder_on_this_host_is_taken_over_a_live_one_is_not(tmp_path, ta
     dead.wait()
     here = process_namespace()
     assert here is not None and "pid:[" in here
-    output = str(tmp_path / "dead")
+    output = local(tmp_path / "dead")
     write_record(output, host=socket.gethostname(), pid=dead.pid, pid_namespace=here, run_id="crashed")
     assert take(output, "after-crash").holder["generation"] == 2
     assert read_record(output, 2)["pid_namespace"] == here
 
-    output = str(tmp_path / "live")
+    output = local(tmp_path / "live")
     write_record(output, host=socket.gethostname(), pid=os.getpid(), pid_namespace=here, run_id="alive")
     with pytest.raises(LeaseHeld, match="alive"):
         Lease.acquire(output, "other-run")
@@ -220,15 +224,15 @@ def test_a_pid_from_another_pid_namespace_or_boot_is_not_looked_up(tmp_path, nam
     say: its pid may be alive elsewhere, so the lease waits to go stale."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    output = str(tmp_path / "out")
+    output = local(tmp_path / "out")
     write_record(output, host=socket.gethostname(), pid=dead.pid, pid_namespace=namespace, run_id="elsewhere")
     with pytest.raises(LeaseHeld, match="elsewhere"):
         Lease.acquire(output, "other-run")
 
 
 def test_a_malformed_record_is_held_until_it_is_old(tmp_path, take):
-    output = str(tmp_path / "out")
-    io.write_text(record_path(output, 1), '{"owner": "half-writ')
+    output = local(tmp_path / "out")
+    output.write_text(record_path(output, 1), '{"owner": "half-writ')
     with pytest.raises(LeaseHeld, match="run id unknown"):
         Lease.acquire(output, "run", stale_after_s=60)
     old = time.time() - 120
@@ -237,7 +241,7 @@ def test_a_malformed_record_is_held_until_it_is_old(tmp_path, take):
 
 
 def test_only_the_last_three_generations_are_kept(tmp_path):
-    output = str(tmp_path / "out")
+    output = local(tmp_path / "out")
     for i in range(5):
         Lease.acquire(output, f"run-{i}", heartbeat_s=60).release()
     assert generations(output) == ["0000000003.json", "0000000004.json", "0000000005.json"]

@@ -143,50 +143,44 @@ def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
 
 
 def test_a_replaced_remote_directory_is_downloaded_again(s3, tmp_path, monkeypatch):
-    """io.localize: one download per URL while the remote files stay the same; a file replaced at
-    the same URL gives a fresh copy, never the stale one."""
-    from pipeline.infra import io
+    """Storage.localize: one download per URL while the remote files stay the same; a file
+    replaced at the same URL gives a fresh copy, never the stale one."""
     from pipeline.infra.config import StorageConfig
+    from pipeline.infra.io import Storage
 
     endpoint, env, fs = s3
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, env[key])
-    io.configure(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
-    try:
-        fs.pipe({"assets/swap/config.json": b'{"v": 1}', "assets/swap/weights.bin": b"1111"})
-        first = io.localize("s3://assets/swap")
-        assert io.localize("s3://assets/swap") == first
-        assert Path(first, "config.json").read_bytes() == b'{"v": 1}'
-        fs.pipe("assets/swap/config.json", b'{"v": 22}')
-        fs.invalidate_cache()
-        second = io.localize("s3://assets/swap")
-        assert second != first and Path(second, "config.json").read_bytes() == b'{"v": 22}'
-        assert Path(second, "weights.bin").read_bytes() == b"1111"
-    finally:
-        io.configure(StorageConfig())
+    storage = Storage(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
+    fs.pipe({"assets/swap/config.json": b'{"v": 1}', "assets/swap/weights.bin": b"1111"})
+    first = storage.localize("s3://assets/swap")
+    assert storage.localize("s3://assets/swap") == first
+    assert Path(first, "config.json").read_bytes() == b'{"v": 1}'
+    fs.pipe("assets/swap/config.json", b'{"v": 22}')
+    fs.invalidate_cache()
+    second = storage.localize("s3://assets/swap")
+    assert second != first and Path(second, "config.json").read_bytes() == b'{"v": 22}'
+    assert Path(second, "weights.bin").read_bytes() == b"1111"
 
 
 def test_an_s3_shard_version_is_its_content_digest(s3, tmp_path, monkeypatch):
-    """io.file_version on S3: the same bytes uploaded again keep the version (the ETag is their
-    MD5), other bytes under the same key change it, so a resume tells a replaced shard."""
-    from pipeline.infra import io
+    """Storage.file_version on S3: the same bytes uploaded again keep the version (the ETag is
+    their MD5), other bytes under the same key change it, so a resume tells a replaced shard."""
     from pipeline.infra.config import StorageConfig
+    from pipeline.infra.io import Storage
 
     endpoint, env, fs = s3
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, env[key])
-    io.configure(StorageConfig(endpoint_url=endpoint))
-    try:
-        fs.pipe("inputs/versions/q.parquet", b"first content")
-        first = io.file_version("s3://inputs/versions/q.parquet")
-        assert first == {"size": 13, "stamp": hashlib.md5(b"first content").hexdigest()}
-        fs.pipe("inputs/versions/q.parquet", b"first content")
-        assert io.file_version("s3://inputs/versions/q.parquet") == first
-        fs.pipe("inputs/versions/q.parquet", b"other content")
-        io.filesystem("s3://inputs")[0].invalidate_cache()
-        assert io.file_version("s3://inputs/versions/q.parquet")["stamp"] != first["stamp"]
-    finally:
-        io.configure(StorageConfig())
+    storage = Storage(StorageConfig(endpoint_url=endpoint))
+    fs.pipe("inputs/versions/q.parquet", b"first content")
+    first = storage.file_version("s3://inputs/versions/q.parquet")
+    assert first == {"size": 13, "stamp": hashlib.md5(b"first content").hexdigest()}
+    fs.pipe("inputs/versions/q.parquet", b"first content")
+    assert storage.file_version("s3://inputs/versions/q.parquet") == first
+    fs.pipe("inputs/versions/q.parquet", b"other content")
+    storage.filesystem("s3://inputs")[0].invalidate_cache()
+    assert storage.file_version("s3://inputs/versions/q.parquet")["stamp"] != first["stamp"]
 
 
 def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path, simulated_engine):
@@ -295,12 +289,12 @@ def test_unreachable_endpoint_is_one_clear_error(s3, tmp_path):
 
 def test_index_build_job_round_trip_through_s3(s3, tmp_path):
     endpoint, env, fs = s3
-    from pipeline.infra import io
     from pipeline.infra.config import RetrievalConfig, StorageConfig
+    from pipeline.infra.io import Storage
     from pipeline.retrieval.corpus import read_corpus
     from pipeline.retrieval.index import Retriever, passage_texts
 
-    rows = read_corpus(str(REPO / "data" / "demo" / "corpus.parquet")).slice(0, 60).to_pylist()
+    rows = read_corpus(Storage(), str(REPO / "data" / "demo" / "corpus.parquet")).slice(0, 60).to_pylist()
     fs.pipe("assets/corpus/psgs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     cmd = [sys.executable, "-m", "jobs.build_index", f"storage.endpoint_url={endpoint}",
            "retrieval.corpus=s3://assets/corpus/psgs.jsonl", "retrieval.index_dir=s3://assets/index/built",
@@ -314,15 +308,15 @@ def test_index_build_job_round_trip_through_s3(s3, tmp_path):
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"assets/index/built/{version}")) == [
         "index.faiss", "meta.json", "passages.arrow"]
 
-    # load it back through the local cache, with this process's storage options
+    # load it back through the local cache, with storage options of this process's own
     old = dict(os.environ)
     os.environ.update(AWS_ACCESS_KEY_ID="AKIATESTKEY", AWS_SECRET_ACCESS_KEY=SECRET)
     try:
-        io.configure(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
-        retriever = Retriever(RetrievalConfig(index_dir="s3://assets/index/built"))
-        found = retriever.search([passage_texts(read_corpus(str(REPO / "data" / "demo" / "corpus.parquet")))[7]], k=3)
+        storage = Storage(StorageConfig(endpoint_url=endpoint, cache_dir=str(tmp_path / "cache")))
+        retriever = Retriever(RetrievalConfig(index_dir="s3://assets/index/built"), storage)
+        corpus = read_corpus(storage, str(REPO / "data" / "demo" / "corpus.parquet"))
+        found = retriever.search([passage_texts(corpus)[7]], k=3)
         assert found[0][0]["id"] == rows[7]["id"]
     finally:
-        io.configure(StorageConfig())
         os.environ.clear()
         os.environ.update(old)

@@ -17,6 +17,8 @@ import pytest
 from jobs.report import main
 from pipeline.report.examples import describe, pick
 from pipeline.report.summary import error_kind
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.report.write import write_report
 from pipeline.stages.columns import OUTPUT_TYPES
 
@@ -63,6 +65,11 @@ def table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
+def folder(path: Path) -> OutputFolder:
+    """A local output location."""
+    return OutputFolder(str(path), Storage())
+
+
 @pytest.fixture
 def output(tmp_path) -> Path:
     out = tmp_path / "out"
@@ -80,7 +87,7 @@ def plots(html: str) -> dict[str, int]:
 
 
 def test_figures_of_a_handmade_output(output):
-    dest = write_report(str(output))
+    dest = write_report(folder(output))
     html = Path(dest).read_text()
     drawn = plots(html)
     assert drawn["Retrieval probability (first pass)"] == 4  # the error row has none
@@ -97,12 +104,12 @@ def test_figures_of_a_handmade_output(output):
 
 
 def test_a_second_run_in_the_same_location_is_compared_with_the_first(output):
-    write_report(str(output))
-    write_report(str(output))  # the same run reported again: recorded once
+    write_report(folder(output))
+    write_report(folder(output))  # the same run reported again: recorded once
     assert len(json.loads((output / "_history.json").read_text())) == 1
     (output / "_manifest.json").write_text(json.dumps({**MANIFEST, "run_id": "r2", "finished_at": "2026-12-02T10:00:50Z"}))
     pq.write_table(table(ROWS[:2]), output / "part-2.parquet")
-    html = Path(write_report(str(output))).read_text()
+    html = Path(write_report(folder(output))).read_text()
     history = json.loads((output / "_history.json").read_text())
     assert [h["run_id"] for h in history] == ["r1", "r2"] and [h["rows"] for h in history] == [5, 7]
     assert "<td>r2</td><td class=\"n\">7</td><td class=\"n\">2</td>" in html  # rows, change
@@ -164,7 +171,7 @@ def check_in_browser(page: Path, screenshot: Path | None = None) -> int:
 
 
 def test_the_report_renders_in_a_browser_with_every_plot_drawn(output):
-    page = Path(write_report(str(output)))
+    page = Path(write_report(folder(output)))
     assert check_in_browser(page, SCREENSHOT) == len(plots(page.read_text())) == 12
 
 
@@ -175,7 +182,7 @@ def test_text_from_the_rows_is_escaped(tmp_path):
     rows = [{**ROWS[1], "task": "<b>x</b>"}, {**ROWS[4], "error": "<img src=x onerror=alert(1)>: boom"}]
     pq.write_table(table(rows), out / "part-0.parquet")
     (out / "_manifest.json").write_text(json.dumps({**MANIFEST, "run_id": "<script>alert(1)</script>"}))
-    html = Path(write_report(str(out))).read_text()
+    html = Path(write_report(folder(out))).read_text()
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<img" not in html and "&lt;img src=x onerror=alert(N)&gt;" in html  # digits -> N: an error kind
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html

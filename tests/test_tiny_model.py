@@ -36,9 +36,10 @@ def engine():
 @pytest.fixture(scope="module")
 def tokens():
     """Prompts as token ids, as the pipeline builds them."""
+    from pipeline.infra.io import Storage
     from pipeline.model.tokenizer import model_prompt_tokens
 
-    return model_prompt_tokens(str(MODEL))
+    return model_prompt_tokens(Storage(), str(MODEL))
 
 
 @pytest.fixture(scope="module")

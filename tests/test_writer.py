@@ -13,6 +13,8 @@ import pytest
 
 from pipeline.output import staged_rows
 from pipeline.infra.config import load_config
+from pipeline.infra.io import Storage
+from pipeline.output.folder import OutputFolder
 from pipeline.stages.columns import OFFSET
 from pipeline.stages.prepare import prepare_table
 from pipeline.stages.write import ShardWriter, commit_shard
@@ -44,6 +46,11 @@ def batches(table: pa.Table, size: int, seed: int = 0) -> list[pa.Table]:
     return [table.take(order[i:i + size]) for i in range(0, len(order), size)]
 
 
+def folder(tmp_path) -> OutputFolder:
+    """The writer's output location, ``tmp_path / "out"``."""
+    return OutputFolder(str(tmp_path / "out"), Storage())
+
+
 def visible(tmp_path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
 
@@ -57,7 +64,7 @@ def test_a_shard_is_staged_in_bounded_memory_and_committed_whole_in_input_order(
         assert w.held <= 10  # never more than buffer_rows in memory
         if i < len(parts) - 1:
             assert visible(tmp_path) == [] and summaries == []  # nothing exposed before the shard is whole
-    staged_before_commit = staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    staged_before_commit = staged_rows.list_parts(folder(tmp_path), HASH, SHARD)
     assert summaries and summaries[0]["rows"] == 50 and summaries[0]["errors"] == 0
     out = pq.read_table(tmp_path / "out" / "part-0.parquet")
     assert out.column("answer").to_pylist() == [f"answer {i}" for i in range(50)]
@@ -71,9 +78,9 @@ def test_rows_are_staged_by_bucket_once_the_buffer_is_full(tmp_path):
     table, w = rows(40), writer(tmp_path, 40, buffer_rows=10, stage_rows=8)
     for batch in batches(table, 6)[:4]:  # 24 of 40 rows
         w(batch)
-    parts = staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD)
+    parts = staged_rows.list_parts(folder(tmp_path), HASH, SHARD)
     assert parts and set(parts) <= {0, 1, 2, 3, 4}
-    staged = staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD)
+    staged = staged_rows.staged_offsets(folder(tmp_path), HASH, SHARD)
     assert len(staged) + w.held == 24 and w.held <= 10
     for bucket, paths in parts.items():  # a part holds rows of its bucket only
         for p in paths:
@@ -99,7 +106,7 @@ def test_a_restarted_writer_keeps_what_was_staged_and_a_resume_adds_only_the_res
     first = writer(tmp_path, 30, buffer_rows=4, stage_rows=8)
     for batch in parts[:4]:  # 20 rows: at least 16 staged, up to 4 held in memory
         first(batch)
-    staged = set(staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist())
+    staged = set(staged_rows.staged_offsets(folder(tmp_path), HASH, SHARD).tolist())
     assert len(staged) >= 16
     del first  # the writer dies: what it held is lost, nothing is exposed
     assert visible(tmp_path) == []
@@ -123,9 +130,9 @@ def killed_run_with_20_row_buckets(tmp_path, table: pa.Table, legacy_names: bool
     for batch in batches(table.filter(pa.array([o in staged for o in range(table.num_rows)])), 5):
         assert first(batch).num_rows == 0
     del first
-    assert set(staged_rows.staged_offsets(str(tmp_path / "out"), HASH, SHARD).tolist()) == staged
+    assert set(staged_rows.staged_offsets(folder(tmp_path), HASH, SHARD).tolist()) == staged
     if legacy_names:
-        for paths in staged_rows.list_parts(str(tmp_path / "out"), HASH, SHARD).values():
+        for paths in staged_rows.list_parts(folder(tmp_path), HASH, SHARD).values():
             for path in paths:
                 name = path.rsplit("/", 1)[-1]
                 bucket, width, suffix = name.split("-")
@@ -154,7 +161,7 @@ def test_a_resume_with_another_stage_rows_commits_in_input_order(tmp_path, legac
 
 
 def test_parts_staged_with_another_stage_rows_are_recut_once(tmp_path):
-    output = str(tmp_path / "out")
+    output = folder(tmp_path)
     table = rows(30)
     staged_rows.stage(table.slice(0, 10), output, HASH, SHARD, stage_rows=20)  # bucket 0 of 20: offsets 0-9
     staged_rows.stage(table.slice(10, 10), output, HASH, SHARD, stage_rows=5)  # buckets 2, 3 of 5
@@ -180,8 +187,7 @@ def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, 
     ``stage_rows=20`` and the rest with ``stage_rows=7``; the resume (``stage_rows=7``) commits it
     without a model, in input order, and its marker records the annotation identity."""
     from jobs.annotate import main
-    from pipeline.infra import io
-    from pipeline.run.preflight import marker_path, preflight
+    from pipeline.run.preflight import preflight
 
     (tmp_path / "in").mkdir()
     shard = str(tmp_path / "in" / "part-0.parquet")
@@ -191,22 +197,23 @@ def test_a_real_resume_with_another_stage_rows_commits_in_input_order(tmp_path, 
                  "output.report=false", "output.examples=0", "output.stage_rows=7"]
     cfg = load_config([], overrides)
     plan = preflight(cfg)
-    table = prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
+    table = prepare_table(plan.storage.read_table(shard), shard, cfg.input, cfg.engine.model, "r", plan.schema,
                           selfrag=cfg.selfrag)
     first = [o for o in range(60) if o < 18 or o >= 28]
-    staged_rows.record_version(cfg.output.path, plan.annotation_hash, shard, plan.versions[shard])
-    staged_rows.stage(table.take(first), cfg.output.path, plan.annotation_hash, shard, stage_rows=20)
-    staged_rows.stage(table.slice(18, 10), cfg.output.path, plan.annotation_hash, shard, stage_rows=7)
+    staged_rows.record_version(plan.output, plan.annotation_hash, shard, plan.versions[shard])
+    staged_rows.stage(table.take(first), plan.output, plan.annotation_hash, shard, stage_rows=20)
+    staged_rows.stage(table.slice(18, 10), plan.output, plan.annotation_hash, shard, stage_rows=7)
 
     assert main(overrides) == 0
     assert "60 row(s) staged by an earlier run are kept" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "out" / "part-0.parquet").column("id").to_pylist() == [f"q{i}" for i in range(60)]
-    marker = json.loads(io.read_text(marker_path(cfg.output.path, shard)))
+    marker = json.loads(plan.output.read_text(plan.output.marker(shard)))
+    assert plan.output.marker(shard) == str(tmp_path / "out" / "_done" / "part-0.json")
     assert marker["annotation_identity"] == json.loads(json.dumps(plan.identity))
 
 
 def test_an_incomplete_commit_exposes_nothing(tmp_path):
-    output = str(tmp_path / "out")
+    output = folder(tmp_path)
     staged_rows.stage(rows(10).slice(0, 6), output, HASH, SHARD, stage_rows=4)
     with pytest.raises(RuntimeError, match="6 rows staged, 10 expected"):
         commit_shard(output, HASH, SHARD, 10, stage_rows=4)
@@ -215,7 +222,7 @@ def test_an_incomplete_commit_exposes_nothing(tmp_path):
 
 
 def test_staged_rows_of_another_identity_are_removed(tmp_path):
-    output = str(tmp_path / "out")
+    output = folder(tmp_path)
     staged_rows.stage(rows(4), output, "other", SHARD, stage_rows=4)
     staged_rows.stage(rows(4), output, HASH, SHARD, stage_rows=4)
     assert staged_rows.remove_other_identities(output, HASH) == ["other"]
@@ -224,12 +231,12 @@ def test_staged_rows_of_another_identity_are_removed(tmp_path):
 
 
 def test_temporaries_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
-    from pipeline.infra import io
-
     out = tmp_path / "out"
-    out.mkdir()
-    for name in (".part-0.parquet.0123abcd.tmp", "part-1.parquet", ".keep", "_config.yaml"):
+    (out / "_done").mkdir(parents=True)
+    for name in (".part-0.parquet.0123abcd.tmp", "part-1.parquet", ".keep", "_config.yaml",
+                 "_done/.part-1.json.0123abcd.tmp", "_done/part-0.json"):
         (out / name).write_text("x")
-    assert io.remove_temporaries(str(out)) == 1
-    assert sorted(p.name for p in out.iterdir()) == [".keep", "_config.yaml", "part-1.parquet"]
-    assert io.remove_temporaries(str(tmp_path / "missing")) == 0
+    assert OutputFolder(str(out), Storage()).remove_temporaries() == 2
+    assert sorted(p.name for p in out.iterdir()) == [".keep", "_config.yaml", "_done", "part-1.parquet"]
+    assert [p.name for p in (out / "_done").iterdir()] == ["part-0.json"]
+    assert Storage().remove_temporaries(str(tmp_path / "missing")) == 0

@@ -164,10 +164,11 @@ def serve(version: str, queries_path: str, out_path: str, nprobe: int, k_factor:
     """(In a fresh process) load the version as a retrieval replica does, search every query in
     batches, fetch the passages; write the rows found and the process's memory figures."""
     from ..infra.config import RetrievalConfig
+    from ..infra.io import Storage
     from ..retrieval.index import PASSAGES_FILE, PassageStore, load_shard, read_meta
     from ..retrieval.search import REFINE_FILE, RefineStore, merge_topk
 
-    meta, local = read_meta(version), Path(version)
+    meta, local = read_meta(Storage(), version), Path(version)  # a local version
     cfg = RetrievalConfig(index_dir=version, nprobe=nprobe, k_factor=k_factor)
     shards = [load_shard(cfg, local, name) for name in meta["shards"]]
     refine = RefineStore(local / REFINE_FILE, meta["passages"], meta["dim"])

@@ -124,6 +124,7 @@ def benchmark(n_passages: int, n_queries: int, embed_threads: int, out: Path, re
     import faiss
 
     from ..infra.config import load_config
+    from ..infra.io import Storage
     from ..retrieval.encoder import Encoder
     from ..retrieval.index import INDEX_FILE, resolve_index
     from ..run.index_build import build
@@ -152,7 +153,7 @@ def benchmark(n_passages: int, n_queries: int, embed_threads: int, out: Path, re
         np.save(vectors_path, flat.reconstruct_n(0, flat.ntotal))
         (out / "embedding.json").write_text(json.dumps(embedding))
     embedding = json.loads((out / "embedding.json").read_text())
-    flat = faiss.read_index(str(Path(resolve_index(str(out / "flat"))) / INDEX_FILE))
+    flat = faiss.read_index(str(Path(resolve_index(Storage(cfg.storage), str(out / "flat"))) / INDEX_FILE))
     queries = Encoder(cfg.retrieval).encode(random.Random(1).sample(questions, n_queries))
     exact, flat_qps = search(flat, queries)
     result = {**embedding, "flat_search_qps": round(flat_qps, 1), "indexes": {}}

@@ -150,10 +150,11 @@ def baseline(cfg: Config, rows: list[dict], settings: ReferenceSettings) -> dict
     """The per-query reference baseline on ``rows`` (pipeline output rows: their prompts and
     passages); returns its answers by id, its rows/s, and its seconds by kind of row (engine
     start-up not timed)."""
+    from ..infra.io import Storage
     from ..model.vllm_engine import Engine
     from ..model.tokenizer import model_prompt_tokens
 
-    tokens = model_prompt_tokens(cfg.engine.model)
+    tokens = model_prompt_tokens(Storage(cfg.storage), cfg.engine.model)
     engine = Engine(cfg.engine, max_logprobs=-1)  # -1: whole-vocabulary logprobs allowed
     vocabulary = engine.llm.llm_engine.model_config.get_vocab_size()
     answers, by_kind = {}, {}

@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..infra import io
+from ..infra.io import Storage, is_remote
 from ..selfrag.prompts import KNOWN_TASKS, TASK_INSTRUCTIONS
 from .metrics import FEVER_LABELS, fever_label
 
@@ -56,18 +56,18 @@ class LayoutError(ValueError):
 
 # ----------------------------------------------------------------------------- reading
 
-def expand(paths: list[str]) -> list[str]:
+def expand(storage: Storage, paths: list[str]) -> list[str]:
     """Files to read: each path as given, a directory replaced by its ``.jsonl``/``.json``/
     ``.parquet`` files (sorted). Raises LayoutError for a path that does not exist."""
     files: list[str] = []
     for given in paths:
         try:
-            fs, path = io.filesystem(given)
+            fs, path = storage.filesystem(given)
             if fs.isdir(path):
                 found = sorted(p for p in fs.find(path) if p.endswith(EXTENSIONS))
                 if not found:
                     raise LayoutError(f"no {'/'.join(EXTENSIONS)} files in {given}")
-                prefix = given.split("://", 1)[0] + "://" if io.is_remote(given) else ""
+                prefix = given.split("://", 1)[0] + "://" if is_remote(given) else ""
                 files += [prefix + p for p in found]
             elif fs.exists(path):
                 files.append(given)
@@ -80,11 +80,11 @@ def expand(paths: list[str]) -> list[str]:
     return files
 
 
-def read_records(path: str) -> list[tuple[str, dict]]:
+def read_records(storage: Storage, path: str) -> list[tuple[str, dict]]:
     """The records of one file as ``(where, record)`` pairs, ``where`` naming the line (JSON
     Lines) or record position for messages. Raises LayoutError for an unreadable file."""
     try:
-        fs, local = io.filesystem(path)
+        fs, local = storage.filesystem(path)
         with fs.open(local, "rb") as f:
             data = f.read()
     except Exception as exc:  # noqa: BLE001 - any read failure is one message
@@ -332,11 +332,11 @@ def convert(records: list[tuple[str, dict]], layout: str, path: str, task: str |
     raise LayoutError(f"unknown format {layout!r}; one of {list(FORMATS)}")
 
 
-def load_file(path: str, fmt: str = "auto", task: str | None = None) -> tuple[str, list[dict]]:
+def load_file(storage: Storage, path: str, fmt: str = "auto", task: str | None = None) -> tuple[str, list[dict]]:
     """``(layout, query rows)`` of one evaluation file."""
     if fmt not in FORMATS:
         raise LayoutError(f"unknown format {fmt!r}; one of {list(FORMATS)}")
-    records = read_records(path)
+    records = read_records(storage, path)
     layout = detect_layout(records, path) if fmt == "auto" else fmt
     return layout, convert(records, layout, path, task)
 

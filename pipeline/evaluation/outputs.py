@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..infra import io
-from ..output.names import CONFIG_FILE
+from ..output.folder import OutputFolder
 
 
-def read_output(path: str) -> list[dict]:
+def read_output(output: OutputFolder) -> list[dict]:
     """All rows of an annotated output location (every ``*.parquet`` below it)."""
-    tables = [io.read_table(shard) for shard in io.list_shards([path])]
+    tables = [output.storage.read_table(shard) for shard in output.list_shards()]
     return pa.concat_tables(tables, promote_options="permissive").to_pylist()
 
 
-def output_mode(path: str, rows: list[dict]) -> str | None:
+def output_mode(output: OutputFolder, rows: list[dict]) -> str | None:
     """The retrieval mode of an output location: ``selfrag.mode`` of its ``_config.yaml`` (or
     ``config.yaml``), else read from the rows (``retrieval_prob`` recorded: adaptive; every valid
     row retrieved: always; none: never); None when undecidable."""
     from omegaconf import OmegaConf
 
-    for name in (CONFIG_FILE, "config.yaml"):
+    for path in (output.config_file, output.other_config_file):
         try:
-            return str(OmegaConf.create(io.read_text(io.join(path, name))).selfrag.mode)
+            return str(OmegaConf.create(output.read_text(path)).selfrag.mode)
         except Exception:  # noqa: BLE001 - no or odd config: try the next clue
             continue
     decided = [r for r in rows if r.get("retrieved") is not None]

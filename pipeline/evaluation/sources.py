@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..infra import io
 from ..infra.config import Config
+from ..infra.io import Storage
 from . import layouts, log, synthetic
 
 
@@ -29,27 +29,28 @@ def prepare_synthetic(root: Path, modes: list[str], world_seed: int, max_per_kin
     return suite, {mode: [plain] + ([probes] if mode == "always" else []) for mode in modes}
 
 
-def write_synthetic(suite: synthetic.Suite, root: Path) -> None:
+def write_synthetic(storage: Storage, suite: synthetic.Suite, root: Path) -> None:
     """The suite's plain rows and probes as the two query shards under ``root/queries``."""
-    io.write_parquet_atomic(synthetic.suite_table(suite.plain), str(root / "queries" / "plain.parquet"))
-    io.write_parquet_atomic(synthetic.suite_table(suite.probes), str(root / "queries" / "probes.parquet"))
+    storage.write_parquet_atomic(synthetic.suite_table(suite.plain), str(root / "queries" / "plain.parquet"))
+    storage.write_parquet_atomic(synthetic.suite_table(suite.probes), str(root / "queries" / "probes.parquet"))
     log(f"query shards -> {root / 'queries'}")
 
 
-def load_queries(paths: list[str], layout: str, task: str | None) -> list[tuple[str, list[dict]]]:
+def load_queries(storage: Storage, paths: list[str], layout: str,
+                 task: str | None) -> list[tuple[str, list[dict]]]:
     """Every evaluation file of ``paths`` read and converted, as (shard name, query rows); all
     problems raise (``layouts.LayoutError``) before any work."""
-    files = layouts.expand(paths)
+    files = layouts.expand(storage, paths)
     loaded = []
     for path, shard in zip(files, layouts.shard_names(files)):
-        found, rows = layouts.load_file(path, layout, task)
+        found, rows = layouts.load_file(storage, path, layout, task)
         tasks = sorted({r["task"] or "free-form" for r in rows})
         log(f"{path}: {len(rows)} rows, layout {found}, tasks {tasks}")
         loaded.append((shard, rows))
     return loaded
 
 
-def gold_in_corpus(cfg: Config, rows: list[dict]) -> float | None:
+def gold_in_corpus(cfg: Config, storage: Storage, rows: list[dict]) -> float | None:
     """Share of the suite's gold passages present (same id and text) in the retrieval corpus;
     None when the corpus cannot be read or is too large to check here."""
     from ..retrieval.corpus import read_corpus
@@ -59,10 +60,10 @@ def gold_in_corpus(cfg: Config, rows: list[dict]) -> float | None:
     if not wanted:
         return None
     try:
-        fs, path = io.filesystem(cfg.retrieval.corpus)
+        fs, path = storage.filesystem(cfg.retrieval.corpus)
         if fs.size(path) > 200 << 20:
             return None
-        table = read_corpus(cfg.retrieval.corpus)
+        table = read_corpus(storage, cfg.retrieval.corpus)
     except Exception:  # noqa: BLE001 - the annotation job reports an unusable corpus itself
         return None
     have = set(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..infra import io
+from ..infra.io import Storage
 from . import log
 from .metrics import TokenInfo
 
 
-def token_info(model: str | None) -> TokenInfo | None:
-    """Reflection and end-of-sequence token ids from the model's tokenizer (None, with a note,
-    when it cannot be loaded: the probes then read the candidates' raw text)."""
+def token_info(storage: Storage, model: str | None) -> TokenInfo | None:
+    """Reflection and end-of-sequence token ids from the model's tokenizer, read with ``storage``
+    (None, with a note, when it cannot be loaded: the probes then read the candidates' raw text)."""
     if not model:
         return None
     try:
@@ -18,7 +18,7 @@ def token_info(model: str | None) -> TokenInfo | None:
         from ..selfrag.tokens import IRRELEVANT, ISUSE_GROUP, RELEVANT, ReflectionIds
         from ..model.tokenizer import TOKENIZER_FILES
 
-        local = io.localize(model, only=TOKENIZER_FILES)
+        local = storage.localize(model, only=TOKENIZER_FILES)
         tok = AutoTokenizer.from_pretrained(local)
         ids = ReflectionIds.from_lookup(tok.convert_tokens_to_ids, tok.unk_token_id)
         eos = {tok.eos_token_id} - {None}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..infra import io
 from ..infra.config import LongFormConfig
-from ..output.names import MANIFEST_FILE
+from ..infra.io import InputError, Storage, inside, location, shard_stem
+from ..output.folder import MANIFEST_FILE, OutputFolder
 from ..output.schema import OUTPUT_TYPES
 
 #: Output columns an export reads; a run whose shards lack one is refused.
@@ -57,48 +57,48 @@ class Run:
         return (self.config.get("engine") or {}).get("model")
 
 
-def open_run(path: str) -> Run:
-    """Read and check an annotated run; raises ExportError (one line) when ``path`` is not one:
+def open_run(output: OutputFolder) -> Run:
+    """Read and check an annotated run; raises ExportError (one line) when ``output`` is not one:
     no ``_manifest.json``, no shards, or shards lacking the output columns or the question column."""
-    manifest_path = io.join(path, MANIFEST_FILE)
+    path = output.path
     try:
-        if not io.exists(manifest_path):
-            raise ExportError(f"{path} is not an annotated run: no _manifest.json there "
+        if not output.exists(output.manifest_file):
+            raise ExportError(f"{path} is not an annotated run: no {MANIFEST_FILE} there "
                               "(give --run the output.path of an annotation job)")
-        manifest = json.loads(io.read_text(manifest_path))
+        manifest = json.loads(output.read_text(output.manifest_file))
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable, bad JSON, endpoint: one line
         raise ExportError(f"cannot read the manifest of {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(manifest, dict):
-        raise ExportError(f"{path} is not an annotated run: _manifest.json is not a JSON object")
+        raise ExportError(f"{path} is not an annotated run: {MANIFEST_FILE} is not a JSON object")
     try:
-        shards = io.list_shards([path])
-    except io.InputError as exc:
+        shards = output.list_shards()
+    except InputError as exc:
         raise ExportError(f"{path} is not an annotated run: {exc}") from None
     run = Run(path, manifest, shards)
     question = run.columns["question"]
     for shard in shards:
         try:
-            schema, _ = io.read_footer(shard)
-        except io.InputError as exc:
+            schema, _ = output.storage.read_footer(shard)
+        except InputError as exc:
             raise ExportError(str(exc)) from None
         missing = [c for c in (*REQUIRED_COLUMNS, question) if c not in schema.names]
         if missing:
-            raise ExportError(f"{path} is not an annotated run: shard {io.shard_stem(shard)} lacks the columns "
+            raise ExportError(f"{path} is not an annotated run: shard {shard_stem(shard)} lacks the columns "
                               f"{missing}")
     return run
 
 
-def check_locations(run: str, output: str) -> None:
+def check_locations(storage: Storage, run: str, output: str) -> None:
     """Refuse an output that is the run, lies inside it or contains it (canonical locations, as
     the annotation job's preflight compares them), or cannot be written."""
-    out, src = io.location(output), io.location(run)
-    if io.inside(out, src) or io.inside(src, out):
-        relation = "is" if out == src else ("is inside" if io.inside(out, src) else "contains")
+    out, src = location(output), location(run)
+    if inside(out, src) or inside(src, out):
+        relation = "is" if out == src else ("is inside" if inside(out, src) else "contains")
         raise ExportError(f"output {output} {relation} the run {run} ({src}); choose an output outside the run")
     try:
-        io.check_writable(output)
+        storage.check_writable(output)
     except Exception as exc:  # noqa: BLE001 - endpoint, credentials, bucket, permissions: one message
         raise ExportError(f"cannot write to output location {output}: {type(exc).__name__}: {exc}") from None
 

@@ -7,7 +7,7 @@ import json
 
 import pyarrow as pa
 
-from ..infra import io
+from ..infra.io import Storage, join
 
 _STR = pa.string()
 SCHEMAS = {
@@ -27,10 +27,11 @@ EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl"}
 
 def file_path(output: str, kind: str, split: str, stem: str, fmt: str) -> str:
     """Where one dataset's split of one shard goes."""
-    return io.join(output, kind, split, f"{stem}.{EXTENSIONS[fmt]}")
+    return join(output, kind, split, f"{stem}.{EXTENSIONS[fmt]}")
 
 
-def write_records(records: list[dict], output: str, kind: str, split: str, stem: str, formats: list[str]) -> list[str]:
+def write_records(storage: Storage, records: list[dict], output: str, kind: str, split: str, stem: str,
+                  formats: list[str]) -> list[str]:
     """Write ``records`` in each format (nothing for no records); returns the files written."""
     if not records:
         return []
@@ -38,8 +39,8 @@ def write_records(records: list[dict], output: str, kind: str, split: str, stem:
     for fmt in formats:
         dest = file_path(output, kind, split, stem, fmt)
         if fmt == "parquet":
-            io.write_parquet_atomic(pa.Table.from_pylist(records, schema=SCHEMAS[kind]), dest)
+            storage.write_parquet_atomic(pa.Table.from_pylist(records, schema=SCHEMAS[kind]), dest)
         else:
-            io.write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            storage.write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         written.append(dest)
     return written

@@ -1,11 +1,15 @@
 """Paths and filesystems: shard listing, Parquet reading, atomic writing, local copies of
-remote directories. Local paths and ``s3://`` URLs (s3fs, with the options of the job's
-``storage`` config) are accepted everywhere.
+remote directories. Local paths and ``s3://`` URLs are accepted everywhere.
+
+What touches a filesystem is a method of ``Storage``, made from the job's ``storage`` config
+(the s3fs options, the cache directory) and handed to whatever needs it: no storage setting
+is kept for the whole process. What only computes paths is a function of this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,22 +24,12 @@ import pyarrow.parquet as pq
 
 from .config import StorageConfig
 
-_storage = StorageConfig()
+GLOB_CHARS = "*?["
+VERSION_KEYS = ("ETag", "etag", "LastModified", "mtime", "last_modified")
 
 
 class InputError(ValueError):
     """An input that cannot be read; raised before any model is loaded."""
-
-
-def configure(storage: StorageConfig) -> None:
-    """Use these storage options for every s3:// path in this process (call once per worker)."""
-    global _storage
-    _storage = storage
-
-
-def cache_dir() -> str:
-    """This node's cache directory (``storage.cache_dir``)."""
-    return _storage.cache_dir
 
 
 def is_remote(path: str) -> bool:
@@ -43,25 +37,9 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a path or URL, and the path within it."""
-    if path.startswith(("s3://", "s3a://")):
-        options = dict(_storage.s3_options)
-        client_kwargs = dict(options.pop("client_kwargs", {}))
-        if _storage.region:
-            client_kwargs["region_name"] = _storage.region
-        fs = fsspec.filesystem("s3", anon=_storage.anonymous, endpoint_url=_storage.endpoint_url,
-                               client_kwargs=client_kwargs, **options)
-        return fs, fs._strip_protocol(path)
-    return fsspec.core.url_to_fs(path)
-
-
 def _with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return path if _is_local(fs) else f"{protocol}://{path}"
-
-
-GLOB_CHARS = "*?["
 
 
 def location(path: str) -> str:
@@ -84,20 +62,6 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def input_location(given: str) -> str:
-    """The canonical location an input path covers: a directory itself, a file's directory,
-    a glob's directory part before its first wildcard."""
-    fs, path = filesystem(given)
-    for i, ch in enumerate(given):
-        if ch in GLOB_CHARS:
-            return location(posixpath.dirname(given[:i]) or ".")
-    try:
-        is_dir = fs.isdir(path)
-    except Exception:  # noqa: BLE001 - unreachable: treat it as a directory (the stricter reading)
-        is_dir = True
-    return location(given if is_dir else posixpath.dirname(given.rstrip("/")) or ".")
-
-
 def _below(path: str, root: str) -> str:
     """``path`` relative to ``root`` (its base name when it is not below it)."""
     root = root.rstrip("/") + "/"
@@ -113,73 +77,6 @@ def is_metadata(relative: str) -> bool:
 def is_parquet_name(name: str) -> bool:
     """Whether a file name ends with ``.parquet`` (in any case)."""
     return name.lower().endswith(".parquet")
-
-
-def list_shards(paths: list[str]) -> list[str]:
-    """Expand directories (the ``*.parquet`` files below them, any case, metadata files
-    starting with ``.`` or ``_`` left out), globs (metadata left out) and files into a
-    sorted list of shards.
-
-    Raises InputError naming the path when a path matches nothing or cannot be listed.
-    """
-    shards: list[str] = []
-    for given in paths:
-        try:
-            fs, path = filesystem(given)
-            if any(ch in path for ch in GLOB_CHARS):
-                fixed = posixpath.dirname(path[:min(path.index(ch) for ch in GLOB_CHARS if ch in path)])
-                found = sorted(p for p, info in fs.glob(path, detail=True).items()
-                               if info.get("type") != "directory" and not is_metadata(_below(p, fixed)))
-            elif fs.isdir(path):
-                found = sorted(p for p in fs.find(path) if is_parquet_name(p) and not is_metadata(_below(p, path)))
-            elif fs.exists(path):
-                found = [path]
-            else:
-                raise InputError(f"input path does not exist: {given}")
-        except InputError:
-            raise
-        except Exception as exc:  # permissions, endpoint, credentials: one clear line
-            raise InputError(f"cannot list input path {given}: {type(exc).__name__}: {exc}") from None
-        if not found:
-            raise InputError(f"no Parquet shards found at {given}")
-        shards.extend(_with_protocol(fs, p) for p in found)
-    if len(set(shards)) != len(shards):
-        raise InputError("an input shard is listed more than once")
-    return shards
-
-
-def read_footer(shard: str) -> tuple[pa.Schema, int]:
-    """A Parquet shard's Arrow schema and row count (footer only); InputError naming the shard
-    if it is not readable Parquet."""
-    try:
-        fs, path = filesystem(shard)
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            return parquet.schema_arrow, parquet.metadata.num_rows
-    except Exception as exc:
-        raise InputError(f"cannot read Parquet shard {shard}: {type(exc).__name__}: {exc}") from None
-
-
-def read_table(shard: str) -> pa.Table:
-    """A whole Parquet shard as one table."""
-    fs, path = filesystem(shard)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
-
-
-def read_columns(shard: str, names: tuple[str, ...] | list[str]) -> pa.Table:
-    """The columns of ``names`` that a Parquet shard has (only those are read)."""
-    fs, path = filesystem(shard)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        return parquet.read(columns=[n for n in names if n in parquet.schema_arrow.names])
-
-
-def read_column(shard: str, name: str) -> pa.ChunkedArray:
-    """One column of a Parquet shard (only that column is read)."""
-    fs, path = filesystem(shard)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=[name]).column(name)
 
 
 def shard_stem(shard: str) -> str:
@@ -210,27 +107,8 @@ def is_component(name: str) -> bool:
 
 def temporary_path(path: str) -> str:
     """A hidden, unique name next to ``path`` (``.{name}.{uuid}.tmp``) to write under before a
-    rename into place; ``remove_temporaries`` recognises it."""
+    rename into place; ``Storage.remove_temporaries`` recognises it."""
     return join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-
-
-def write_parquet_atomic(table: pa.Table, dest: str) -> None:
-    """Write a Parquet file under a temporary name, then rename it into place.
-
-    Readers never see a partial file at ``dest``.
-    """
-    fs, path = filesystem(dest)
-    make_parent(fs, path)
-    with replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-
-
-def write_text(dest: str, text: str) -> None:
-    """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
-    fs, path = filesystem(dest)
-    make_parent(fs, path)
-    with replacing(fs, path) as tmp, fs.open(tmp, "w") as f:
-        f.write(text)
 
 
 @contextlib.contextmanager
@@ -259,90 +137,6 @@ def make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return protocol in ("file", "local")
-
-
-def check_writable(path: str) -> None:
-    """Raise (naming the path) unless an output location can be written: for s3://, the bucket
-    must exist (it is never created); locally, the directory is created and a probe file
-    written and removed, and the directories that did not exist before are removed again."""
-    fs, p = filesystem(path)
-    if _is_local(fs):
-        target = Path(p).absolute()
-        created, existing = [], target
-        while not existing.exists():
-            created.append(existing)
-            existing = existing.parent
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is not a directory")
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            probe = target / f".selfrag-probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        finally:
-            for directory in created:  # deepest first
-                try:
-                    directory.rmdir()
-                except OSError:
-                    pass
-        return
-    bucket = p.split("/", 1)[0]
-    if not fs.exists(bucket):
-        raise FileNotFoundError(f"bucket does not exist: {path.split('://', 1)[0]}://{bucket}")
-
-
-def remove_temporaries(directory: str) -> int:
-    """Delete the temporary files (``.{name}.{uuid}.tmp``) an interrupted write left directly in a
-    directory; returns how many. Only for a directory no one else writes (a run holding its lease)."""
-    fs, root = filesystem(directory)
-    fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return 0
-    found = [p for p in fs.ls(root, detail=False)
-             if posixpath.basename(p).startswith(".") and posixpath.basename(p).endswith(".tmp")]
-    for path in found:
-        fs.rm(path)
-    return len(found)
-
-
-def exists(path: str) -> bool:
-    """Whether a file or directory exists at a local path or URL."""
-    fs, p = filesystem(path)
-    return fs.exists(p)
-
-
-def read_text(path: str) -> str:
-    """A small text file's content."""
-    fs, p = filesystem(path)
-    with fs.open(p, "r") as f:
-        return f.read()
-
-
-def read_json(path: str) -> dict | list | None:
-    """A small JSON file, or None when it is absent or unreadable (e.g. partly written)."""
-    try:
-        return json.loads(read_text(path)) if exists(path) else None
-    except (ValueError, OSError):
-        return None
-
-
-def remove(path: str) -> None:
-    """Delete a file if it exists."""
-    fs, p = filesystem(path)
-    if fs.exists(p):
-        fs.rm(p)
-
-
-VERSION_KEYS = ("ETag", "etag", "LastModified", "mtime", "last_modified")
-
-
-def file_version(path: str) -> dict:
-    """What tells one version of a file from another without reading it: ``{"size", "stamp"}``,
-    the stamp being the object's ETag on S3 (its content digest) or the modification time on disk."""
-    fs, p = filesystem(path)
-    info = fs.info(p)
-    stamp = next((info[k] for k in VERSION_KEYS if k in info), "")
-    return {"size": int(info.get("size") or 0), "stamp": str(stamp).strip('"')}
 
 
 def listing_fingerprint(files: dict[str, dict]) -> str:
@@ -374,52 +168,254 @@ def directory_fingerprint(path: str, sample_bytes: int = 4 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def localize(path: str, only: tuple[str, ...] | None = None, flat: bool = False) -> str:
-    """A local directory with the content of ``path``: the path itself when local, else a copy
-    in ``storage.cache_dir``, downloaded once per node (replicas on a node share it). The copy
-    is keyed by the URL and the remote listing, so a model or index replaced at the same URL
-    is downloaded again. ``only``: copy just the files with these names (e.g. a model's
-    tokenizer files, not its weights). ``flat``: only the files directly in ``path``, none of
-    its subdirectories (an index version of the old layout, beside newer versions)."""
-    if not is_remote(path):
-        return path
-    fs, remote = filesystem(path)
-    if not fs.exists(remote):
-        raise FileNotFoundError(f"not found: {path}")
-    found = fs.find(remote, maxdepth=1, detail=True) if flat else fs.find(remote, detail=True)
-    files = {name: info for name, info in found.items()
-             if only is None or posixpath.basename(name) in only}
-    key = hashlib.sha256(f"{path}\n{only}\n{listing_fingerprint(files)}".encode()).hexdigest()[:16]
-    dest = Path(_storage.cache_dir) / key
-    if (dest / ".complete").exists():
+class Storage:
+    """The filesystems of one job: local paths, and ``s3://`` URLs through s3fs with the options
+    of its ``storage`` config; remote models and indexes are copied to its ``cache_dir``.
+
+    It keeps only the config (a filesystem is made when a path needs it), so it pickles small
+    and travels to Ray workers; two made from equal configs are equal (and hash alike)."""
+
+    def __init__(self, config: StorageConfig | None = None):
+        self.config = config if config is not None else StorageConfig()
+        self._key = json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Storage) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.config!r})"
+
+    @property
+    def cache_dir(self) -> str:
+        """This node's cache directory (``storage.cache_dir``)."""
+        return self.config.cache_dir
+
+    def filesystem(self, path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem for a path or URL, and the path within it."""
+        if path.startswith(("s3://", "s3a://")):
+            storage = self.config
+            options = dict(storage.s3_options)
+            client_kwargs = dict(options.pop("client_kwargs", {}))
+            if storage.region:
+                client_kwargs["region_name"] = storage.region
+            fs = fsspec.filesystem("s3", anon=storage.anonymous, endpoint_url=storage.endpoint_url,
+                                   client_kwargs=client_kwargs, **options)
+            return fs, fs._strip_protocol(path)
+        return fsspec.core.url_to_fs(path)
+
+    def input_location(self, given: str) -> str:
+        """The canonical location an input path covers: a directory itself, a file's directory,
+        a glob's directory part before its first wildcard."""
+        fs, path = self.filesystem(given)
+        for i, ch in enumerate(given):
+            if ch in GLOB_CHARS:
+                return location(posixpath.dirname(given[:i]) or ".")
+        try:
+            is_dir = fs.isdir(path)
+        except Exception:  # noqa: BLE001 - unreachable: treat it as a directory (the stricter reading)
+            is_dir = True
+        return location(given if is_dir else posixpath.dirname(given.rstrip("/")) or ".")
+
+    def list_shards(self, paths: list[str]) -> list[str]:
+        """Expand directories (the ``*.parquet`` files below them, any case, metadata files
+        starting with ``.`` or ``_`` left out), globs (metadata left out) and files into a
+        sorted list of shards.
+
+        Raises InputError naming the path when a path matches nothing or cannot be listed.
+        """
+        shards: list[str] = []
+        for given in paths:
+            try:
+                fs, path = self.filesystem(given)
+                if any(ch in path for ch in GLOB_CHARS):
+                    fixed = posixpath.dirname(path[:min(path.index(ch) for ch in GLOB_CHARS if ch in path)])
+                    found = sorted(p for p, info in fs.glob(path, detail=True).items()
+                                   if info.get("type") != "directory" and not is_metadata(_below(p, fixed)))
+                elif fs.isdir(path):
+                    found = sorted(p for p in fs.find(path) if is_parquet_name(p) and not is_metadata(_below(p, path)))
+                elif fs.exists(path):
+                    found = [path]
+                else:
+                    raise InputError(f"input path does not exist: {given}")
+            except InputError:
+                raise
+            except Exception as exc:  # permissions, endpoint, credentials: one clear line
+                raise InputError(f"cannot list input path {given}: {type(exc).__name__}: {exc}") from None
+            if not found:
+                raise InputError(f"no Parquet shards found at {given}")
+            shards.extend(_with_protocol(fs, p) for p in found)
+        if len(set(shards)) != len(shards):
+            raise InputError("an input shard is listed more than once")
+        return shards
+
+    def read_footer(self, shard: str) -> tuple[pa.Schema, int]:
+        """A Parquet shard's Arrow schema and row count (footer only); InputError naming the shard
+        if it is not readable Parquet."""
+        try:
+            fs, path = self.filesystem(shard)
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                return parquet.schema_arrow, parquet.metadata.num_rows
+        except Exception as exc:
+            raise InputError(f"cannot read Parquet shard {shard}: {type(exc).__name__}: {exc}") from None
+
+    def read_table(self, shard: str) -> pa.Table:
+        """A whole Parquet shard as one table."""
+        fs, path = self.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    def read_columns(self, shard: str, names: tuple[str, ...] | list[str]) -> pa.Table:
+        """The columns of ``names`` that a Parquet shard has (only those are read)."""
+        fs, path = self.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            return parquet.read(columns=[n for n in names if n in parquet.schema_arrow.names])
+
+    def read_column(self, shard: str, name: str) -> pa.ChunkedArray:
+        """One column of a Parquet shard (only that column is read)."""
+        fs, path = self.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=[name]).column(name)
+
+    def write_parquet_atomic(self, table: pa.Table, dest: str) -> None:
+        """Write a Parquet file under a temporary name, then rename it into place.
+
+        Readers never see a partial file at ``dest``.
+        """
+        fs, path = self.filesystem(dest)
+        make_parent(fs, path)
+        with replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+
+    def write_text(self, dest: str, text: str) -> None:
+        """Write a small text file (config, manifest, marker) under a temporary name, then rename it."""
+        fs, path = self.filesystem(dest)
+        make_parent(fs, path)
+        with replacing(fs, path) as tmp, fs.open(tmp, "w") as f:
+            f.write(text)
+
+    def check_writable(self, path: str) -> None:
+        """Raise (naming the path) unless an output location can be written: for s3://, the bucket
+        must exist (it is never created); locally, the directory is created and a probe file
+        written and removed, and the directories that did not exist before are removed again."""
+        fs, p = self.filesystem(path)
+        if _is_local(fs):
+            target = Path(p).absolute()
+            created, existing = [], target
+            while not existing.exists():
+                created.append(existing)
+                existing = existing.parent
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a directory")
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                probe = target / f".selfrag-probe-{uuid.uuid4().hex}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            finally:
+                for directory in created:  # deepest first
+                    try:
+                        directory.rmdir()
+                    except OSError:
+                        pass
+            return
+        bucket = p.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket does not exist: {path.split('://', 1)[0]}://{bucket}")
+
+    def remove_temporaries(self, directory: str) -> int:
+        """Delete the temporary files (``.{name}.{uuid}.tmp``) an interrupted write left directly in a
+        directory; returns how many. Only for a directory no one else writes (a run holding its lease)."""
+        fs, root = self.filesystem(directory)
+        fs.invalidate_cache(root)
+        if not fs.exists(root):
+            return 0
+        found = [p for p in fs.ls(root, detail=False)
+                 if posixpath.basename(p).startswith(".") and posixpath.basename(p).endswith(".tmp")]
+        for path in found:
+            fs.rm(path)
+        return len(found)
+
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory exists at a local path or URL."""
+        fs, p = self.filesystem(path)
+        return fs.exists(p)
+
+    def read_text(self, path: str) -> str:
+        """A small text file's content."""
+        fs, p = self.filesystem(path)
+        with fs.open(p, "r") as f:
+            return f.read()
+
+    def read_json(self, path: str) -> dict | list | None:
+        """A small JSON file, or None when it is absent or unreadable (e.g. partly written)."""
+        try:
+            return json.loads(self.read_text(path)) if self.exists(path) else None
+        except (ValueError, OSError):
+            return None
+
+    def remove(self, path: str) -> None:
+        """Delete a file if it exists."""
+        fs, p = self.filesystem(path)
+        if fs.exists(p):
+            fs.rm(p)
+
+    def file_version(self, path: str) -> dict:
+        """What tells one version of a file from another without reading it: ``{"size", "stamp"}``,
+        the stamp being the object's ETag on S3 (its content digest) or the modification time on disk."""
+        fs, p = self.filesystem(path)
+        info = fs.info(p)
+        stamp = next((info[k] for k in VERSION_KEYS if k in info), "")
+        return {"size": int(info.get("size") or 0), "stamp": str(stamp).strip('"')}
+
+    def localize(self, path: str, only: tuple[str, ...] | None = None, flat: bool = False) -> str:
+        """A local directory with the content of ``path``: the path itself when local, else a copy
+        in ``cache_dir``, downloaded once per node (replicas on a node share it). The copy is
+        keyed by the URL and the remote listing, so a model or index replaced at the same URL
+        is downloaded again. ``only``: copy just the files with these names (e.g. a model's
+        tokenizer files, not its weights). ``flat``: only the files directly in ``path``, none of
+        its subdirectories (an index version of the old layout, beside newer versions)."""
+        if not is_remote(path):
+            return path
+        fs, remote = self.filesystem(path)
+        if not fs.exists(remote):
+            raise FileNotFoundError(f"not found: {path}")
+        found = fs.find(remote, maxdepth=1, detail=True) if flat else fs.find(remote, detail=True)
+        files = {name: info for name, info in found.items()
+                 if only is None or posixpath.basename(name) in only}
+        key = hashlib.sha256(f"{path}\n{only}\n{listing_fingerprint(files)}".encode()).hexdigest()[:16]
+        dest = Path(self.cache_dir) / key
+        if (dest / ".complete").exists():
+            return str(dest)
+        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
+        tmp.mkdir(parents=True)
+        root = remote.rstrip("/") + "/"
+        for name in files:
+            target = tmp / name[len(root):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(name, str(target))
+        (tmp / ".complete").write_text(path)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another replica finished first
+            shutil.rmtree(tmp, ignore_errors=True)
         return str(dest)
-    tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir(parents=True)
-    root = remote.rstrip("/") + "/"
-    for name in files:
-        target = tmp / name[len(root):]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(name, str(target))
-    (tmp / ".complete").write_text(path)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another replica finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
 
+    def upload_dir(self, local: str, dest: str) -> None:
+        """Copy a local directory's files to ``dest`` (a URL or local path)."""
+        fs, remote = self.filesystem(dest)
+        for name in sorted(os.listdir(local)):
+            fs.put(os.path.join(local, name), posixpath.join(remote, name))
 
-def upload_dir(local: str, dest: str) -> None:
-    """Copy a local directory's files to ``dest`` (a URL or local path)."""
-    fs, remote = filesystem(dest)
-    for name in sorted(os.listdir(local)):
-        fs.put(os.path.join(local, name), posixpath.join(remote, name))
-
-
-def sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes (a corpus fingerprint)."""
-    fs, p = filesystem(path)
-    digest = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def sha256(self, path: str) -> str:
+        """Hex SHA-256 of a file's bytes (a corpus fingerprint)."""
+        fs, p = self.filesystem(path)
+        digest = hashlib.sha256()
+        with fs.open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()

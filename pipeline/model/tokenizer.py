@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..infra import io
+from ..infra.io import Storage, is_remote
 from ..selfrag.prompts import PromptTokens
 from ..selfrag.tokens import ReflectionIds
 
@@ -30,11 +30,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(model: str):
-    """The model's Hugging Face tokenizer (a remote model: its tokenizer files only, cached per node)."""
+def load_tokenizer(storage: Storage, model: str):
+    """The model's Hugging Face tokenizer (a remote model: its tokenizer files only, copied once
+    per node by ``storage``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(io.localize(model, only=TOKENIZER_FILES))
+    return AutoTokenizer.from_pretrained(storage.localize(model, only=TOKENIZER_FILES))
 
 
 def reflection_ids(tokenizer) -> ReflectionIds:
@@ -79,17 +80,17 @@ class TokenizerSpec:
         return ReflectionIds.from_lookup(dict(self.special).get)
 
 
-def tokenizer_spec(model: str) -> TokenizerSpec:
+def tokenizer_spec(storage: Storage, model: str) -> TokenizerSpec:
     """The spec of a model's tokenizer. Built from the Hugging Face tokenizer (importing
     ``transformers`` and loading it cost seconds), then kept in ``storage.cache_dir`` under a
     digest of the tokenizer's files and the ``transformers`` version: a later driver on this
     machine reads it back in milliseconds. MissingReflectionTokens when the tokenizer lacks one."""
-    cached = _spec_cache_file(model)
+    cached = _spec_cache_file(storage, model)
     if cached is not None and cached.exists():
         data = json.loads(cached.read_text())
         return TokenizerSpec(model=model, backend=data["backend"], bos=tuple(data["bos"]),
                              special=tuple((token, i) for token, i in data["special"]))
-    tok = load_tokenizer(model)
+    tok = load_tokenizer(storage, model)
     backend = getattr(tok, "_tokenizer", None)
     special = dict(reflection_ids(tok).by_token)
     if tok.eos_token is not None:
@@ -104,25 +105,27 @@ def tokenizer_spec(model: str) -> TokenizerSpec:
     return spec
 
 
-def _spec_cache_file(model: str) -> Path | None:
+def _spec_cache_file(storage: Storage, model: str) -> Path | None:
     """Where the spec of ``model``'s tokenizer is cached; None for a hub id (no files to digest)."""
-    if not io.is_remote(model) and not os.path.isdir(model):
+    if not is_remote(model) and not os.path.isdir(model):
         return None
-    local = Path(io.localize(model, only=TOKENIZER_FILES))
+    local = Path(storage.localize(model, only=TOKENIZER_FILES))
     digest = hashlib.sha256(f"transformers {metadata.version('transformers')}\n".encode())
     for name in TOKENIZER_FILES:
         if (local / name).is_file():
             digest.update(f"{name}\n".encode() + (local / name).read_bytes())
-    return Path(io.cache_dir()) / "tokenizer-specs" / f"{digest.hexdigest()[:24]}.json"
+    return Path(storage.cache_dir) / "tokenizer-specs" / f"{digest.hexdigest()[:24]}.json"
 
 
 @lru_cache(maxsize=4)
-def spec_tokens(spec: TokenizerSpec) -> tuple[PromptTokens, ReflectionIds, Callable[[Sequence[int]], str]]:
+def spec_tokens(storage: Storage,
+                spec: TokenizerSpec) -> tuple[PromptTokens, ReflectionIds, Callable[[Sequence[int]], str]]:
     """(prompt builder, reflection ids, decode with special tokens kept) from a spec, built once
-    per process; with the ``tokenizers`` library only, unless the tokenizer has no fast backend."""
+    per process; with the ``tokenizers`` library only, unless the tokenizer has no fast backend
+    (then the model's Hugging Face tokenizer, read with ``storage``)."""
     ids = spec.ids
     if spec.backend is None:
-        tok = load_tokenizer(spec.model)
+        tok = load_tokenizer(storage, spec.model)
         return prompt_tokens(tok), ids, lambda token_ids: tok.decode(token_ids, skip_special_tokens=False)
     from tokenizers import Tokenizer
 
@@ -137,6 +140,6 @@ def spec_tokens(spec: TokenizerSpec) -> tuple[PromptTokens, ReflectionIds, Calla
     return tokens, ids, lambda token_ids: backend.decode(list(token_ids), skip_special_tokens=False)
 
 
-def model_prompt_tokens(model: str) -> PromptTokens:
+def model_prompt_tokens(storage: Storage, model: str) -> PromptTokens:
     """The prompt builder of a model (loads its Hugging Face tokenizer; for tests and benchmarks)."""
-    return spec_tokens(tokenizer_spec(model))[0]
+    return spec_tokens(storage, tokenizer_spec(storage, model))[0]

@@ -15,8 +15,8 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from ..infra import io
 from ..infra.config import Config
+from ..infra.io import Storage, directory_fingerprint, is_remote, listing_fingerprint
 from ..retrieval.index import read_meta
 
 #: ``engine.extra`` keys that only change speed or memory, never a generated token.
@@ -27,15 +27,15 @@ THROUGHPUT_ONLY = frozenset({
 })
 
 
-def model_fingerprint(model: str, revision: str | None = None) -> str:
+def model_fingerprint(storage: Storage, model: str, revision: str | None = None) -> str:
     """``local:<digest>`` of a model directory's files (names, sizes, content), ``<url>:<digest>``
     of a remote directory's listing (ETags), or ``hub:<id>@<revision>`` of a Hugging Face id,
     with the revision resolved to a commit when the local hub cache has it."""
-    if io.is_remote(model):
-        fs, path = io.filesystem(model)
-        return f"remote:{io.listing_fingerprint(fs.find(path, detail=True))}"
-    if io.exists(model):
-        return f"local:{io.directory_fingerprint(model)}"
+    if is_remote(model):
+        fs, path = storage.filesystem(model)
+        return f"remote:{listing_fingerprint(fs.find(path, detail=True))}"
+    if storage.exists(model):
+        return f"local:{directory_fingerprint(model)}"
     return f"hub:{model}@{hub_commit(model, revision) or revision or 'main'}"
 
 
@@ -50,21 +50,21 @@ def hub_commit(model: str, revision: str | None) -> str | None:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def index_fingerprint(index_dir: str) -> str:
+def index_fingerprint(storage: Storage, index_dir: str) -> str:
     """A digest of the index version's ``meta.json`` (it records the corpus digest, encoder,
     build and version name). ``index_dir`` is the exact version (``preflight.ensure_index``
     resolves a location once): never a pointer that may move while the run searches."""
-    meta = read_meta(index_dir)
+    meta = read_meta(storage, index_dir)
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def annotation_identity(cfg: Config) -> dict:
+def annotation_identity(cfg: Config, storage: Storage) -> dict:
     """Everything that decides the annotations, as plain data (reads the model's files and the
-    index's meta.json; call it once, in the driver)."""
+    index's meta.json with ``storage``; call it once, in the driver)."""
     e, r, i = cfg.engine, cfg.retrieval, cfg.input
     extra = {k: v for k, v in sorted(e.extra.items()) if k not in THROUGHPUT_ONLY}
     identity = {
-        "model": model_fingerprint(e.model, extra.get("revision")),
+        "model": model_fingerprint(storage, e.model, extra.get("revision")),
         "engine": {"dtype": e.dtype, "max_model_len": e.max_model_len, "seed": e.seed, "extra": extra},
         "selfrag": asdict(cfg.selfrag),
         "input": {"id_column": i.id_column, "question_column": i.question_column, "input_column": i.input_column,
@@ -75,11 +75,11 @@ def annotation_identity(cfg: Config) -> dict:
         identity["engine"]["simulated"] = True
     if cfg.selfrag.mode != "never":
         identity["retrieval"] = {
-            "index": index_fingerprint(r.index_dir), "encoder": r.encoder, "pooling": r.pooling,
+            "index": index_fingerprint(storage, r.index_dir), "encoder": r.encoder, "pooling": r.pooling,
             "normalize": r.normalize, "max_length": r.max_length, "nprobe": r.nprobe, "ef_search": r.ef_search,
             "k_factor": r.k_factor,
         }
-        version = read_meta(r.index_dir).get("version")
+        version = read_meta(storage, r.index_dir).get("version")
         if version is not None:  # a versioned index: named (an index of the old layout has no name)
             identity["retrieval"]["index_version"] = version
     return identity

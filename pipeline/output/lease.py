@@ -18,8 +18,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from ..infra.io import filesystem, is_remote, join, replacing
-from .names import LEASE_DIR
+from ..infra.io import join, replacing
+from .folder import OutputFolder
 
 log = logging.getLogger(__name__)
 _RECORD = re.compile(r"^(\d{10})\.json$")
@@ -116,31 +116,32 @@ def _lost_race(exc: Exception) -> bool:
 class Lease:
     """A run's lease on an output location (local or s3://)."""
 
-    def __init__(self, output: str, holder: dict, heartbeat_s: float):
+    def __init__(self, output: OutputFolder, holder: dict, heartbeat_s: float):
         self.output, self.holder = output, holder
-        self._fs, self._root = filesystem(join(output, LEASE_DIR))
+        self._fs, self._root = output.storage.filesystem(output.lease_dir)
         self._path = join(self._root, f"{holder['generation']:010d}.json")
         self._lost, self._stop, self._lock = False, threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._beat_loop, args=(heartbeat_s,), daemon=True,
                                         name=f"lease-heartbeat-{holder['run_id']}")
 
     @classmethod
-    def acquire(cls, output: str, run_id: str, stale_after_s: float = 600.0, heartbeat_s: float = 30.0) -> "Lease":
-        """Take the lease or raise LeaseHeld. Starts a daemon heartbeat thread."""
-        fs, root = filesystem(join(output, LEASE_DIR))
+    def acquire(cls, output: OutputFolder, run_id: str, stale_after_s: float = 600.0,
+                heartbeat_s: float = 30.0) -> "Lease":
+        """Take the lease on ``output`` or raise LeaseHeld. Starts a daemon heartbeat thread."""
+        fs, root = output.storage.filesystem(output.lease_dir)
         generations = _generations(fs, root)
         current = generations[-1] if generations else 0
         if current:
             record = _read_settled(fs, join(root, f"{current:010d}.json"))
             if not _takeable(record, stale_after_s):
-                raise LeaseHeld(output, record, stale_after_s)
+                raise LeaseHeld(output.path, record, stale_after_s)
         now = time.time()
         holder = {"owner": _user(), "host": socket.gethostname(), "pid": os.getpid(),
                   "pid_namespace": process_namespace(), "run_id": run_id,
                   "started_at": datetime.fromtimestamp(now, timezone.utc).isoformat(), "heartbeat_at": now,
                   "released": False, "generation": current + 1}
         path = join(root, f"{current + 1:010d}.json")
-        if not is_remote(output):
+        if not output.is_remote:
             fs.makedirs(root, exist_ok=True)
         try:
             with fs.open(path, "xb") as f:
@@ -148,7 +149,7 @@ class Lease:
         except Exception as exc:
             if not _lost_race(exc):
                 raise
-            raise LeaseHeld(output, _read_settled(fs, path), stale_after_s) from None  # another run won
+            raise LeaseHeld(output.path, _read_settled(fs, path), stale_after_s) from None  # another run won
         for old in generations:
             if old < current + 1 - 2:
                 try:
@@ -176,7 +177,7 @@ class Lease:
                     self._write()
                 except Exception:  # noqa: BLE001 - release runs on the way out; the lease goes stale anyway
                     log.warning("could not mark the lease on %s released; it can be taken once stale",
-                                self.output, exc_info=True)
+                                self.output.path, exc_info=True)
         self._thread.join(timeout=5)
 
     def _beat_loop(self, heartbeat_s: float) -> None:
@@ -189,7 +190,7 @@ class Lease:
                     if max(_generations(self._fs, self._root), default=0) > self.holder["generation"]:
                         # said before it is set: whoever sees ``lost`` also finds the reason in the log
                         log.error("lease on %s was taken over by another run; this run (%s) no longer holds it",
-                                  self.output, self.holder["run_id"])
+                                  self.output.path, self.holder["run_id"])
                         self._lost = True
                         return
                     self.holder["heartbeat_at"] = time.time()
@@ -198,12 +199,12 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - a failed heartbeat must not kill the run; the next one retries
                 failed += 1  # one console warning per spell of failures (a full disk fails every beat)
                 (log.warning if failed == 1 else log.info)(
-                    "lease heartbeat for %s failed (%s: %s); retrying every %g s", self.output, type(exc).__name__,
+                    "lease heartbeat for %s failed (%s: %s); retrying every %g s", self.output.path, type(exc).__name__,
                     exc, heartbeat_s, exc_info=failed > 1)
 
     def _write(self) -> None:
         data = json.dumps(self.holder).encode()
-        if is_remote(self.output):  # an S3 PUT replaces the object atomically
+        if self.output.is_remote:  # an S3 PUT replaces the object atomically
             self._fs.pipe_file(self._path, data)
             return
         with replacing(self._fs, self._path) as tmp, self._fs.open(tmp, "wb") as f:

@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 
-from ..infra import io
 from ..infra.console import printable
-from .names import LOGS_DIR
+from ..infra.io import make_parent, replacing
+from .folder import OutputFolder
 
 #: Top-level packages whose warnings the console shows.
 OWN = ("pipeline", "jobs", "__main__")
@@ -160,7 +160,7 @@ class RunLog:
                 root.addHandler(handler)
             self._saved_root = None
 
-    def close(self, output: str | None, run_id: str | None = None) -> str | None:
+    def close(self, output: OutputFolder | None, run_id: str | None = None) -> str | None:
         """Restore logging and standard error, and copy the log to ``{output}/_logs/``; returns
         its location there (None when there is no output or the copy failed, with a warning)."""
         global _active
@@ -171,11 +171,11 @@ class RunLog:
             os.remove(self.path)
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = io.child(output, LOGS_DIR, f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
+        dest = output.log_file(f"run-{stamp}-{run_id}.log" if run_id else f"run-{stamp}.log")
         try:
-            fs, path = io.filesystem(dest)
-            io.make_parent(fs, path)
-            with io.replacing(fs, path) as tmp:  # no partial log when the disk is full
+            fs, path = output.storage.filesystem(dest)
+            make_parent(fs, path)
+            with replacing(fs, path) as tmp:  # no partial log when the disk is full
                 fs.put_file(self.path, tmp)
         except Exception as exc:  # noqa: BLE001 - the run's outcome does not depend on its log
             print(f"warning: the run log stays at {self.path} ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -12,12 +12,11 @@ Parts are written atomically and carry the bookkeeping columns, so a later run (
 knows which offsets are staged and annotates only the others. ``_input.json`` beside them
 records the version of the input shard they annotate; a resume discards staged rows of a
 shard replaced since (``discard_if_changed``). A committed shard's success marker is
-``marker_path`` (under ``{output}/_done/``).
+``OutputFolder.marker`` (under ``{output}/_done/``).
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import uuid
@@ -28,26 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..infra import io
-from . import names
+from ..infra.io import join
+from .folder import OutputFolder
 from .schema import OFFSET
 
-STAGING_DIR = names.STAGING_DIR
-VERSION_FILE = "_input.json"
-#: Where the success markers of committed shards live (``{output}/_done/``).
-DONE_DIR = names.DONE_DIR
 _WIDTH_RE = re.compile(r"^b\d{7}-w(\d+)-")
-
-
-def marker_path(output: str, shard: str) -> str:
-    """The success marker of a shard's output: written only after its data file is complete
-    (and before its staged parts are dropped)."""
-    return io.child(output, DONE_DIR, f"{io.shard_stem(shard)}.json")
-
-
-def shard_dir(output: str, annotation_hash: str, shard: str) -> str:
-    """Where a shard's staged parts live."""
-    return io.child(output, STAGING_DIR, annotation_hash, io.shard_stem(shard))
 
 
 def part_name(bucket: int, stage_rows: int) -> str:
@@ -62,9 +46,9 @@ def part_width(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_parts(output: str, annotation_hash: str, shard: str) -> dict[int, list[str]]:
+def list_parts(output: OutputFolder, annotation_hash: str, shard: str) -> dict[int, list[str]]:
     """The shard's staged parts by bucket (temporary files of unfinished writes left out)."""
-    fs, root = io.filesystem(shard_dir(output, annotation_hash, shard))
+    fs, root = output.storage.filesystem(output.staged_shard_dir(annotation_hash, shard))
     fs.invalidate_cache(root)
     if not fs.exists(root):
         return {}
@@ -76,34 +60,35 @@ def list_parts(output: str, annotation_hash: str, shard: str) -> dict[int, list[
     return dict(parts)
 
 
-def read_part(output: str, path: str, columns: list[str] | None = None) -> pa.Table:
+def read_part(output: OutputFolder, path: str, columns: list[str] | None = None) -> pa.Table:
     """One staged part (``path`` as ``list_parts`` gives it, on the output's filesystem)."""
-    fs, _ = io.filesystem(output)
+    fs, _ = output.storage.filesystem(output.path)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
-def staged_offsets(output: str, annotation_hash: str, shard: str) -> np.ndarray:
+def staged_offsets(output: OutputFolder, annotation_hash: str, shard: str) -> np.ndarray:
     """The input offsets of a shard already staged (sorted, unique)."""
     found = [read_part(output, p, [OFFSET]).column(OFFSET).to_numpy()
              for paths in list_parts(output, annotation_hash, shard).values() for p in paths]
     return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
-def stage(rows: pa.Table, output: str, annotation_hash: str, shard: str, stage_rows: int) -> None:
+def stage(rows: pa.Table, output: OutputFolder, annotation_hash: str, shard: str, stage_rows: int) -> None:
     """Write a shard's rows as staged parts, one per bucket they fall in."""
     buckets = pc.divide(rows.column(OFFSET), stage_rows)
     for bucket in pc.unique(buckets).to_pylist():
         part = rows.filter(pc.equal(buckets, bucket))
-        io.write_parquet_atomic(part, io.join(shard_dir(output, annotation_hash, shard), part_name(bucket, stage_rows)))
+        output.storage.write_parquet_atomic(
+            part, join(output.staged_shard_dir(annotation_hash, shard), part_name(bucket, stage_rows)))
 
 
-def rebucket(output: str, annotation_hash: str, shard: str, stage_rows: int) -> int:
+def rebucket(output: OutputFolder, annotation_hash: str, shard: str, stage_rows: int) -> int:
     """Re-cut the shard's parts staged with another ``stage_rows`` into this one's buckets (one
     part in memory at a time; each new part is written before the old one is deleted, and a
     row found twice counts once at the commit). A part named before widths were recorded is
     re-cut only if its offsets leave its bucket. Returns the number of parts re-cut."""
-    fs, _ = io.filesystem(output)
+    fs, _ = output.storage.filesystem(output.path)
     recut = 0
     for bucket, paths in list_parts(output, annotation_hash, shard).items():
         for path in paths:
@@ -120,24 +105,24 @@ def rebucket(output: str, annotation_hash: str, shard: str, stage_rows: int) -> 
     return recut
 
 
-def record_version(output: str, annotation_hash: str, shard: str, version: dict) -> None:
-    """Record which version of the input shard (``io.file_version``) the staged rows annotate."""
-    io.write_text(io.join(shard_dir(output, annotation_hash, shard), VERSION_FILE), json.dumps(version))
+def record_version(output: OutputFolder, annotation_hash: str, shard: str, version: dict) -> None:
+    """Record which version of the input shard (``Storage.file_version``) the staged rows annotate."""
+    output.write_json(output.staged_version(annotation_hash, shard), version)
 
 
-def discard_if_changed(output: str, annotation_hash: str, shard: str, version: dict | None) -> bool:
+def discard_if_changed(output: OutputFolder, annotation_hash: str, shard: str, version: dict | None) -> bool:
     """Delete the shard's staged rows unless they annotate this ``version`` of it (staged rows
     with no recorded version are deleted too); returns whether any were deleted."""
     if not list_parts(output, annotation_hash, shard):
         return False
-    recorded = io.read_json(io.join(shard_dir(output, annotation_hash, shard), VERSION_FILE))
+    recorded = output.read_json(output.staged_version(annotation_hash, shard))
     if recorded is not None and recorded == version:
         return False
     remove_shard(output, annotation_hash, shard)
     return True
 
 
-def bucket_rows(output: str, paths: list[str], held: list[pa.Table]) -> pa.Table | None:
+def bucket_rows(output: OutputFolder, paths: list[str], held: list[pa.Table]) -> pa.Table | None:
     """A bucket's rows, from its staged parts and the rows still held in memory, in input order,
     each offset once (a row staged twice, by a retried task, counts once)."""
     tables = [read_part(output, p) for p in paths] + held
@@ -151,17 +136,17 @@ def bucket_rows(output: str, paths: list[str], held: list[pa.Table]) -> pa.Table
     return rows
 
 
-def remove_shard(output: str, annotation_hash: str, shard: str) -> None:
+def remove_shard(output: OutputFolder, annotation_hash: str, shard: str) -> None:
     """Delete a committed shard's staged parts."""
-    fs, root = io.filesystem(shard_dir(output, annotation_hash, shard))
+    fs, root = output.storage.filesystem(output.staged_shard_dir(annotation_hash, shard))
     if fs.exists(root):
         fs.rm(root, recursive=True)
 
 
-def remove_other_identities(output: str, annotation_hash: str | None) -> list[str]:
+def remove_other_identities(output: OutputFolder, annotation_hash: str | None) -> list[str]:
     """Delete staged rows of any other annotation identity (they can never be committed: a
     resume needs the same identity); ``None``: delete all. Returns the hashes removed."""
-    fs, root = io.filesystem(io.join(output, STAGING_DIR))
+    fs, root = output.storage.filesystem(output.staging_dir)
     fs.invalidate_cache(root)
     if not fs.exists(root):
         return []

@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from ..infra import io
+from ..infra.io import Storage
 
 CORPUS_COLUMNS = ("id", "title", "text")
 
@@ -37,10 +37,10 @@ def normalize(table: pa.Table, source: str = "corpus") -> pa.Table:
                      "title": pc.cast(title, pa.string()), "text": pc.cast(table.column("text"), pa.string())})
 
 
-def read_corpus(path: str) -> pa.Table:
+def read_corpus(storage: Storage, path: str) -> pa.Table:
     """A whole corpus file as one table (for corpora that fit in memory)."""
     fmt = corpus_format(path)
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         if fmt == "parquet":
             table = pq.read_table(f)
@@ -52,11 +52,11 @@ def read_corpus(path: str) -> pa.Table:
     return normalize(table, path)
 
 
-def iter_corpus(path: str, batch_rows: int = 65536) -> Iterator[pa.Table]:
+def iter_corpus(storage: Storage, path: str, batch_rows: int = 65536) -> Iterator[pa.Table]:
     """The corpus as a stream of (id, title, text) tables, in corpus order: memory is bounded by
     a read block, not by the corpus (a Wikipedia TSV of 21M passages never sits in memory)."""
     fmt = corpus_format(path)
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         if fmt == "parquet":
             parquet = pq.ParquetFile(f)
@@ -72,13 +72,13 @@ def iter_corpus(path: str, batch_rows: int = 65536) -> Iterator[pa.Table]:
             yield normalize(pa.Table.from_batches([batch]), path)
 
 
-def corpus_dataset(path: str):
+def corpus_dataset(storage: Storage, path: str):
     """The corpus as a Ray dataset of (id, title, text), in file order."""
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fmt = corpus_format(path)
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     arrow_fs = PyFileSystem(FSSpecHandler(fs))
     if fmt == "parquet":
         ds = ray.data.read_parquet(p, filesystem=arrow_fs)

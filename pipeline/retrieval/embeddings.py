@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..infra import io
 from ..infra.config import EMBEDDINGS_FORMATS, RetrievalConfig
+from ..infra.io import GLOB_CHARS, InputError, Storage, join
 from .corpus import iter_corpus
 from .encoder import resolve_encoder_path
 from .index import IndexBuilder, corpus_fingerprint
@@ -122,22 +122,22 @@ def natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def list_embedding_files(given: str, fmt: str) -> list[str]:
+def list_embedding_files(storage: Storage, given: str, fmt: str) -> list[str]:
     """The files ``retrieval.embeddings`` names (a glob, a file, or a directory's files), in
     natural order; ValueError naming the key when there are none, or when an npy or parquet
     listing holds a file of another kind."""
-    fs, path = io.filesystem(given)
+    fs, path = storage.filesystem(given)
     pattern = given
-    if not any(ch in path for ch in io.GLOB_CHARS):
+    if not any(ch in path for ch in GLOB_CHARS):
         try:
             is_dir = fs.isdir(path)
         except Exception as exc:  # noqa: BLE001 - permissions, endpoint: one clear line
             raise ValueError(f"retrieval.embeddings: cannot list {given}: {type(exc).__name__}: {exc}") from None
         if is_dir:
-            pattern = io.join(given, "*")
+            pattern = join(given, "*")
     try:
-        files = io.list_shards([pattern])
-    except io.InputError as exc:
+        files = storage.list_shards([pattern])
+    except InputError as exc:
         reason = "matches no files" if "no Parquet shards" in str(exc) else str(exc)
         raise ValueError(f"retrieval.embeddings={given}: {reason}") from None
     suffix = {"npy": ".npy", "parquet": ".parquet"}.get(fmt)
@@ -192,9 +192,9 @@ def _id_list(ids, source: str) -> list[str]:
     return out
 
 
-def read_contriever_pickle(path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
+def read_contriever_pickle(storage: Storage, path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
     """A Contriever pickle ``(ids, embeddings)``, through the restricted unpickler, in chunks."""
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         loaded = restricted_load(f, path)
     if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
@@ -206,10 +206,10 @@ def read_contriever_pickle(path: str, chunk: int) -> Iterator[tuple[list[str] | 
         yield ids[start:start + chunk], vectors[start:start + chunk]
 
 
-def read_npy(path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
+def read_npy(storage: Storage, path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
     """A ``.npy`` float array (n, dim), read ``chunk`` rows at a time (no ids)."""
     fmt = np.lib.format
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         try:
             version = fmt.read_magic(f)
@@ -238,9 +238,9 @@ def read_npy(path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarr
             yield None, np.frombuffer(data, dtype=dtype).reshape(n, dim)
 
 
-def read_parquet(path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
+def read_parquet(storage: Storage, path: str, chunk: int) -> Iterator[tuple[list[str] | None, np.ndarray]]:
     """Parquet with columns ``id`` and ``embedding`` (a list of floats), in chunks."""
-    fs, p = io.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
         try:
             parquet = pq.ParquetFile(f)
@@ -278,8 +278,8 @@ assert set(READERS) == set(EMBEDDINGS_FORMATS)
 class _CorpusCursor:
     """The corpus, taken n passages at a time in corpus order."""
 
-    def __init__(self, path: str):
-        self.batches = iter_corpus(path)
+    def __init__(self, storage: Storage, path: str):
+        self.batches = iter_corpus(storage, path)
         self.pending: list[pa.Table] = []
         self.buffered = 0
 
@@ -301,16 +301,17 @@ class _CorpusCursor:
 
 
 class EmbeddingsImport:
-    """An index build from ``retrieval.embeddings`` and ``retrieval.corpus``. Constructing it
-    lists the files and reads the encoder's dimension (refusing a bad listing before any
-    version directory exists); ``build(out_dir, extra_meta)`` fits ``build_version``."""
+    """An index build from ``retrieval.embeddings`` and ``retrieval.corpus`` (both read with
+    ``storage``). Constructing it lists the files and reads the encoder's dimension (refusing a
+    bad listing before any version directory exists); ``build(out_dir, extra_meta)`` fits
+    ``build_version``."""
 
-    def __init__(self, cfg: RetrievalConfig):
+    def __init__(self, cfg: RetrievalConfig, storage: Storage):
         if cfg.embeddings_format not in READERS:
             raise ValueError(f"retrieval.embeddings_format: {cfg.embeddings_format!r} is not one of "
                              f"{list(EMBEDDINGS_FORMATS)}")
-        self.cfg = cfg
-        self.files = list_embedding_files(cfg.embeddings, cfg.embeddings_format)
+        self.cfg, self.storage = cfg, storage
+        self.files = list_embedding_files(storage, cfg.embeddings, cfg.embeddings_format)
         self.dim = encoder_dim(cfg)
 
     def build(self, out_dir: str, extra_meta: dict | None = None) -> dict:
@@ -319,12 +320,12 @@ class EmbeddingsImport:
         ``add_chunk_size``); ValueError at the first id, count or dimension that does not fit."""
         cfg, start = self.cfg, time.time()
         read = READERS[cfg.embeddings_format]
-        corpus = _CorpusCursor(cfg.corpus)
+        corpus = _CorpusCursor(self.storage, cfg.corpus)
         builder = IndexBuilder(cfg, self.dim, out_dir)
         checked_norms = False
         for path in self.files:
             row = 0
-            for ids, vectors in read(path, cfg.add_chunk_size):
+            for ids, vectors in read(self.storage, path, cfg.add_chunk_size):
                 if vectors.shape[1] != self.dim:
                     raise ValueError(f"{path}: vectors of dimension {vectors.shape[1]}, but retrieval.encoder="
                                      f"{cfg.encoder} gives {self.dim}: name the encoder that produced them")
@@ -358,8 +359,8 @@ class EmbeddingsImport:
         if builder.count == 0:
             raise ValueError(f"retrieval.embeddings={cfg.embeddings} and the corpus {cfg.corpus} hold no passages")
         imported = {"format": cfg.embeddings_format, "files": self.files, "vectors": builder.count}
-        return builder.close({**corpus_fingerprint(cfg.corpus), "imported": imported, **(extra_meta or {}),
-                              "seconds": round(time.time() - start, 2)})
+        return builder.close({**corpus_fingerprint(self.storage, cfg.corpus), "imported": imported,
+                              **(extra_meta or {}), "seconds": round(time.time() - start, 2)})
 
     def _check_norms(self, path: str, vectors: np.ndarray) -> None:
         """Warn when the vectors' norms contradict ``retrieval.normalize`` (queries would be

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from ..infra import io
 from ..infra.config import RetrievalConfig
+from ..infra.io import Storage, child, is_remote, join
 from .corpus import read_corpus
 from .encoder import Encoder
 from .ondisk import OnDiskIVFWriter, ivf_of, training_sample_size
@@ -56,12 +56,12 @@ def passage_texts(table: pa.Table) -> list[str]:
     return [f"{ti or ''} {tx or ''}".strip() for ti, tx in zip(titles, texts)]
 
 
-def index_exists(index_dir: str) -> bool:
+def index_exists(storage: Storage, index_dir: str) -> bool:
     """Whether ``index_dir`` itself holds a complete index (one version; local or s3://): its
     metadata, passage store, and every index file the metadata names."""
-    if not (io.exists(io.join(index_dir, META_FILE)) and io.exists(io.join(index_dir, PASSAGES_FILE))):
+    if not (storage.exists(join(index_dir, META_FILE)) and storage.exists(join(index_dir, PASSAGES_FILE))):
         return False
-    return all(io.exists(io.join(index_dir, f)) for f in index_files(read_meta(index_dir)))
+    return all(storage.exists(join(index_dir, f)) for f in index_files(read_meta(storage, index_dir)))
 
 
 def index_files(meta: dict) -> list[str]:
@@ -70,43 +70,43 @@ def index_files(meta: dict) -> list[str]:
     return list(meta.get("index_files", [INDEX_FILE]))
 
 
-def current_version(location: str) -> str | None:
+def current_version(storage: Storage, location: str) -> str | None:
     """The version name the ``CURRENT`` pointer of an index location holds, or None without one."""
-    pointer = io.join(location, CURRENT_FILE)
-    if not io.exists(pointer):
+    pointer = join(location, CURRENT_FILE)
+    if not storage.exists(pointer):
         return None
-    name = io.read_text(pointer).strip()
+    name = storage.read_text(pointer).strip()
     if not name.startswith(VERSION_PREFIX) or any(ch in name for ch in "/\\\0"):
         raise ValueError(f"{pointer} does not name an index version ({name!r})")
     return name
 
 
-def resolve_index(index_dir: str) -> str | None:
+def resolve_index(storage: Storage, index_dir: str) -> str | None:
     """The exact index version ``index_dir`` names now: the version its ``CURRENT`` points to, or
     ``index_dir`` itself when it holds an index directly (the old layout, or one version named on
     its own); None when it holds none. Resolve once per run (preflight), then read only the
     version returned: ``CURRENT`` may point elsewhere a moment later."""
-    name = current_version(index_dir)
+    name = current_version(storage, index_dir)
     if name is not None:
-        version = io.child(index_dir, name)
-        if not index_exists(version):
-            raise FileNotFoundError(f"{io.join(index_dir, CURRENT_FILE)} names {name}, which is not a complete "
+        version = child(index_dir, name)
+        if not index_exists(storage, version):
+            raise FileNotFoundError(f"{join(index_dir, CURRENT_FILE)} names {name}, which is not a complete "
                                     "index (missing meta.json, passages.arrow or an index file its meta.json names)")
         return version
-    return index_dir if index_exists(index_dir) else None
+    return index_dir if index_exists(storage, index_dir) else None
 
 
-def is_version(index_dir: str) -> bool:
+def is_version(storage: Storage, index_dir: str) -> bool:
     """Whether ``index_dir`` is one version of an index location (built by ``build_version``:
     its ``meta.json`` records its own name). Versions are never built into or rebuilt."""
-    if not io.exists(io.join(index_dir, META_FILE)):
+    if not storage.exists(join(index_dir, META_FILE)):
         return False
-    return read_meta(index_dir).get("version") == index_dir.rstrip("/").rsplit("/", 1)[-1]
+    return read_meta(storage, index_dir).get("version") == index_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
-def check_buildable(location: str) -> None:
+def check_buildable(storage: Storage, location: str) -> None:
     """Refuse (ValueError) to build into one version of an index: only a location gets new versions."""
-    if is_version(location):
+    if is_version(storage, location):
         parent = location.rstrip("/").rsplit("/", 1)[0]
         raise ValueError(f"{location} is one version of the index at {parent}, and a version is never rebuilt "
                          f"(a run may be reading it): build into the location {parent} instead")
@@ -117,7 +117,7 @@ def new_version_name() -> str:
     return f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def build_version(location: str, build: Callable[[str, dict], dict]) -> tuple[str, dict]:
+def build_version(storage: Storage, location: str, build: Callable[[str, dict], dict]) -> tuple[str, dict]:
     """Build a new version of the index at ``location`` and make it the current one; returns
     (the version's directory, its metadata).
 
@@ -126,13 +126,13 @@ def build_version(location: str, build: Callable[[str, dict], dict]) -> tuple[st
     whole under a new name (locally into a hidden directory renamed into place; for s3:// into a
     local temporary directory, then uploaded), and only then does ``CURRENT`` switch to it by
     write-then-rename. No version is modified or deleted: a run reading an earlier one keeps it."""
-    check_buildable(location)
+    check_buildable(storage, location)
     name = new_version_name()
-    version = io.child(location, name)
-    if io.is_remote(location):
+    version = child(location, name)
+    if is_remote(location):
         with tempfile.TemporaryDirectory(prefix="selfrag-index-") as local:
             meta = build(local, {"version": name})
-            io.upload_dir(local, version)
+            storage.upload_dir(local, version)
     else:
         staging = Path(location) / f".{name}.building"
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def build_version(location: str, build: Callable[[str, dict], dict]) -> tuple[st
             os.rename(staging, version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    io.write_text(io.join(location, CURRENT_FILE), name + "\n")
+    storage.write_text(join(location, CURRENT_FILE), name + "\n")
     log.info("index version %s is now current at %s", name, location)
     return version, meta
 
@@ -248,33 +248,35 @@ class IndexBuilder:
         return meta
 
 
-def corpus_fingerprint(path: str) -> dict:
+def corpus_fingerprint(storage: Storage, path: str) -> dict:
     """Where the corpus came from and the SHA-256 of its bytes."""
-    return {"corpus": path, "corpus_sha256": io.sha256(path)}
+    return {"corpus": path, "corpus_sha256": storage.sha256(path)}
 
 
-def build_index_in_process(cfg: RetrievalConfig, out_dir: str, extra_meta: dict | None = None) -> dict:
+def build_index_in_process(cfg: RetrievalConfig, storage: Storage, out_dir: str,
+                           extra_meta: dict | None = None) -> dict:
     """Embed ``cfg.corpus`` in this process and build the index into the local ``out_dir``, which
     holds no index yet (small corpora: the embedded default; large ones use ``jobs.build_index``).
-    A new version of an index location: ``build_version(location, partial(build_index_in_process, cfg))``."""
+    A new version of an index location:
+    ``build_version(storage, location, partial(build_index_in_process, cfg, storage))``."""
     start = time.time()
-    corpus = read_corpus(cfg.corpus)
+    corpus = read_corpus(storage, cfg.corpus)
     encoder = Encoder(cfg)
     builder = IndexBuilder(cfg, encoder.dim, out_dir)
     for chunk in corpus.to_batches(max_chunksize=cfg.add_chunk_size):
         chunk = pa.Table.from_batches([chunk])
         builder.add(chunk, encoder.encode(passage_texts(chunk)))
-    meta = builder.close({**corpus_fingerprint(cfg.corpus), **(extra_meta or {})})
+    meta = builder.close({**corpus_fingerprint(storage, cfg.corpus), **(extra_meta or {})})
     log.info("built index of %d passages in %.1fs at %s", corpus.num_rows, time.time() - start, out_dir)
     return meta
 
 
-def read_meta(index_dir: str) -> dict:
+def read_meta(storage: Storage, index_dir: str) -> dict:
     """The index's metadata; FileNotFoundError naming the path when there is no index."""
-    path = io.join(index_dir, META_FILE)
-    if not io.exists(path):
+    path = join(index_dir, META_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"no retrieval index at {index_dir} (missing {META_FILE})")
-    return json.loads(io.read_text(path))
+    return json.loads(storage.read_text(path))
 
 
 def check_compatible(meta: dict, cfg: RetrievalConfig, dim: int | None = None) -> None:
@@ -308,19 +310,20 @@ class Retriever:
 
     ``exact``: load the index files in ``cfg.index_dir`` itself, the version a run resolved
     (what the retrieval service does: a replica Serve restarts loads the same version again);
-    otherwise ``cfg.index_dir`` may be a location, whose current version is loaded.
+    otherwise ``cfg.index_dir`` may be a location, whose current version is loaded. ``storage``
+    reads it (a remote version is copied to its cache directory).
     ``load_shards=False``: the shards are searched elsewhere (``retrieval.shard_service``), and
     their hits come to ``rank``."""
 
-    def __init__(self, cfg: RetrievalConfig, exact: bool = False, load_shards: bool = True):
-        version = cfg.index_dir if exact else resolve_index(cfg.index_dir)
+    def __init__(self, cfg: RetrievalConfig, storage: Storage, exact: bool = False, load_shards: bool = True):
+        version = cfg.index_dir if exact else resolve_index(storage, cfg.index_dir)
         if version is None:
             raise FileNotFoundError(f"no retrieval index at {cfg.index_dir}")
         self.cfg, self.version = cfg, version
         # remote: copied once per node (without the shards that other deployments search)
         only = None if load_shards else (META_FILE, PASSAGES_FILE, REFINE_FILE)
-        local = Path(io.localize(version, only=only, flat=True))
-        self.meta = meta = read_meta(str(local))
+        local = Path(storage.localize(version, only=only, flat=True))
+        self.meta = meta = read_meta(storage, str(local))
         if (cfg.refine or None) != meta.get("refine"):
             log.warning("retrieval.refine=%s, but the index version %s was built with refine=%s: searches follow "
                         "the version", cfg.refine, version, meta.get("refine"))

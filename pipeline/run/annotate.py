@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 from ..runtime import phase_times
 from ..infra.config import Config
 from ..infra.console import say
-from ..infra.io import join, write_text
+from ..output.folder import MANIFEST_FILE, OutputFolder
 from ..output.lease import Lease
 from ..output.manifest import build_manifest
 from .preflight import preflight
 from .execute import execute
-from ..output.names import MANIFEST_FILE
 from .output import prepare_output
 
 
@@ -28,10 +26,11 @@ def run(cfg: Config) -> dict:
     duplicates = plan.ids["duplicates"]
     if duplicates["rows"]:
         say(f"warning: {duplicates['rows']} row(s) share an id with an earlier row ({duplicates['ids']} id(s), "
-            f"e.g. {duplicates['examples']}); they are annotated all the same and counted in _manifest.json",
+            f"e.g. {duplicates['examples']}); they are annotated all the same and counted in {MANIFEST_FILE}",
             file=sys.stderr)
     run_id = cfg.run_id or plan.annotation_hash
-    lease = Lease.acquire(cfg.output.path, run_id, stale_after_s=cfg.output.lease_stale_after_s,
+    output = plan.output
+    lease = Lease.acquire(output, run_id, stale_after_s=cfg.output.lease_stale_after_s,
                           heartbeat_s=cfg.output.lease_heartbeat_s)
     try:
         prepare_output(cfg, plan)
@@ -44,19 +43,19 @@ def run(cfg: Config) -> dict:
         phase_times.mark("exit")
         manifest = build_manifest(cfg, plan, run_id, written, stages, seconds=time.time() - started,
                                   phases=phase_times.relative())
-        write_text(join(cfg.output.path, MANIFEST_FILE), json.dumps(manifest, indent=2))
+        output.write_json(output.manifest_file, manifest, indent=2)
         if cfg.output.report:
-            report_run(cfg.output.path)
+            report_run(output)
     finally:
         lease.release()
     return manifest
 
 
-def report_run(path: str) -> None:
+def report_run(output: OutputFolder) -> None:
     """Write the output's report.html; a failure costs the report only (one warning line)."""
     from ..report.write import write_report
 
     try:
-        print(f"report: {write_report(path)}", flush=True)
+        print(f"report: {write_report(output)}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the annotations are written; the report is a view of them
         say(f"warning: no report written ({type(exc).__name__}: {exc})", file=sys.stderr)

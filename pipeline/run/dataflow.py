@@ -13,6 +13,7 @@ import pyarrow as pa
 import ray
 
 from ..infra.config import Config, StageConfig
+from ..output.folder import OutputFolder
 from ..services.deploy import Services
 from ..stages.columns import ALL_TYPES
 from ..stages.contract import Contract, check_chain
@@ -60,13 +61,13 @@ def _actor_stage(ds: ray.data.Dataset, cls, stage: StageConfig, cfg: Config, tok
                                            max_tasks_in_flight_per_actor=2 * concurrent))
 
 
-def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id: str, annotation_hash: str,
-                  tokenizer: TokenizerSpec, services: Services,
+def build_dataset(cfg: Config, output: OutputFolder, shards: dict[str, int], schema: pa.Schema, run_id: str,
+                  annotation_hash: str, tokenizer: TokenizerSpec, services: Services,
                   versions: dict[str, dict] | None = None, identity: dict | None = None) -> ray.data.Dataset:
     """The lazy dataset whose rows are one summary per written shard.
 
-    ``shards`` maps each shard to annotate to its row count; ``schema`` is the inputs' unified
-    schema; ``annotation_hash`` names the staged rows to reuse and add to; ``tokenizer`` the
+    ``output`` is the run's output (its storage reads the inputs); ``shards`` maps each shard to
+    annotate to its row count; ``schema`` is the inputs' unified schema; ``annotation_hash`` names the staged rows to reuse and add to; ``tokenizer`` the
     model's tokenizer spec; ``versions`` the input shards' versions and ``identity`` the annotation
     identity of ``annotation_hash``, which the writer records in each shard's marker.
     Raises ContractError if the stages do not chain.
@@ -78,9 +79,8 @@ def build_dataset(cfg: Config, shards: dict[str, int], schema: pa.Schema, run_id
     ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     st = cfg.stages
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    prepare_kwargs = {"cfg": cfg.input, "selfrag": cfg.selfrag, "storage": cfg.storage, "model": cfg.engine.model,
-                      "run_id": run_id, "schema": schema, "tokenizer": tokenizer, "output": cfg.output.path,
-                      "annotation_hash": annotation_hash}
+    prepare_kwargs = {"cfg": cfg.input, "selfrag": cfg.selfrag, "output": output, "model": cfg.engine.model,
+                      "run_id": run_id, "schema": schema, "tokenizer": tokenizer, "annotation_hash": annotation_hash}
     ds = ds.map_batches(prepare_shards, fn_kwargs=prepare_kwargs, batch_size=st.prepare.batch_size,
                         batch_format="pyarrow", num_cpus=st.prepare.num_cpus)
     if cfg.selfrag.mode == "always":

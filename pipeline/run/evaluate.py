@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..infra import io
 from ..infra.config import Config, load_config
+from ..infra.io import Storage
+from ..output.folder import REPORT_FILE, OutputFolder
 from ..evaluation import layouts, log, synthetic
 from ..evaluation.metrics import report_runs
 from ..evaluation.outputs import output_mode, read_output
@@ -74,7 +75,7 @@ def annotate_all(configs: dict[str, Config], resume: bool) -> tuple[dict[str, li
         start = time.time()
         manifest = run(cfg)
         seconds[mode] = round(time.time() - start, 1)
-        runs[mode] = read_output(str(out))
+        runs[mode] = read_output(OutputFolder.of(cfg))
         this = manifest["this_run"]
         log(f"run {n}/{len(configs)} done in {seconds[mode]} s: {len(runs[mode])} rows "
             f"({this['rows']} annotated now), {sum(r['error'] is not None for r in runs[mode])} error rows")
@@ -89,16 +90,17 @@ def evaluate(args) -> dict:
     if args.max_per_kind < 0:
         raise EvalError(f"--max-per-kind {args.max_per_kind}: give 0 (all) or a positive number")
     cfg = load_config(args.config, [*QUIET, *args.overrides])
-    io.configure(cfg.storage)
+    storage = Storage(cfg.storage)
     if args.annotated:
         if args.modes:
             raise EvalError("--modes applies when annotating; --annotated scores existing outputs")
         runs, outputs = {}, {}
         for i, path in enumerate(args.annotated):
-            rows = read_output(path)
-            label = output_mode(path, rows) or f"run{i + 1}"
+            output = OutputFolder(path, storage)
+            rows = read_output(output)
+            label = output_mode(output, rows) or f"run{i + 1}"
             label = label if label not in runs else f"{label}{i + 1}"
-            runs[label], outputs[label] = rows, path
+            runs[label], outputs[label] = rows, output
             log(f"{path}: {len(rows)} rows (label {label})")
         seconds: dict[str, float] = {}
         model = next((r.get("model") for rows in runs.values() for r in rows if r.get("model")), None)
@@ -107,7 +109,7 @@ def evaluate(args) -> dict:
     else:
         args.modes = parse_modes(args.modes or ",".join(MODES))
         if args.queries:
-            loaded = load_queries(args.queries, args.format, args.task)  # every file checked before any write
+            loaded = load_queries(storage, args.queries, args.format, args.task)  # every file checked before any write
             name = args.name or loaded[0][0][: -len(".parquet")]
             root = Path(args.workdir) / name
             paths = [str(root / "queries" / shard) for shard, _ in loaded]
@@ -115,22 +117,22 @@ def evaluate(args) -> dict:
             if not args.resume and (root / "queries").exists():
                 shutil.rmtree(root / "queries")
             for (_, rows), path in zip(loaded, paths):
-                io.write_parquet_atomic(layouts.query_table(rows), path)
+                storage.write_parquet_atomic(layouts.query_table(rows), path)
         else:
             name = args.name or "synthetic"
             root = Path(args.workdir) / name
             suite, inputs = prepare_synthetic(root, args.modes, args.world_seed, args.max_per_kind or None,
                                               args.seed, args.split)
             configs = run_configs(args, inputs, root)
-            write_synthetic(suite, root)
+            write_synthetic(storage, suite, root)
         runs, seconds = annotate_all(configs, args.resume)
-        outputs = {mode: c.output.path for mode, c in configs.items()}
+        outputs = {mode: OutputFolder.of(c) for mode, c in configs.items()}
         model = cfg.engine.model
-    tokens = token_info(model)
+    tokens = token_info(storage, model)
     synthetic_rows = any(r.get("probe") is not None for rows in runs.values() for r in rows)
     if synthetic_rows or (not args.annotated and not args.queries):
         rep = synthetic.report(runs, tokens)
-        rep["gold_in_corpus"] = gold_in_corpus(cfg, [r for rows in runs.values() for r in rows])
+        rep["gold_in_corpus"] = gold_in_corpus(cfg, storage, [r for rows in runs.values() for r in rows])
         print_synthetic(rep, args.modes)
     else:
         rep = report_runs(runs, tokens, closed_metric=args.closed_set_metric)
@@ -142,7 +144,7 @@ def evaluate(args) -> dict:
     out.write_text(json.dumps(rep, indent=2) + "\n")
     print(f"\nreport: {out}", flush=True)
     try:
-        print(f"report: {write_evaluation_report(str(out.parent), rep, outputs)}", flush=True)
+        print(f"report: {write_evaluation_report(OutputFolder(str(out.parent), storage), rep, outputs)}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the figures are written; the page is a view of them
-        print(f"warning: no report.html written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+        print(f"warning: no {REPORT_FILE} written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
     return rep

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-from ..infra import io
 from ..runtime import phase_times, phases
 from ..infra.config import Config
 from ..infra.console import say
@@ -32,9 +31,9 @@ def commit_ready_shard(cfg: Config, plan: Plan, shard: str, run_id: str) -> dict
     from ..stages.write import commit_shard
 
     n = plan.todo[shard]
-    held = None if n else {0: [prepare_table(io.read_table(shard), shard, cfg.input, cfg.engine.model, run_id,
-                                             plan.schema, selfrag=cfg.selfrag)]}
-    return commit_shard(cfg.output.path, plan.annotation_hash, shard, n, held, plan.versions.get(shard),
+    held = None if n else {0: [prepare_table(plan.storage.read_table(shard), shard, cfg.input, cfg.engine.model,
+                                             run_id, plan.schema, selfrag=cfg.selfrag)]}
+    return commit_shard(plan.output, plan.annotation_hash, shard, n, held, plan.versions.get(shard),
                         stage_rows=cfg.output.stage_rows, identity=plan.identity)
 
 
@@ -73,7 +72,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     phase_times.mark("ray_init")
     metrics = start_metrics()
     start = plan.timeline_origin = time.time()
-    tokenizer = tokenizer_spec(cfg.engine.model)
+    tokenizer = tokenizer_spec(plan.storage, cfg.engine.model)
     say(f"starting the engine service ({cfg.engine.service.replicas} replica(s) of {cfg.engine.model})"
         + (" and the retriever" if cfg.selfrag.mode != "never" else "") + " ...")
     services = start_services(cfg, tokenizer, retrieval=cfg.selfrag.mode != "never", wait=False)
@@ -93,8 +92,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
             wait_for_services(services)
             print(f"services ready after {time.time() - start:.0f} s", flush=True)
         phase_times.mark("services_ready")  # replaced below by the engine's own readiness when the job started it
-        dataset = build_dataset(cfg, todo, plan.schema, run_id, plan.annotation_hash, tokenizer, services,
-                                plan.versions, identity=plan.identity)
+        dataset = build_dataset(cfg, plan.output, todo, plan.schema, run_id, plan.annotation_hash, tokenizer,
+                                services, plan.versions, identity=plan.identity)
         with services_awaited_beside(services), Progress(total, rows_done) as shown:
             for summary in dataset.iter_rows():
                 check_lease(lease)

@@ -9,7 +9,8 @@ import os
 import sys
 from collections import Counter
 
-from ..infra import io
+from ..infra.io import Storage, is_remote, join, shard_stem
+from ..output.folder import OutputFolder
 from ..export.card import render_card
 from ..export.config import ExportConfig, config_dict
 from ..export.convert import KINDS, convert_table, find_duplicates
@@ -22,7 +23,7 @@ def reflection_ids(cfg: ExportConfig, run: Run) -> dict[str, int] | None:
     """The reflection tokens' ids of the run's tokenizer (a local directory), for the critic's
     ISSUP / ISUSE probabilities; None when it cannot be loaded here."""
     path = cfg.tokenizer or run.model
-    if not path or io.is_remote(path) or not os.path.isdir(path):
+    if not path or is_remote(path) or not os.path.isdir(path):
         return None
     try:
         from transformers import AutoTokenizer
@@ -37,30 +38,29 @@ def reflection_ids(cfg: ExportConfig, run: Run) -> dict[str, int] | None:
         return None
 
 
-def prepare_output(cfg: ExportConfig) -> None:
+def prepare_output(cfg: ExportConfig, storage: Storage) -> None:
     """Refuse an output holding an earlier export unless ``overwrite``; then clear it."""
-    earlier = [p for p in ("README.md", *KINDS) if io.exists(io.join(cfg.output, p))]
+    earlier = [p for p in ("README.md", *KINDS) if storage.exists(join(cfg.output, p))]
     if earlier and not cfg.overwrite:
         raise ExportError(f"output {cfg.output} already holds an export ({', '.join(earlier)}); "
                           "set overwrite=true to replace it")
     for name in earlier:
-        fs, path = io.filesystem(io.join(cfg.output, name))
+        fs, path = storage.filesystem(join(cfg.output, name))
         fs.rm(path, recursive=True)
 
 
-def shard_task(cfg: ExportConfig, columns: dict, ids: dict | None, duplicates: dict | None):
+def shard_task(cfg: ExportConfig, storage: Storage, columns: dict, ids: dict | None, duplicates: dict | None):
     """The per-shard function of a Ray Data ``map``: keys only (``duplicates`` None) or convert
-    and write."""
+    and write (``storage``, which travels with it, reads and writes)."""
     def run(item: dict) -> dict:
-        io.configure(cfg.storage)
         shard = item["shard"]
-        stem = io.shard_stem(shard)
+        stem = shard_stem(shard)
         if duplicates is None:
-            result = convert_table(io.read_table(shard), stem, columns, cfg, keys_only=True)
+            result = convert_table(storage.read_table(shard), stem, columns, cfg, keys_only=True)
             return {"stem": stem, "payload": json.dumps(result.keys)}
-        result = convert_table(io.read_table(shard), stem, columns, cfg, set(duplicates.get(stem, ())), ids)
+        result = convert_table(storage.read_table(shard), stem, columns, cfg, set(duplicates.get(stem, ())), ids)
         files = [f for kind in KINDS for split, recs in result.records[kind].items()
-                 for f in write_records(recs, cfg.output, kind, split, stem, cfg.formats)]
+                 for f in write_records(storage, recs, cfg.output, kind, split, stem, cfg.formats)]
         records = {kind: sum(len(v) for v in result.records[kind].values()) for kind in KINDS}
         return {"stem": stem, "payload": json.dumps({"counts": result.counts, "labels": result.labels,
                                                      "files": files, "records": records})}
@@ -71,10 +71,10 @@ def export(cfg: ExportConfig) -> dict:
     """Run the export; returns its summary (also written as ``_export.json``)."""
     import ray
 
-    io.configure(cfg.storage)
-    run = open_run(cfg.run)
-    check_locations(cfg.run, cfg.output)
-    prepare_output(cfg)
+    storage = Storage(cfg.storage)
+    run = open_run(OutputFolder(cfg.run, storage))
+    check_locations(storage, cfg.run, cfg.output)
+    prepare_output(cfg, storage)
     ids = reflection_ids(cfg, run)
     # A Ray this driver did not find running is ended with the job (a local one it started goes
     # down; on a cluster, only this driver disconnects); one already running (tests) is left alone.
@@ -90,9 +90,10 @@ def export(cfg: ExportConfig) -> dict:
         duplicates: dict = {}
         if cfg.filters.dedupe:
             keys = {r["stem"]: [tuple(k) for k in json.loads(r["payload"])]
-                    for r in over_shards(shard_task(cfg, run.columns, ids, None))}
+                    for r in over_shards(shard_task(cfg, storage, run.columns, ids, None))}
             duplicates = {stem: sorted(offsets) for stem, offsets in find_duplicates(keys).items()}
-        results = [json.loads(r["payload"]) for r in over_shards(shard_task(cfg, run.columns, ids, duplicates))]
+        task = shard_task(cfg, storage, run.columns, ids, duplicates)
+        results = [json.loads(r["payload"]) for r in over_shards(task)]
     finally:
         if started:
             stop_ray()
@@ -108,6 +109,6 @@ def export(cfg: ExportConfig) -> dict:
                "counts": dict(counts), "labels": dict(labels), "records": dict(records), "splits": splits,
                "files": sorted(files), "config": config_dict(cfg)}
     summary["config"].pop("storage", None)
-    io.write_text(io.join(cfg.output, "_export.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    io.write_text(io.join(cfg.output, "README.md"), render_card(summary))
+    storage.write_text(join(cfg.output, "_export.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    storage.write_text(join(cfg.output, "README.md"), render_card(summary))
     return summary

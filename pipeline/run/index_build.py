@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from ..infra import io
 from ..infra.config import Config
+from ..infra.io import Storage, join
 from ..runtime.ray_connect import init_ray
 from ..retrieval.index import CURRENT_FILE, IndexBuilder, build_version, check_buildable, corpus_fingerprint
 
@@ -18,14 +18,13 @@ def import_embeddings(cfg: Config) -> dict:
     corpus, no Ray); returns the index metadata."""
     from ..retrieval.embeddings import EmbeddingsImport
 
-    io.configure(cfg.storage)
-    r = cfg.retrieval
-    if not io.exists(r.corpus):
+    storage, r = Storage(cfg.storage), cfg.retrieval
+    if not storage.exists(r.corpus):
         raise FileNotFoundError(f"corpus not found: {r.corpus}")
-    check_buildable(r.index_dir)
-    job = EmbeddingsImport(r)  # lists the files and reads the encoder's dimension before any version exists
-    version, meta = build_version(r.index_dir, job.build)
-    print(f"index version {version} written; {io.join(r.index_dir, CURRENT_FILE)} names it", flush=True)
+    check_buildable(storage, r.index_dir)
+    job = EmbeddingsImport(r, storage)  # lists the files and reads the encoder's dimension before any version exists
+    version, meta = build_version(storage, r.index_dir, job.build)
+    print(f"index version {version} written; {join(r.index_dir, CURRENT_FILE)} names it", flush=True)
     return meta
 
 
@@ -39,11 +38,10 @@ def build(cfg: Config) -> dict:
     from ..retrieval.corpus import corpus_dataset
     from ..stages.embed import EmbedPassages, split_embeddings, tokenize_passages
 
-    io.configure(cfg.storage)
-    r, st = cfg.retrieval, cfg.stages.embed
-    if not io.exists(r.corpus):
+    storage, r, st = Storage(cfg.storage), cfg.retrieval, cfg.stages.embed
+    if not storage.exists(r.corpus):
         raise FileNotFoundError(f"corpus not found: {r.corpus}")
-    check_buildable(r.index_dir)
+    check_buildable(storage, r.index_dir)
     init_ray(cfg.ray.address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
@@ -52,7 +50,7 @@ def build(cfg: Config) -> dict:
     # Tokenize in CPU tasks (as many as free CPUs allow), embed token ids on the actors: the GPU
     # never waits for the tokenizer. (Ray Data fuses the two where their resources are equal, a
     # CPU-only build; with stages.embed.num_gpus > 0 they stay apart.)
-    ds = corpus_dataset(r.corpus).map_batches(
+    ds = corpus_dataset(storage, r.corpus).map_batches(
         tokenize_passages, fn_kwargs={"encoder": r.encoder, "max_length": r.max_length},
         batch_size=st.batch_size, batch_format="pyarrow",
     ).map_batches(
@@ -71,8 +69,9 @@ def build(cfg: Config) -> dict:
             print(f"embedded and indexed {builder.count} passages ({rate:.0f}/s)", flush=True)
         if builder is None:
             raise ValueError(f"corpus {r.corpus} has no passages")
-        return builder.close({**corpus_fingerprint(r.corpus), **extra_meta, "seconds": round(time.time() - start, 2)})
+        return builder.close({**corpus_fingerprint(storage, r.corpus), **extra_meta,
+                              "seconds": round(time.time() - start, 2)})
 
-    version, meta = build_version(r.index_dir, write)
-    print(f"index version {version} written; {io.join(r.index_dir, CURRENT_FILE)} names it", flush=True)
+    version, meta = build_version(storage, r.index_dir, write)
+    print(f"index version {version} written; {join(r.index_dir, CURRENT_FILE)} names it", flush=True)
     return meta

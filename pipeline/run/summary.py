@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..infra import io
-from ..infra.config import Config
+from ..output.folder import OutputFolder
 
 
 def print_summary(manifest: dict) -> None:
@@ -20,14 +19,14 @@ def print_summary(manifest: dict) -> None:
     )
 
 
-def print_examples(cfg: Config, n: int, scan_rows: int = 5000) -> None:
-    """``n`` example annotations of the output (from its first shards, at most ``scan_rows`` rows read)."""
+def print_examples(output: OutputFolder, question: str, n: int, scan_rows: int = 5000) -> None:
+    """``n`` example annotations of the output (from its first shards, at most ``scan_rows`` rows
+    read), each with its question (column ``question``)."""
     from ..report import examples
 
-    question = cfg.input.question_column
     rows: list[dict] = []
-    for shard in io.list_shards([cfg.output.path]):
-        rows += io.read_columns(shard, (*examples.COLUMNS, question)).to_pylist()
+    for shard in output.list_shards():
+        rows += output.storage.read_columns(shard, (*examples.COLUMNS, question)).to_pylist()
         if len(rows) >= scan_rows:
             break
     chosen = examples.pick(rows, n)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..runtime import phases
 from ..infra.config import Config, ServiceConfig
+from ..infra.io import Storage
 from ..runtime.metrics_actor import job_actor_name
 from ..model.tokenizer import TokenizerSpec
 
@@ -103,7 +104,7 @@ def apart_shards(cfg: Config) -> list[str]:
         return []
     from ..retrieval.index import INDEX_FILE, read_meta
 
-    return list(read_meta(cfg.retrieval.index_dir).get("shards", [INDEX_FILE]))
+    return list(read_meta(Storage(cfg.storage), cfg.retrieval.index_dir).get("shards", [INDEX_FILE]))
 
 
 class ServicesUnavailable(RuntimeError):
@@ -233,7 +234,7 @@ def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool, wait:
                 raise ServicesUnavailable(f"{attr}.service.deployment: no running Serve application named "
                                           f"{svc.deployment!r} (running: {sorted(running)})")
             if attr == "retriever":
-                check_reused_retriever(svc.deployment, cfg.retrieval.index_dir)
+                check_reused_retriever(svc.deployment, cfg.retrieval.index_dir, Storage(cfg.storage))
             setattr(services, attr, svc.deployment)
             continue
         setattr(services, attr, default_name)
@@ -325,9 +326,10 @@ def wait_for_services(services: Services) -> None:
         raise
 
 
-def check_reused_retriever(app: str, version: str) -> None:
+def check_reused_retriever(app: str, version: str, storage: Storage) -> None:
     """A running retrieval service that the job reuses searches the index version the run
-    resolved (``version``, which its annotation identity names), or the job is refused."""
+    resolved (``version``, read with ``storage``, which its annotation identity names), or the
+    job is refused."""
     from ray import serve
 
     from ..retrieval.index import read_meta
@@ -337,7 +339,7 @@ def check_reused_retriever(app: str, version: str) -> None:
     except Exception as exc:  # noqa: BLE001 - e.g. a service of an older version without index_meta
         raise RuntimeError(f"retrieval.service.deployment {app!r}: cannot tell which index version it searches "
                            f"({type(exc).__name__}); redeploy it from this version of the pipeline") from None
-    wanted = read_meta(version)
+    wanted = read_meta(storage, version)
     if loaded != wanted:
         raise RuntimeError(f"retrieval.service.deployment {app!r} searches the index version "
                            f"{loaded.get('version') or '(unnamed)'}, but this run resolved {version}: deploy the "

@@ -73,18 +73,17 @@ class EngineReplica(ReportingReplica):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ..infra import io
+        from ..infra.io import Storage
         from ..model.vllm_engine import engine_kwargs
         from ..model.tokenizer import spec_tokens
 
         start = time.perf_counter()
         self.announce("engine", metrics)
-        io.configure(storage)
-        self.cfg = cfg
-        _, self.ids, self.decode = spec_tokens(tokenizer)
+        self.cfg, storage = cfg, Storage(storage)
+        _, self.ids, self.decode = spec_tokens(storage, tokenizer)
         self._reflection = frozenset(self.ids.all_ids)
         self.counters = EngineCounters()
-        args = AsyncEngineArgs(model=io.localize(cfg.model), disable_log_stats=True, **engine_kwargs(cfg))
+        args = AsyncEngineArgs(model=storage.localize(cfg.model), disable_log_stats=True, **engine_kwargs(cfg))
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.counters.factory])
         self.start_reporting(self.counters.totals, time.perf_counter() - start, record_requests)
 

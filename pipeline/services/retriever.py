@@ -31,14 +31,13 @@ class RetrieverReplica(ReportingReplica):
 
     async def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shards: list | None = None,
                        metrics: str | None = None):
-        from ..infra import io
+        from ..infra.io import Storage
         from ..retrieval.index import Retriever
 
         start = time.perf_counter()
         self.announce("retriever", metrics)
-        io.configure(storage)
         self.shards = list(shards or [])
-        self.retriever = Retriever(cfg, exact=True, load_shards=not self.shards)
+        self.retriever = Retriever(cfg, Storage(storage), exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self.counters = {"seconds": 0.0, "queries": 0, "calls": 0}
         self.start_reporting(self.counters, time.perf_counter() - start)
@@ -78,12 +77,12 @@ class IndexShardReplica:
     def __init__(self, cfg: RetrievalConfig, storage: StorageConfig, shard_file: str):
         from pathlib import Path
 
-        from ..infra import io
+        from ..infra.io import Storage
         from ..retrieval.index import META_FILE, load_shard
         from ..retrieval.ondisk import ivfdata_name
 
-        io.configure(storage)
-        local = Path(io.localize(cfg.index_dir, only=(shard_file, ivfdata_name(shard_file), META_FILE), flat=True))
+        only = (shard_file, ivfdata_name(shard_file), META_FILE)
+        local = Path(Storage(storage).localize(cfg.index_dir, only=only, flat=True))
         self.shard = load_shard(cfg, local, shard_file)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-search")
 

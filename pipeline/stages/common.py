@@ -113,10 +113,11 @@ class ServiceStage:
         """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications."""
         from ..runtime.metrics_actor import Reporter
         from ..services.clients import ServeEngineClient, ServeRetrieverClient
+        from ..infra.io import Storage
         from ..model.tokenizer import spec_tokens
 
         start = time.perf_counter()
-        tokens, ids, decode = spec_tokens(tokenizer)
+        tokens, ids, decode = spec_tokens(Storage(cfg.storage), tokenizer)
         engine = ServeEngineClient(engine_app, cfg.engine.service) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self.stage = self.logic(cfg, tokens, ids, decode, engine, retriever)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..infra import io
 from ..infra.config import Config
 from ..runtime.metrics_actor import Reporter
 from ..retrieval.encoder import Encoder, encoder_tokenizer, tokenize
@@ -40,7 +39,6 @@ class EmbedPassages:
     ``retrieval.encode_batch_size`` and put back in order."""
 
     def __init__(self, cfg: Config):
-        io.configure(cfg.storage)
         self.encoder = Encoder(cfg.retrieval)
         self.reporter = Reporter("embed")
 

@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..output import staged_rows
-from ..infra.config import Config, InputConfig, SelfRagConfig, StorageConfig
-from ..infra.io import configure, read_table, shard_stem
+from ..infra.config import Config, InputConfig, SelfRagConfig
+from ..infra.io import shard_stem
+from ..output.folder import OutputFolder
 from ..runtime.metrics_actor import Reporter
 from ..selfrag.prompts import PromptTokens, format_prompt
 from ..model.tokenizer import TokenizerSpec, spec_tokens
@@ -135,17 +136,17 @@ def prepare_contract(cfg: Config, schema: pa.Schema) -> Contract:
                     writes={i.id_column: id_type, **OUTPUT_TYPES, **INTERNAL_TYPES})
 
 
-def prepare_shards(batch: pa.Table, cfg: InputConfig, selfrag: SelfRagConfig, storage: StorageConfig, model: str,
-                   run_id: str, schema: pa.Schema, tokenizer: TokenizerSpec, output: str,
-                   annotation_hash: str) -> pa.Table:
+def prepare_shards(batch: pa.Table, cfg: InputConfig, selfrag: SelfRagConfig, output: OutputFolder, model: str,
+                   run_id: str, schema: pa.Schema, tokenizer: TokenizerSpec, annotation_hash: str) -> pa.Table:
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema),
-    without the rows a previous run of the same annotation identity staged already."""
-    configure(storage)
-    tokens = spec_tokens(tokenizer)[0]  # built once per worker process
+    without the rows a previous run of the same annotation identity staged already in ``output``
+    (whose storage reads the shards)."""
+    storage = output.storage
+    tokens = spec_tokens(storage, tokenizer)[0]  # built once per worker process
     with Reporter("prepare").batch(batch.num_rows):
         tables = []
         for shard in batch.column("shard").to_pylist():
-            rows = prepare_table(read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
+            rows = prepare_table(storage.read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
             staged = staged_rows.staged_offsets(output, annotation_hash, shard)
             if len(staged):
                 rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))

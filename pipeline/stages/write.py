@@ -13,7 +13,6 @@ annotates only the rows not staged.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..infra import io
+from ..infra.io import make_parent, replacing
 from ..runtime import phases
 from ..output import staged_rows
 from ..infra.config import Config
+from ..output.folder import OutputFolder
 from ..runtime.metrics_actor import Reporter
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, SHARD
 from .contract import Contract
@@ -44,7 +44,7 @@ def _count(rows: pa.Table) -> tuple[int, int]:
     return errors, retrieved
 
 
-def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
+def commit_shard(output: OutputFolder, annotation_hash: str, shard: str, expected: int,
                  held: dict[int, list[pa.Table]] | None = None, version: dict | None = None, *,
                  stage_rows: int, identity: dict | None = None) -> dict:
     """Write a complete shard from its staged parts and the rows ``held`` in memory (by bucket of
@@ -57,11 +57,11 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     held = held or {}
     staged_rows.rebucket(output, annotation_hash, shard, stage_rows)
     parts = staged_rows.list_parts(output, annotation_hash, shard)
-    dest = io.child(output, f"{io.shard_stem(shard)}.parquet")
-    fs, path = io.filesystem(dest)
-    io.make_parent(fs, path)
+    dest = output.shard_file(shard)
+    fs, path = output.storage.filesystem(dest)
+    make_parent(fs, path)
     rows = errors = retrieved = 0
-    with io.replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:  # a failed write leaves no partial file
+    with replacing(fs, path) as tmp, fs.open(tmp, "wb") as f:  # a failed write leaves no partial file
         writer = None
         for bucket in sorted(set(parts) | set(held)):
             table = staged_rows.bucket_rows(output, parts.get(bucket, []), held.get(bucket, []))
@@ -84,7 +84,7 @@ def commit_shard(output: str, annotation_hash: str, shard: str, expected: int,
     marker = {**summary, "annotation_hash": annotation_hash,
               **({"annotation_identity": identity} if identity is not None else {}),
               **({"input": version} if version else {})}
-    io.write_text(staged_rows.marker_path(output, shard), json.dumps(marker))
+    output.write_json(output.marker(shard), marker)
     staged_rows.remove_shard(output, annotation_hash, shard)
     return summary
 
@@ -107,13 +107,13 @@ class _Shard:
 
 class ShardWriter:
     """Callable class for ``map_batches`` (one replica): holds or stages rows per shard until the
-    shard is complete, then commits it. Emits one summary row per shard committed."""
+    shard is complete, then commits it. Emits one summary row per shard committed. Its output
+    is the run's (``OutputFolder.of(cfg)``: ``output.path`` with the run's storage options)."""
 
     def __init__(self, cfg: Config, expected_rows: dict[str, int], annotation_hash: str,
                  versions: dict[str, dict] | None = None, identity: dict | None = None):
-        io.configure(cfg.storage)
         out = cfg.output
-        self.output, self.hash = out.path, annotation_hash
+        self.output, self.hash = OutputFolder.of(cfg), annotation_hash
         self.stage_rows, self.buffer_rows, self.flush_s = out.stage_rows, out.buffer_rows, out.flush_s
         self.expected = dict(expected_rows)
         self.versions = versions or {}  # the input shards' versions, recorded with their staged rows and marker
