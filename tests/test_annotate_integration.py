@@ -21,7 +21,7 @@ from pipeline.selfrag.selection import select_answer, short_form_answer
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS
 from pipeline.synthetic.world import build_world, fact_sentence, passage_id, passage_text
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 TOP_K = 5
 THRESHOLD = 0.2

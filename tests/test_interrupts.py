@@ -200,7 +200,7 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     # Ray's own SIGTERM handler is in place, and Ray does not know its processes yet
     ("ray_init", signal.SIGTERM, "vllm"),
     ("ray_init", signal.SIGINT, "vllm"),
-    ("deploy", signal.SIGTERM, "vllm"),  # vLLM's engine processes are starting
+    pytest.param("deploy", signal.SIGTERM, "vllm", marks=pytest.mark.e2e),  # vLLM's engine processes are starting
     ("first_batch", signal.SIGINT, "simulated"),
     ("commit", signal.SIGTERM, "simulated"),  # the writer holds a shard's hidden file, not yet moved into place
 ], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)

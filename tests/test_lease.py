@@ -4,7 +4,6 @@ on 127.0.0.1, which honours ``If-None-Match: *`` on PutObject)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import subprocess

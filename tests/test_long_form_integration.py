@@ -14,7 +14,7 @@ from pipeline.selfrag.scoring import (
     Continuation, ScoreWeights, final_score, relevance_score, sequence_score, support_score, utility_score)
 from pipeline.selfrag.tokens import ALL_REFLECTION_TOKENS, ReflectionIds
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 TOP_K, BEAM, DEPTH, THRESHOLD = 3, 2, 3, 0.2
 

@@ -104,6 +104,7 @@ def output_rows(fs, prefix: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.e2e
 def test_s3_to_s3_with_model_and_index_in_s3(s3, tmp_path):
     endpoint, env, fs = s3
     demo = demo_rows()

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DEMO_QUERIES, REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 BIN = Path(sys.executable).parent
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_QUERIES, REPO
+from conftest import REPO
 from jobs.annotate import main
 
 

@@ -19,7 +19,7 @@ from pipeline.selfrag.selection import clean_answer
 from pipeline.selfrag.tokens import IRRELEVANT, RELEVANT, RETRIEVAL, UTILITY
 from pipeline.synthetic.world import attribute_spec, build_world, lexicon, passage_text
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 MODEL = REPO / "models" / "tiny-selfrag"
 N = 12  # fixed held-out knowledge questions
 

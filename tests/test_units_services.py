@@ -17,6 +17,7 @@ from pipeline.model.vllm_engine import PromptTooLong, to_continuation
 from pipeline.selfrag.scoring import Continuation
 from pipeline.services import clients
 from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
+from pipeline.services.coalescing import CoalescingSearch
 from pipeline.runtime.metrics_actor import Reporter
 from pipeline.services.engine import EngineReplica, EngineUnavailable
 from pipeline.services.routing import RowAffinityRouter, rendezvous_order, request_route
@@ -372,3 +373,59 @@ def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():
     assert first_choice() == other
     router.on_request_completed(SimpleNamespace(unique_id=home), "r1")
     assert first_choice() == home and router._counts()[0] == {home: 0, other: 0}
+
+
+# --- calls merged while a search runs (pipeline.services.coalescing) -------------------------
+
+class GatedSearch:
+    """A scripted search: records the queries of each search, holds the first one until the
+    test opens the gate, and answers each query with one hit naming it."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], int]] = []
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, queries: list[str], k: int) -> list[list[dict]]:
+        self.calls.append((list(queries), k))
+        self.started.set()
+        if len(self.calls) == 1:
+            await self.gate.wait()
+        if "boom" in queries:
+            raise RuntimeError("index gone")
+        return [[{"id": f"{q}@{k}"}] for q in queries]
+
+
+def test_calls_waiting_behind_a_search_go_into_the_next_one_together():
+    async def scenario():
+        search = GatedSearch()
+        coalesced = CoalescingSearch(search)
+        first = asyncio.ensure_future(coalesced(["a"], 5))
+        await search.started.wait()  # the first search runs (held at the gate)
+        waiting = [asyncio.ensure_future(coalesced(q, k)) for q, k in ((["b", "c"], 5), (["d"], 3), (["e"], 5))]
+        await asyncio.sleep(0)  # let them queue
+        search.gate.set()
+        return search.calls, await first, await asyncio.gather(*waiting)
+
+    calls, first, rest = asyncio.run(scenario())
+    assert calls == [(["a"], 5), (["b", "c", "e"], 5), (["d"], 3)]  # merged by k, in arrival order
+    assert first == [[{"id": "a@5"}]]
+    assert rest == [[[{"id": "b@5"}], [{"id": "c@5"}]], [[{"id": "d@3"}]], [[{"id": "e@5"}]]]
+
+
+def test_a_failed_merged_search_fails_each_of_its_calls_and_the_next_ones_still_run():
+    async def scenario():
+        search = GatedSearch()
+        coalesced = CoalescingSearch(search)
+        first = asyncio.ensure_future(coalesced(["a"], 5))
+        await search.started.wait()
+        merged = [asyncio.ensure_future(coalesced(q, 5)) for q in (["boom"], ["b"])]
+        await asyncio.sleep(0)
+        search.gate.set()
+        results = await asyncio.gather(first, *merged, return_exceptions=True)
+        return results, await coalesced(["c"], 5), await coalesced([], 5)
+
+    (first, boom, b), later, empty = asyncio.run(scenario())
+    assert first == [[{"id": "a@5"}]]
+    assert isinstance(boom, RuntimeError) and isinstance(b, RuntimeError)  # searched together, failed together
+    assert later == [[{"id": "c@5"}]] and empty == []

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..infra.config import RetrievalConfig, StorageConfig
+from .coalescing import CoalescingSearch
 from .reporting import ReportingReplica
 
 
@@ -39,7 +40,8 @@ class RetrieverReplica(ReportingReplica):
         self.shards = list(shards or [])
         self.retriever = Retriever(cfg, Storage(storage), exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        self.counters = {"seconds": 0.0, "queries": 0, "calls": 0}
+        self.coalesced = CoalescingSearch(self._search)
+        self.counters = {"seconds": 0.0, "queries": 0, "calls": 0, "searches": 0}
         self.start_reporting(self.counters, time.perf_counter() - start)
 
     async def index_meta(self) -> dict:
@@ -49,21 +51,28 @@ class RetrieverReplica(ReportingReplica):
 
     async def search(self, queries: list[str], k: int, metrics: str | None = None) -> list[list[dict]]:
         """Top-k passages per query, best first, each with its ``retrieval_score``; ``metrics``:
-        the calling job's metrics actor."""
+        the calling job's metrics actor. Calls that arrive while a search runs are searched
+        together next (``coalescing``)."""
         self.begin(metrics)
+        try:
+            found = await self.coalesced(queries, k)
+        finally:
+            self.end()
+        self.counters["queries"] += len(queries)
+        self.counters["calls"] += 1
+        return found
+
+    async def _search(self, queries: list[str], k: int) -> list[list[dict]]:
         start = time.perf_counter()
         loop, r = asyncio.get_running_loop(), self.retriever
-        if not self.shards or not queries:
+        if not self.shards:
             found = await loop.run_in_executor(self.pool, r.search, queries, k)
         else:
             vectors = await loop.run_in_executor(self.pool, r.encoder.encode, queries)
             parts = await asyncio.gather(*(shard.search.remote(vectors, r.candidates(k)) for shard in self.shards))
             found = await loop.run_in_executor(self.pool, lambda: r.passages(*r.rank(vectors, parts, k)))
-        c = self.counters
-        c["seconds"] += time.perf_counter() - start
-        c["queries"] += len(queries)
-        c["calls"] += 1
-        self.end()
+        self.counters["seconds"] += time.perf_counter() - start
+        self.counters["searches"] += 1
         return found
 
     def __del__(self):
