@@ -53,6 +53,11 @@ def simulated_engine(tmp_path_factory) -> list[str]:
                            f"debug.record_engine_requests={base / 'recording'}", "ray.progress_bars=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from pipeline.services.recording import read_records
+
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((base / "out").glob("*.parquet"))])
+    assert rows.column("error").null_count == rows.num_rows  # every answer recorded is a real one
+    assert len(read_records(base / "recording")) == rows.num_rows  # one request per row, every one recorded
     return [f"engine.simulated.recording={base / 'recording'}"]
 
 
@@ -147,6 +152,14 @@ def wait_until_gone(mark: str, timeout_s: float = 60) -> None:
     while (left := marked_processes(mark)) and time.time() < deadline:
         time.sleep(0.2)
     assert not left, f"processes of the run still alive after {timeout_s} s: {[p.pid for p in left]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """An end-to-end test belongs to the integration tier too (``-m "not integration"`` is the
+    unit tier): marked ``e2e`` alone, it gets ``integration`` here."""
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
 
 
 _session = {}

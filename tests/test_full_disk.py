@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_QUERIES, REPO, RUN_MARK, wait_until_gone
+from conftest import DEMO_QUERIES, REPO, RUN_MARK, marked_processes, wait_until_gone
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,9 @@ def annotate(inputs, out, engine: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={inputs}", f"output.path={out}",
                                "selfrag.mode=never", "engine.simulated.step_s=0.001", *engine],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    finally:
+    finally:  # the job has exited (or timed out): whatever it left is ended, then awaited
+        for p in marked_processes(mark):
+            p.kill()
         wait_until_gone(mark)
 
 

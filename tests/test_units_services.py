@@ -413,7 +413,7 @@ def test_calls_waiting_behind_a_search_go_into_the_next_one_together():
     assert rest == [[[{"id": "b@5"}], [{"id": "c@5"}]], [[{"id": "d@3"}]], [[{"id": "e@5"}]]]
 
 
-def test_a_failed_merged_search_fails_each_of_its_calls_and_the_next_ones_still_run():
+def test_a_failed_merged_search_is_run_again_call_by_call_and_fails_only_its_own_call():
     async def scenario():
         search = GatedSearch()
         coalesced = CoalescingSearch(search)
@@ -423,9 +423,87 @@ def test_a_failed_merged_search_fails_each_of_its_calls_and_the_next_ones_still_
         await asyncio.sleep(0)
         search.gate.set()
         results = await asyncio.gather(first, *merged, return_exceptions=True)
-        return results, await coalesced(["c"], 5), await coalesced([], 5)
+        return search.calls, results, await coalesced(["c"], 5), await coalesced([], 5)
 
-    (first, boom, b), later, empty = asyncio.run(scenario())
+    calls, (first, boom, b), later, empty = asyncio.run(scenario())
+    assert calls == [(["a"], 5), (["boom", "b"], 5), (["boom"], 5), (["b"], 5), (["c"], 5)]
     assert first == [[{"id": "a@5"}]]
-    assert isinstance(boom, RuntimeError) and isinstance(b, RuntimeError)  # searched together, failed together
+    assert isinstance(boom, RuntimeError) and str(boom) == "index gone"
+    assert b == [[{"id": "b@5"}]]  # merged with the bad call, answered as if alone
     assert later == [[{"id": "c@5"}]] and empty == []
+
+
+def test_a_caller_that_gave_up_is_not_searched_and_a_short_answer_is_an_error():
+    async def scenario():
+        search = GatedSearch()
+        coalesced = CoalescingSearch(search)
+        first = asyncio.ensure_future(coalesced(["a"], 5))
+        await search.started.wait()
+        gone, kept = asyncio.ensure_future(coalesced(["x"], 5)), asyncio.ensure_future(coalesced(["y"], 5))
+        await asyncio.sleep(0)
+        gone.cancel()  # e.g. its client timed out
+        search.gate.set()
+        await asyncio.gather(first, kept)
+
+        async def short(queries, k):
+            return []  # fewer hit lists than queries
+        return search.calls, await asyncio.gather(CoalescingSearch(short)(["q"], 5), return_exceptions=True)
+
+    calls, (error,) = asyncio.run(scenario())
+    assert calls == [(["a"], 5), (["y"], 5)]
+    assert isinstance(error, RuntimeError) and "0 hit lists for 1 queries" in str(error)
+
+
+def test_callers_do_not_wait_for_ever_when_the_search_is_cancelled():
+    async def scenario():
+        search = GatedSearch()  # its first search never ends (the gate stays shut)
+        coalesced = CoalescingSearch(search)
+        running = asyncio.ensure_future(coalesced(["a"], 5))
+        await search.started.wait()
+        queued = asyncio.ensure_future(coalesced(["b"], 5))
+        await asyncio.sleep(0)
+        coalesced._task.cancel()  # as when the replica's event loop shuts down
+        return await asyncio.gather(running, queued, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "cancelled" in str(r) for r in results), results
+
+
+def test_the_retrieval_replica_counts_calls_searches_and_queries():
+    """``RetrieverReplica.search`` over a scripted retriever: two calls that waited behind a
+    first one are searched together; the counters say 3 calls, 2 searches, 4 queries."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.services.retriever import RetrieverReplica
+
+    class ScriptedRetriever:
+        def __init__(self):
+            self.searched, self.release = [], threading.Event()
+
+        def search(self, queries, k):
+            self.searched.append(list(queries))
+            self.release.wait(timeout=60)  # the first search holds until the others queue
+            return [[{"id": q}] for q in queries]
+
+    async def scenario():
+        replica = object.__new__(RetrieverReplica)
+        replica.shards, replica.retriever = [], ScriptedRetriever()
+        replica.pool = ThreadPoolExecutor(max_workers=1)
+        replica.coalesced = CoalescingSearch(replica._search)
+        replica.counters = {"seconds": 0.0, "queries": 0, "calls": 0, "searches": 0}
+        replica.reporter, replica.window = Reporter("retriever", target=None), {}
+        first = asyncio.ensure_future(replica.search(["a"], 3))
+        while not replica.retriever.searched:
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(replica.search(q, 3)) for q in (["b", "c"], ["d"])]
+        await asyncio.sleep(0)
+        replica.retriever.release.set()
+        return replica, await first, await asyncio.gather(*rest)
+
+    replica, first, rest = asyncio.run(scenario())
+    assert replica.retriever.searched == [["a"], ["b", "c", "d"]]
+    assert first == [[{"id": "a"}]] and rest == [[[{"id": "b"}], [{"id": "c"}]], [[{"id": "d"}]]]
+    c = replica.counters
+    assert (c["calls"], c["searches"], c["queries"]) == (3, 2, 4) and c["seconds"] > 0
+    assert "first_start" in replica.window and "last_end" in replica.window

@@ -29,7 +29,7 @@ def package_versions() -> dict[str, str]:
 
 def code_version() -> str:
     """The git commit of the code (with ``-dirty`` when modified), or ``unknown`` outside git."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=repo,
                              capture_output=True, text=True, timeout=10)

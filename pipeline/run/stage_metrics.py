@@ -6,15 +6,16 @@ import sys
 
 
 def collect_stage_metrics(metrics, start: float) -> dict:
-    """The metrics actor's totals (``stage_metrics``), then the actor ends. An actor lost with its
-    node costs the run its metrics only: the manifest records ``{"lost": ...}`` instead."""
+    """The metrics actor's totals (``stage_metrics``), then the actor ends. The actor lives on the
+    driver's node; if it died anyway, the run loses its metrics only: the manifest records
+    ``{"lost": ...}`` instead."""
     import ray
 
     try:
         stages = stage_metrics(ray.get(metrics.get.remote()), start)
     except ray.exceptions.RayActorError as exc:
-        print(f"warning: the stage metrics were lost ({type(exc).__name__}: the metrics actor died, e.g. with "
-              "its node); the annotations are not affected", file=sys.stderr, flush=True)
+        print(f"warning: the stage metrics were lost ({type(exc).__name__}: the metrics actor died); "
+              "the annotations are not affected", file=sys.stderr, flush=True)
         return {"lost": type(exc).__name__}
     ray.kill(metrics)
     return stages

@@ -6,6 +6,10 @@ queue behind each other, and each pays the encoder's and the index's fixed cost.
 that queued while a search ran go into the next search together (those with the same ``k``),
 and each caller gets its own slice of the hits back. Nothing waits for a batch to fill: a call
 that arrives at an idle replica runs at once.
+
+A merged search that fails is run again call by call, so that a failure costs only the call
+that causes it (the retrieve stage isolates a bad row by splitting its batch; a long-form tree
+stops on a failed search): the calls merged with it get their hits as if they had run alone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 Search = Callable[[list[str], int], Awaitable[list[list[dict]]]]
+Call = tuple[list[str], int, asyncio.Future]
 
 
 class CoalescingSearch:
@@ -21,8 +26,8 @@ class CoalescingSearch:
 
     def __init__(self, search: Search):
         self._search = search
-        self._waiting: list[tuple[list[str], int, asyncio.Future]] = []
-        self._running = False
+        self._waiting: list[Call] = []
+        self._task: asyncio.Task | None = None
 
     async def __call__(self, queries: list[str], k: int) -> list[list[dict]]:
         """The top ``k`` hits of each query, as ``search`` gives them."""
@@ -30,32 +35,57 @@ class CoalescingSearch:
             return []
         done = asyncio.get_running_loop().create_future()
         self._waiting.append((list(queries), k, done))
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         return await done
 
     async def _drain(self) -> None:
+        calls: list[Call] = []
         try:
             while self._waiting:
                 k = self._waiting[0][1]
-                calls = [c for c in self._waiting if c[1] == k]
+                calls = [c for c in self._waiting if c[1] == k and not c[2].done()]  # not given up meanwhile
                 self._waiting = [c for c in self._waiting if c[1] != k]
-                await self._run(calls, k)
+                if len(calls) > 1:
+                    await self._merged(calls, k)
+                elif calls:
+                    await self._alone(calls[0], k)
+        except BaseException:  # cancelled (the replica shuts down): no caller waits for ever
+            for _, _, done in calls + self._waiting:
+                if not done.done():
+                    done.set_exception(RuntimeError("the search was cancelled"))
+            self._waiting = []
+            raise
         finally:
-            self._running = False
+            self._task = None
 
-    async def _run(self, calls: list[tuple[list[str], int, asyncio.Future]], k: int) -> None:
+    async def _merged(self, calls: list[Call], k: int) -> None:
         merged = [q for queries, _, _ in calls for q in queries]
         try:
             found = await self._search(merged, k)
-        except Exception as exc:  # noqa: BLE001 - every merged call fails as its own call would
-            for _, _, done in calls:
-                if not done.done():
-                    done.set_exception(exc)
+            if len(found) != len(merged):
+                raise RuntimeError(f"the search returned {len(found)} hit lists for {len(merged)} queries")
+        except Exception:  # noqa: BLE001 - run each call alone: the failure is only its own call's
+            for call in calls:
+                await self._alone(call, k)
             return
         start = 0
         for queries, _, done in calls:
             if not done.done():  # a caller that gave up (cancelled) gets nothing
                 done.set_result(found[start:start + len(queries)])
             start += len(queries)
+
+    async def _alone(self, call: Call, k: int) -> None:
+        queries, _, done = call
+        if done.done():  # given up meanwhile
+            return
+        try:
+            found = await self._search(queries, k)
+            if len(found) != len(queries):
+                raise RuntimeError(f"the search returned {len(found)} hit lists for {len(queries)} queries")
+        except Exception as exc:  # noqa: BLE001 - the caller gets the search's own error
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(found)

@@ -1,6 +1,6 @@
 """Critique-rank: one continuation per passage, scored by the model's own reflection-token
 probabilities; the best candidate (closed-set tasks: the best summed answer) becomes the row's
-answer. Long-form rows are decoded as trees (``long_form``). A batch's short-form rows are
+answer. Long-form rows are decoded as trees (``tree_decoding``). A batch's short-form rows are
 grouped by routing key (a hash of the row id), one engine call per group with all their
 candidates; each long-form row is its own coroutine. All of it is in flight at once.
 """
