@@ -62,9 +62,7 @@ class CoalescingSearch:
     async def _merged(self, calls: list[Call], k: int) -> None:
         merged = [q for queries, _, _ in calls for q in queries]
         try:
-            found = await self._search(merged, k)
-            if len(found) != len(merged):
-                raise RuntimeError(f"the search returned {len(found)} hit lists for {len(merged)} queries")
+            found = await self._hits(merged, k)
         except Exception:  # noqa: BLE001 - run each call alone: the failure is only its own call's
             for call in calls:
                 await self._alone(call, k)
@@ -80,12 +78,16 @@ class CoalescingSearch:
         if done.done():  # given up meanwhile
             return
         try:
-            found = await self._search(queries, k)
-            if len(found) != len(queries):
-                raise RuntimeError(f"the search returned {len(found)} hit lists for {len(queries)} queries")
+            found = await self._hits(queries, k)
         except Exception as exc:  # noqa: BLE001 - the caller gets the search's own error
             if not done.done():
                 done.set_exception(exc)
             return
         if not done.done():
             done.set_result(found)
+
+    async def _hits(self, queries: list[str], k: int) -> list[list[dict]]:
+        found = await self._search(queries, k)
+        if len(found) != len(queries):
+            raise RuntimeError(f"the search returned {len(found)} hit lists for {len(queries)} queries")
+        return found
