@@ -19,7 +19,7 @@ from pipeline.infra.config import load_config
 from pipeline.output.folder import OutputFolder
 from pipeline.run.annotate import run
 from pipeline.run.exit_codes import end_job
-from pipeline.run.signals import Interrupted, catch_interrupts, restore_signals
+from pipeline.run.signals import catch_interrupts, restore_signals
 from pipeline.run.summary import print_examples, print_summary
 from pipeline.output.run_log import RunLog
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         run_log = RunLog(cfg.log_level)
         run_log.start()
         manifest = run(cfg)
-    except (Exception, Interrupted) as exc:  # one line on the console; a traceback goes to the run log
+    except (Exception, KeyboardInterrupt) as exc:  # one line on the console; a traceback goes to the run log
         code = end_job(exc, cfg.output.path if cfg is not None else "the output")
         return code
     finally:

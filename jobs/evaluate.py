@@ -87,7 +87,7 @@ from pipeline.output.folder import OutputFolder
 from pipeline.runtime.ray_connect import stop_ray
 from pipeline.run.evaluate import MODES, evaluate
 from pipeline.run.exit_codes import end_job
-from pipeline.run.signals import Interrupted, catch_interrupts, restore_signals
+from pipeline.run.signals import catch_interrupts, restore_signals
 from pipeline.output.run_log import RunLog
 
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         rep = evaluate(args)
-    except (Exception, Interrupted) as exc:  # one line on the console; a traceback goes to the run log
+    except (Exception, KeyboardInterrupt) as exc:  # one line on the console; a traceback goes to the run log
         code = end_job(exc, args.workdir)
         return code
     finally:

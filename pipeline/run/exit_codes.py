@@ -6,7 +6,10 @@ mapping every job's ``main`` uses (``end_job``):
 - 1: the run started but did not complete: ``IncompleteRun`` (shards not written),
   ``ServicesUnavailable`` (the services did not start), or any other error, whose traceback
   goes to the run log while the console gets one line;
-- 128 + the signal's number: SIGINT or SIGTERM stopped it (``Interrupted``).
+- 128 + the signal's number: SIGINT or SIGTERM stopped it (``Interrupted``, or a bare
+  ``KeyboardInterrupt``: SIGINT).
+
+A ``KeyboardInterrupt`` that a stop raised (``pipeline.runtime.main_stop``) counts as its cause.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..export.source import ExportError
 from ..infra.io import InputError
 from ..output.lease import LeaseHeld
 from .preflight import PreflightError
+from ..runtime.main_stop import reason
 from ..runtime.ray_connect import stop_ray
 from ..report.write import ReportError
 from ..services.deploy import ServicesUnavailable
@@ -31,7 +35,7 @@ from .signals import Interrupted
 #: Refusals before any work: exit code 2.
 REFUSED = (ConfigError, InputError, PreflightError, LeaseHeld, EvalError, LayoutError, ReportError, ExportError)
 #: Ways of stopping that are expected: one line, no traceback in the log.
-EXPECTED = (*REFUSED, IncompleteRun, ServicesUnavailable, Interrupted)
+EXPECTED = (*REFUSED, IncompleteRun, ServicesUnavailable, Interrupted, KeyboardInterrupt)
 #: Ways of stopping with no Ray to stop: refused before it started, or the run ended by itself.
 RAY_LEFT = (*REFUSED, IncompleteRun)
 
@@ -52,9 +56,11 @@ def failure_message(exc: BaseException, output: str) -> str:
 def exit_status(exc: BaseException, output: str = "the output") -> tuple[int, str]:
     """(exit code, the line for standard error) of a job that ``exc`` ended; ``output``: the
     output location the job writes, named when the disk is full."""
-    if isinstance(exc, Interrupted):
-        name = signal.Signals(exc.signum).name
-        return 128 + exc.signum, (f"interrupted by {name}: shards already written are complete and marked done; "
+    exc = reason(exc)
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        return 128 + signum, (f"interrupted by {name}: shards already written are complete and marked done; "
                                   "run the same command again to resume (it skips them)")
     if isinstance(exc, REFUSED):
         return 2, f"error: {printable(exc)}"
@@ -69,6 +75,7 @@ def end_job(exc: BaseException, output: str = "the output") -> int:
     stopped unless the job was refused or ended by itself (a local Ray goes down with every
     process of it, even one a signal caught inside ``ray.init``; on a cluster the job's actors
     end with its connection: ``pipeline.runtime.ray_connect.stop_ray``)."""
+    exc = reason(exc)
     code, line = exit_status(exc, output)
     if not isinstance(exc, EXPECTED):
         log.info("the run failed", exc_info=exc)

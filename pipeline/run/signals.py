@@ -5,10 +5,12 @@ from __future__ import annotations
 import signal
 import threading
 
+from ..runtime import main_stop
+
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM reached the driver (a BaseException, like KeyboardInterrupt, so no
-    ``except Exception`` on the way swallows it)."""
+    """SIGINT or SIGTERM reached the driver: the cause of the ``main_stop.Stop`` that the
+    handler raises (a KeyboardInterrupt, the one exception Ray's blocking calls let through)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -17,10 +19,10 @@ class Interrupted(BaseException):
 
 def interrupt(signum: int, _frame) -> None:
     """The handler: ignore further SIGINT and SIGTERM (one clean stop; repeated signals wait for
-    it), then raise ``Interrupted``."""
+    it), then stop the main thread for ``Interrupted(signum)``."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signum)
+    main_stop.stop(Interrupted(signum))
 
 
 def _set_handlers(handlers: dict) -> None:
@@ -30,7 +32,9 @@ def _set_handlers(handlers: dict) -> None:
 
 
 def catch_interrupts() -> None:
-    """Turn SIGINT and SIGTERM into ``Interrupted``."""
+    """Turn SIGINT and SIGTERM into a stop for ``Interrupted`` (``main_stop``); no stop is
+    recorded yet."""
+    main_stop.forget()
     _set_handlers({signal.SIGINT: interrupt, signal.SIGTERM: interrupt})
 
 

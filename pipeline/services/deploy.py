@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..runtime import phases
+from ..runtime import main_stop, phases
 from ..infra.config import Config, ServiceConfig
 from ..infra.io import Storage
 from ..runtime.metrics_actor import job_actor_name
@@ -284,8 +284,9 @@ def wait_for_engine_start(services: Services, metrics) -> None:
 @contextmanager
 def services_awaited_beside(services: Services):
     """Run the body (the dataflow, in the main thread) while another thread waits for the
-    services the job deployed: if they fail to start, ServicesUnavailable is raised in the main
-    thread, through SIGUSR1's handler. Outside the main thread: wait first, then run the body."""
+    services the job deployed: if they fail to start, the main thread is stopped (through
+    SIGUSR1's handler, ``main_stop``) and ServicesUnavailable leaves the body. Outside the main
+    thread: wait first, then run the body."""
     if threading.current_thread() is not threading.main_thread():
         wait_for_services(services)
         yield
@@ -294,7 +295,7 @@ def services_awaited_beside(services: Services):
     finished = threading.Event()
 
     def raise_failure(_signum, _frame):
-        raise failure[0]
+        main_stop.stop(failure[0])  # a KeyboardInterrupt: also inside a Ray call (main_stop)
 
     def watch() -> None:
         try:
@@ -309,6 +310,10 @@ def services_awaited_beside(services: Services):
         if services.owned:
             threading.Thread(target=watch, name="services-watch", daemon=True).start()
         yield
+    except KeyboardInterrupt as exc:
+        if failure and main_stop.reason(exc) is failure[0]:
+            raise failure[0] from None
+        raise
     finally:
         finished.set()
         signal.signal(signal.SIGUSR1, previous)
