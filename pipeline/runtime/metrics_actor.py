@@ -15,6 +15,8 @@ import ray
 #: Namespace of every job's metrics actor: a Serve replica lives in the namespace of whichever
 #: job started the Serve controller, so a per-driver namespace would hide a later job's actor.
 NAMESPACE = "selfrag-metrics"
+#: How long a reporter waits before it looks again for a metrics actor it did not find.
+LOOKUP_AGAIN_S = 1.0
 
 
 @ray.remote(num_cpus=0)
@@ -39,6 +41,9 @@ class StageMetrics:
     def get(self) -> dict:
         return self.stats
 
+    def reset(self) -> None:
+        self.stats = {}
+
 
 def job_actor_name() -> str | None:
     """The name of this Ray job's metrics actor (the driver and its stage actors share the job);
@@ -58,15 +63,21 @@ def _lookup(name: str | None):
 
 
 def start_metrics():
-    """Create (or replace) this job's metrics actor on the driver's node and return its handle.
-    (Left to the scheduler, it may land on a worker node, and the run's metrics would die with
-    that node while the run itself survives the loss.)"""
+    """This job's metrics actor, with no figures yet: the one an earlier run of this driver
+    process left (reset: running services that served that run keep their handle to it), or a
+    new one on the driver's node (left to the scheduler, it may land on a worker node, and the
+    run's metrics would die with that node while the run itself survives the loss). It ends
+    with the driver."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = job_actor_name()
     old = _lookup(name)
     if old is not None:
-        ray.kill(old)
+        try:
+            ray.get(old.reset.remote(), timeout=30)
+            return old
+        except Exception:  # noqa: BLE001 - dead or unresponsive: replaced
+            ray.kill(old)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return StageMetrics.options(name=name, namespace=NAMESPACE, scheduling_strategy=here).remote()
 
@@ -78,18 +89,20 @@ class Reporter:
     def __init__(self, stage: str, target: str | None = None):
         self.stage = stage
         self.target = target or job_actor_name()
-        self._actor, self._looked_up = None, False
+        self._actor, self._next_lookup = None, 0.0
 
     def follow(self, target: str | None) -> None:
         """Report to the metrics actor named ``target`` from now on (None or the same: no change)."""
         if target and target != self.target:
-            self.target, self._actor, self._looked_up = target, None, False
+            self.target, self._actor, self._next_lookup = target, None, 0.0
 
     def report(self, wait: bool = False, **values) -> None:
         """Add values to this stage's totals (fire and forget; ``wait``: until the actor has them,
-        at most 10 s, as a replica does when it shuts down). The actor is looked up once per target."""
-        if not self._looked_up:
-            self._actor, self._looked_up = _lookup(self.target), self.target is not None
+        at most 10 s, as a replica does when it shuts down). The actor is looked up once per
+        target, and again at most every ``LOOKUP_AGAIN_S`` while it is not found (a service
+        deployed before the job that it reports to started its actor); reports meanwhile are lost."""
+        if self._actor is None and self.target is not None and time.monotonic() >= self._next_lookup:
+            self._actor, self._next_lookup = _lookup(self.target), time.monotonic() + LOOKUP_AGAIN_S
         if self._actor is not None:
             ref = self._actor.add.remote(self.stage, values)
             if wait:

@@ -80,7 +80,7 @@ async def call_with_retries(call, service: str, svc: ServiceConfig):
 
 
 class ServeEngineClient:
-    """``EngineClient`` over the engine deployment's handle."""
+    """``EngineClient`` over the engine deployment's handle; ``calls``: the calls answered."""
 
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
@@ -90,17 +90,20 @@ class ServeEngineClient:
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
         self.metrics = job_actor_name()  # where the replicas report what they serve for this job
+        self.calls = 0
 
     async def generate(self, prompts, max_tokens, route, stop_ids=()):
         if not prompts:
             return []
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
                    "stop_ids": list(stop_ids), "metrics": self.metrics}
-        return await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+        out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+        self.calls += 1
+        return out
 
 
 class ServeRetrieverClient:
-    """``RetrieverClient`` over the retrieval deployment's handle."""
+    """``RetrieverClient`` over the retrieval deployment's handle; ``calls``: the calls answered."""
 
     def __init__(self, app_name: str, svc: ServiceConfig):
         from ray import serve
@@ -110,9 +113,12 @@ class ServeRetrieverClient:
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
         self.metrics = job_actor_name()
+        self.calls = 0
 
     async def search(self, queries, k):
         if not queries:
             return []
-        return await call_with_retries(lambda: self.handle.search.remote(list(queries), k, self.metrics),
-                                       "retriever", self.svc)
+        out = await call_with_retries(lambda: self.handle.search.remote(list(queries), k, self.metrics),
+                                      "retriever", self.svc)
+        self.calls += 1
+        return out

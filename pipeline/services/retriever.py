@@ -41,7 +41,7 @@ class RetrieverReplica(ReportingReplica):
         self.retriever = Retriever(cfg, Storage(storage), exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self.coalesced = CoalescingSearch(self._search)
-        self.counters = {"seconds": 0.0, "queries": 0, "calls": 0, "searches": 0}
+        self.counters = {"seconds": 0.0, "queries": 0, "searches": 0}  # and calls (ReportingReplica)
         self.start_reporting(self.counters, time.perf_counter() - start)
 
     async def index_meta(self) -> dict:
@@ -59,7 +59,6 @@ class RetrieverReplica(ReportingReplica):
         finally:
             self.end()
         self.counters["queries"] += len(queries)
-        self.counters["calls"] += 1
         return found
 
     async def _search(self, queries: list[str], k: int) -> list[list[dict]]:

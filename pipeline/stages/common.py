@@ -122,6 +122,8 @@ class ServiceStage:
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self.stage = self.logic(cfg, tokens, ids, decode, engine, retriever)
         self.contract = self.logic.contract(cfg)
+        self.clients = {"engine_calls": engine, "retriever_calls": retriever}
+        self.calls_reported = dict.fromkeys(self.clients, 0)
         self.reporter = Reporter(self.logic.name)
         self.reporter.report(init_seconds=time.perf_counter() - start)
 
@@ -129,4 +131,14 @@ class ServiceStage:
         view = self.contract.view(batch)
         with self.reporter.batch(batch.num_rows) as extra:
             extra.update(await self.stage.process(view))
+            extra.update(self.calls_since_last_report())
         return view.result()
+
+    def calls_since_last_report(self) -> dict:
+        """The service calls answered since the last batch's report (``engine_calls``,
+        ``retriever_calls``): a job reusing running services waits until their replicas have
+        reported as many (``pipeline.run.stage_metrics.await_service_reports``)."""
+        now = {key: client.calls for key, client in self.clients.items() if client is not None}
+        grown = {key: n - self.calls_reported[key] for key, n in now.items() if n > self.calls_reported[key]}
+        self.calls_reported.update(now)
+        return grown
