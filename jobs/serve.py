@@ -3,6 +3,8 @@
     python -m jobs.serve [--config FILE ...] [key=value ...]     # deploy, wait until running, exit
     python -m jobs.serve --stop [key=value ...]                   # delete them
 
+It leaves them warm: Ray Data's cluster-wide actors started and each service called a few
+times (``pipeline.services.warm_up``), so that the first job pays no more than the next ones.
 Jobs on the same cluster then reuse them, with no engine start-up of their own:
 ``engine.service.deployment=selfrag-engine retrieval.service.deployment=selfrag-retriever``
 (and the same ``ray.address``, or ``RAY_ADDRESS``). Use the same config as the jobs (model,
@@ -25,6 +27,7 @@ from pipeline.run.exit_codes import end_job
 from pipeline.services.deploy import (ENGINE_APP, RETRIEVER_APP, Services, ServicesUnavailable, start_services,
                                       started_here, stop_services)
 from pipeline.model.tokenizer import tokenizer_spec
+from pipeline.services.warm_up import warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             stop_services(Services(owned=[a for a in (ENGINE_APP, RETRIEVER_APP) if a in running]))
             print(f"stopped: {sorted(running & {ENGINE_APP, RETRIEVER_APP}) or 'nothing was running'}", flush=True)
             return 0
+        tokenizer = tokenizer_spec(storage, cfg.engine.model)
         try:
-            services = start_services(cfg, tokenizer_spec(storage, cfg.engine.model), retrieval=retrieval)
+            services = start_services(cfg, tokenizer, retrieval=retrieval)
         except ServicesUnavailable as exc:
             return end_job(exc)
+        print(f"warmed up in {warm_up(cfg, services, tokenizer):.1f} s (Ray Data's cluster-wide actors, a few "
+              "calls to each service)", flush=True)
         print(f"running: {', '.join(services.owned)}. Jobs reuse them with engine.service.deployment={ENGINE_APP}"
               + (f" retrieval.service.deployment={RETRIEVER_APP}" if retrieval else "")
               + "; stop them with python -m jobs.serve --stop", flush=True)

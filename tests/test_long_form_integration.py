@@ -5,6 +5,7 @@ path of a job that reuses running services (its counters reported by the replica
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -30,20 +31,24 @@ def ids(reflection_ids) -> ReflectionIds:
 
 @pytest.fixture(scope="module")
 def running_services(index_dir, ray_session) -> list[str]:
-    """The engine and retrieval services, deployed once and left running for the module's runs
-    (as ``jobs.serve`` does); returns the overrides that make a run reuse them."""
+    """The engine and retrieval services, deployed once, warmed up and left running for the
+    module's runs (as ``jobs.serve`` does); returns the overrides that make a run reuse them."""
     from pipeline.infra.config import load_config
     from pipeline.infra.io import Storage
     from pipeline.model.tokenizer import tokenizer_spec
     from pipeline.run.preflight import ensure_index
     from pipeline.runtime.ray_connect import init_ray
     from pipeline.services.deploy import ENGINE_APP, RETRIEVER_APP, start_services, stop_services
+    from pipeline.services.warm_up import call_services, start_ray_data_actors
 
     cfg = load_config([], [f"retrieval.index_dir={index_dir}"])
     storage = Storage(cfg.storage)
     ensure_index(cfg, storage)
     init_ray(None)
-    services = start_services(cfg, tokenizer_spec(storage, cfg.engine.model), retrieval=True)
+    tokenizer = tokenizer_spec(storage, cfg.engine.model)
+    services = start_services(cfg, tokenizer, retrieval=True)
+    start_ray_data_actors()  # the parts of warm_up, which would only log a failure
+    asyncio.run(call_services(cfg, services, tokenizer))
     yield [f"engine.service.deployment={ENGINE_APP}", f"retrieval.service.deployment={RETRIEVER_APP}"]
     stop_services(services)
 

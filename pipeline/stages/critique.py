@@ -82,7 +82,7 @@ class Critique(StageLogic):
         await asyncio.gather(*(self.rank(out, [(i, rows[i]) for i in group], route) for route, group in groups.items()),
                              *(tree(i) for i in trees))
         view.set(**out)
-        stats = {"engine_calls": len(groups)}
+        stats = {}  # the engine calls (trees' included) are counted by ServiceStage
         if tree_stats:
             stats.update({f"long_form_{k}": v for k, v in sum_stats(tree_stats).items()}, long_form_rows=len(trees))
         return stats
