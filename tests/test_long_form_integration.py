@@ -6,6 +6,7 @@ path of a job that reuses running services (its counters reported by the replica
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import re
@@ -156,6 +157,7 @@ def test_two_fact_questions_are_answered_in_two_segments_with_fresh_retrieval(lo
 
 
 def test_always_mode_retrieves_for_every_row(tmp_path, index_dir, running_services):
+    gc.collect()  # the first run's handles are gone: its metrics actor, which the services report to, lives on
     inputs = copy_demo_queries(tmp_path / "in")
     summary, table = run_job(tmp_path / "out", index_dir, inputs, "selfrag.mode=always", "selfrag.top_k=2",
                              *running_services)

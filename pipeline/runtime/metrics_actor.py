@@ -17,6 +17,10 @@ import ray
 NAMESPACE = "selfrag-metrics"
 #: How long a reporter waits before it looks again for a metrics actor it did not find.
 LOOKUP_AGAIN_S = 1.0
+#: The driver's own handle on its metrics actor, by (driver's node, name): Ray ends an actor once
+#: its creator holds no handle (a handle looked up by name does not count), and the actor must
+#: outlive the run that started it (the driver's next run resets it).
+_held: dict = {}
 
 
 @ray.remote(num_cpus=0)
@@ -71,15 +75,20 @@ def start_metrics():
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = job_actor_name()
+    key = (ray.get_runtime_context().get_node_id(), name)  # a driver that restarted Ray holds stale handles
+    held = _held.get(key)
+    if held is not None:
+        try:
+            ray.get(held.reset.remote(), timeout=30)
+            return held
+        except Exception:  # noqa: BLE001 - dead or unresponsive: replaced
+            del _held[key]
     old = _lookup(name)
     if old is not None:
-        try:
-            ray.get(old.reset.remote(), timeout=30)
-            return old
-        except Exception:  # noqa: BLE001 - dead or unresponsive: replaced
-            ray.kill(old)
+        ray.kill(old)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return StageMetrics.options(name=name, namespace=NAMESPACE, scheduling_strategy=here).remote()
+    _held[key] = StageMetrics.options(name=name, namespace=NAMESPACE, scheduling_strategy=here).remote()
+    return _held[key]
 
 
 class Reporter:
