@@ -82,7 +82,7 @@ def test_sigterm_while_the_driver_waits_in_ray_get_stops_it_as_sigterm(blocked):
 def test_a_service_that_fails_to_start_stops_the_driver_waiting_in_ray_get(blocked, monkeypatch):
     import ray
 
-    def fails_once_main_waits(names, timeout_s, why_not):
+    def fails_once_main_waits(names, timeout_s, why_not, cancelled=None):
         while not main_thread_in_ray_get():
             time.sleep(0.01)
         raise deploy.ServicesUnavailable(f"{names[0]} not running {timeout_s:g} s after deployment")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +48,28 @@ def test_stage_actors_follow_the_mode():
     assert whats("never") == ["engine.service", "stages.first_pass", "stages.write"]
     assert whats("always") == ["engine.service", "retrieval.service", "stages.critique", "stages.retrieve",
                                "stages.write"]
+
+
+def test_the_start_watcher_ends_with_the_job_and_calls_serve_no_more(monkeypatch):
+    """A job that ends before its services run (nothing to do, or a failed stage) stops watching
+    them: the watcher, left polling, would call Serve after the job's Ray was shut down, and Serve
+    would start a new local Ray in the driver (CI failed so: a Ray left by an earlier module)."""
+    import threading
+
+    from ray import serve
+
+    from pipeline.services import deploy
+
+    polled = threading.Event()
+
+    def status():
+        polled.set()
+        return SimpleNamespace(applications={})  # never running
+
+    monkeypatch.setattr(serve, "status", status)
+    with deploy.services_awaited_beside(deploy.Services(owned=[deploy.ENGINE_APP], start_timeout_s=600)):
+        assert polled.wait(60)  # the watcher polls while the body runs
+    assert not [t for t in threading.enumerate() if t.name == deploy.WATCH_THREAD]  # it polled its last
 
 
 def run_job(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -24,6 +24,9 @@ from ..model.tokenizer import TokenizerSpec
 log = logging.getLogger(__name__)
 
 ENGINE_APP, RETRIEVER_APP = "selfrag-engine", "selfrag-retriever"
+#: The thread that watches a job's services start beside its dataflow, and how long the job's
+#: end waits for it to see that the job ended (at most one Serve status call under way).
+WATCH_THREAD, WATCH_JOIN_S = "services-watch", 30.0
 
 
 @dataclass
@@ -184,13 +187,16 @@ def started_here() -> bool:
     return bool(getattr(node, "head", False))
 
 
-def wait_until_running(names: list[str], timeout_s: float, why_not: str) -> None:
+def wait_until_running(names: list[str], timeout_s: float, why_not: str,
+                       cancelled: threading.Event | None = None) -> None:
     """Wait for the Serve applications ``names`` to run; ServicesUnavailable when one failed to
-    deploy, or after ``timeout_s`` (``why_not``: what the cluster has, for the message)."""
+    deploy, or after ``timeout_s`` (``why_not``: what the cluster has, for the message). Returns
+    without a further call to Ray once ``cancelled`` is set."""
     from ray import serve
 
+    cancelled = cancelled or threading.Event()
     deadline, pause = time.monotonic() + timeout_s, 0.05
-    while True:
+    while not cancelled.is_set():
         statuses = serve.status().applications
         failed = {n: statuses[n] for n in names if n in statuses and statuses[n].status == "DEPLOY_FAILED"}
         if failed:
@@ -203,7 +209,7 @@ def wait_until_running(names: list[str], timeout_s: float, why_not: str) -> None
             waiting = [n for n in names if n not in statuses or statuses[n].status != "RUNNING"]
             raise ServicesUnavailable(f"{', '.join(waiting)} not running {timeout_s:g} s after deployment "
                                       f"(start_timeout_s): {why_not}")
-        time.sleep(pause)
+        cancelled.wait(pause)
         pause = min(1.0, pause * 2)
 
 
@@ -299,16 +305,17 @@ def services_awaited_beside(services: Services):
 
     def watch() -> None:
         try:
-            wait_until_running(services.owned, services.start_timeout_s, services.why_not)
+            wait_until_running(services.owned, services.start_timeout_s, services.why_not, finished)
         except Exception as exc:  # noqa: BLE001 - whatever stops the wait stops the job
             if not finished.is_set():
                 failure.append(exc)
                 _thread.interrupt_main(signal.SIGUSR1)
 
+    watcher = threading.Thread(target=watch, name=WATCH_THREAD, daemon=True)
     previous = signal.signal(signal.SIGUSR1, raise_failure)
     try:
         if services.owned:
-            threading.Thread(target=watch, name="services-watch", daemon=True).start()
+            watcher.start()
         yield
     except KeyboardInterrupt as exc:
         if failure and main_stop.reason(exc) is failure[0]:
@@ -316,6 +323,10 @@ def services_awaited_beside(services: Services):
         raise
     finally:
         finished.set()
+        # The watcher ends with the body: left polling, it would outlive the job's Ray, and
+        # Serve's next call would start a new local Ray in this process (Serve connects on demand).
+        if watcher.is_alive():
+            watcher.join(timeout=WATCH_JOIN_S)
         signal.signal(signal.SIGUSR1, previous)
 
 
