@@ -28,6 +28,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 RAY_TMPDIR = tempfile.mkdtemp(prefix="rt", dir="/tmp")
 os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 os.environ.pop("RAY_ADDRESS", None)
+# Nothing in the suite's process starts a Ray on its own (each test starts or joins one on
+# purpose): a Ray Serve handle's long-poll callback left by one module would otherwise start a
+# local Ray after that module's ray.shutdown, and a later module meets it ("ray.init twice").
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 
 @pytest.fixture(scope="session")
@@ -94,16 +98,17 @@ def reflection_ids():
 
 
 def run_job(output: Path, index_dir: str, inputs: list[str], *overrides: str) -> tuple[dict, pa.Table]:
-    """Run the annotation job (``pipeline.run.annotate.run``) in this process, in the prompt style
-    the tiny model was trained on (the subprocess runs of other modules keep the default style);
-    returns this run's summary (the manifest's ``this_run``) and all output rows."""
+    """Run the annotation job (``pipeline.run.annotate.run``) in this process, on Ray unless the
+    overrides say otherwise (``runner``), in the prompt style the tiny model was trained on (the
+    subprocess runs of other modules keep the default style); returns this run's summary (the
+    manifest's ``this_run``) and all output rows."""
     from pipeline.infra.config import load_config
     from pipeline.run.annotate import run
     from pipeline.synthetic.world import TRAINED_PROMPT_STYLE
 
     cfg = load_config([], [
         f"input.paths=[{','.join(inputs)}]", f"output.path={output}", f"retrieval.index_dir={index_dir}",
-        "ray.progress_bars=false", f"selfrag.prompt_style={TRAINED_PROMPT_STYLE}", *overrides,
+        "ray.progress_bars=false", f"selfrag.prompt_style={TRAINED_PROMPT_STYLE}", "runner=ray", *overrides,
     ])
     summary = run(cfg)["this_run"]
     table = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("*.parquet"))],

@@ -342,6 +342,7 @@ def test_resolved_config_and_manifest_are_written(adaptive):
     assert "top_k: 5" in config and "keep_logprobs: true" in config
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["this_run"] == summary and manifest["totals"]["rows_out"] == summary["rows"]
+    assert summary["runner"] == "ray"
     assert {e["shard"] for e in manifest["shards"]} == {str(p) for p in out.parent.glob("in/*.parquet")}
     assert all(e["status"] == "written" and e["rows_in"] == e["rows"] for e in manifest["shards"])
     # in run order, every phase but the interpreter's imports (this run was called in-process)
@@ -433,3 +434,44 @@ def test_the_run_writes_a_report_that_renders_with_every_plot_drawn(adaptive):
     assert check_in_browser(page) == 12
     history = json.loads((out / "_history.json").read_text())
     assert len(history) == 1 and history[0]["rows"] == len(rows)
+
+
+#: Columns that may differ between two runs of one annotation (which run made the row).
+RUN_COLUMNS = {"run_id"}
+
+
+def differences(a, b, where: str = "") -> list[str]:
+    """Where two output values differ: exactly (texts, token ids, choices), but for floats within
+    1e-4 relative (vLLM on CPU computes a float32 logit differently in its last bits when the
+    request shares a step with other requests: e.g. -23.921127 against -23.921101)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) else [f"{where}: {a!r} != {b!r}"]
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def test_the_in_process_runner_writes_exactly_the_ray_runs_annotations(adaptive, index_dir, tmp_path):
+    """The same inputs and settings with ``runner=in_process`` (no Ray: the engine and the
+    retriever on threads of this process): every row, bad rows included, equal to the Ray run's,
+    and the manifest's phases and figures of a run without Ray."""
+    inputs, ray_summary, ray_rows, _ = adaptive
+    summary, table = run_job(tmp_path / "out", index_dir, inputs, "output.keep_logprobs=true", "runner=in_process",
+                             f"selfrag.top_k={TOP_K}", f"selfrag.threshold={THRESHOLD}")
+    rows = table.to_pylist()
+    assert len(rows) == len(ray_rows) and summary["errors"] == ray_summary["errors"] > 0
+    key = lambda r: (r["id"] or "", r["instruction"] or "")  # noqa: E731
+    for mine, theirs in zip(sorted(rows, key=key), sorted(ray_rows, key=key)):
+        assert mine.keys() == theirs.keys()
+        found = [d for c in mine if c not in RUN_COLUMNS for d in differences(mine[c], theirs[c], c)]
+        assert not found, (mine["id"], found)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["this_run"]["runner"] == "in_process"
+    assert list(manifest["phases"]) == [p for p in PHASES if p not in ("imports", "ray_init")]
+    stages = manifest["stages"]
+    assert stages["engine"]["startups"] == 1 and stages["engine"]["requests"] > 0
+    made = sum(entry.get("engine_calls", 0) for entry in stages.values())
+    assert stages["engine"]["calls"] == made > 0  # every call the stages made was served and reported
+    assert stages["write"]["rows"] == len(rows)

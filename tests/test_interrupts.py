@@ -35,14 +35,15 @@ RUN_MARK = "SELFRAG_TEST_RUN"
 
 
 def start_job(tmp_path: Path, *overrides: str, pause_at: str | None = None) -> tuple[subprocess.Popen, queue.Queue]:
-    """The job in its own session; its stdout lines arrive on the returned queue. ``pause_at``:
-    the phase the job waits in (``pipeline.runtime.phases``), announced in ``tmp_path / "paused"``."""
+    """The job in its own session (on Ray unless the overrides set ``runner``); its stdout lines
+    arrive on the returned queue. ``pause_at``: the phase the job waits in
+    (``pipeline.runtime.phases``), announced in ``tmp_path / "paused"``."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env[RUN_MARK] = uuid.uuid4().hex
     if pause_at:
         env.update({phases.PAUSE_AT: pause_at, phases.PAUSED_FILE: str(tmp_path / "paused")})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", "runner=ray", *overrides],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     proc.mark = env[RUN_MARK]
@@ -165,13 +166,14 @@ def stop_and_check(proc: subprocess.Popen, sig: int, lines: queue.Queue | None =
     return err
 
 
-def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path, simulated_engine):
+@pytest.mark.parametrize("runner", ["ray", "in_process"])
+def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path, simulated_engine, runner):
     demo = pa.concat_tables([pq.read_table(p) for p in sorted(DEMO_QUERIES.glob("*.parquet"))]).slice(0, 24)
     (tmp_path / "in").mkdir()
     for i in range(8):
         pq.write_table(demo.slice(3 * i, 3), tmp_path / "in" / f"part-{i}.parquet")
     common = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
-              f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine,
+              f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine, f"runner={runner}",
               # one row at a time (about 1 s each): shards finish one after another, so the signal lands mid-run
               "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1"]
     proc, lines = start_job(tmp_path, *common)
@@ -195,22 +197,26 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     assert sorted(ids) == sorted(demo.column("id").to_pylist())
 
 
-@pytest.mark.parametrize("phase, sig, engine", [
-    ("before_ray_init", signal.SIGINT, "vllm"),
+@pytest.mark.parametrize("phase, sig, engine, runner", [
+    ("before_ray_init", signal.SIGINT, "vllm", "ray"),
     # Ray's own SIGTERM handler is in place, and Ray does not know its processes yet
-    ("ray_init", signal.SIGTERM, "vllm"),
-    ("ray_init", signal.SIGINT, "vllm"),
-    pytest.param("deploy", signal.SIGTERM, "vllm", marks=pytest.mark.e2e),  # vLLM's engine processes are starting
-    ("first_batch", signal.SIGINT, "simulated"),
-    ("commit", signal.SIGTERM, "simulated"),  # the writer holds a shard's hidden file, not yet moved into place
+    ("ray_init", signal.SIGTERM, "vllm", "ray"),
+    ("ray_init", signal.SIGINT, "vllm", "ray"),
+    pytest.param("deploy", signal.SIGTERM, "vllm", "ray", marks=pytest.mark.e2e),  # vLLM's engine processes are starting
+    ("first_batch", signal.SIGINT, "simulated", "ray"),
+    ("commit", signal.SIGTERM, "simulated", "ray"),  # the writer holds a shard's hidden file, not yet moved into place
+    # in one process: the engine is loading on its thread; vLLM's engine process runs and a batch is in flight
+    ("engine_start", signal.SIGTERM, "vllm", "in_process"),
+    pytest.param("first_batch", signal.SIGTERM, "vllm", "in_process", marks=pytest.mark.e2e),
+    ("commit", signal.SIGINT, "simulated", "in_process"),
 ], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
-def test_a_signal_in_any_phase_exits_cleanly_and_leaves_no_process(tmp_path, phase, sig, engine, request):
+def test_a_signal_in_any_phase_exits_cleanly_and_leaves_no_process(tmp_path, phase, sig, engine, runner, request):
     (tmp_path / "in").mkdir()
     pq.write_table(pq.read_table(next(DEMO_QUERIES.glob("*.parquet"))).slice(0, 3), tmp_path / "in" / "q.parquet")
     simulated = request.getfixturevalue("simulated_engine") if engine == "simulated" else []
     proc, lines = start_job(tmp_path, f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
                             "selfrag.mode=never", f"retrieval.index_dir={tmp_path / 'index'}", *simulated,
-                            pause_at=phase)
+                            f"runner={runner}", pause_at=phase)
     wait_paused(tmp_path, proc, phase)
     if phase == "ray_init":
         wait_for_agents(proc)

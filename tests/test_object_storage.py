@@ -68,7 +68,7 @@ def annotate(env, endpoint, tmp_path, *overrides, timeout=900) -> subprocess.Com
     workers leave the group: a job that died without cleanup leaves workers that may still be
     writing), so nothing the job started outlives the call."""
     cmd = [sys.executable, "-m", "jobs.annotate", f"storage.endpoint_url={endpoint}",
-           f"storage.cache_dir={tmp_path / 'cache'}", "ray.progress_bars=false", *overrides]
+           f"storage.cache_dir={tmp_path / 'cache'}", "ray.progress_bars=false", "runner=ray", *overrides]
     mark = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, **{RUN_MARK: mark}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

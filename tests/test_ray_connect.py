@@ -74,16 +74,21 @@ def test_an_explicit_address_or_ray_address_wins(ray_tmp, monkeypatch):
 
 def test_a_driver_starts_a_local_ray_past_a_stale_address_file(ray_tmp):
     """The real thing: Ray alone retries the gone cluster's GCS for ever; init_ray starts a
-    local Ray at once and says why."""
+    local Ray at once and says why. After its ray.shutdown, a Ray call in that process fails
+    instead of starting a Ray of its own (``no_auto_connect``)."""
     ray_tmp.write_text(f"127.0.0.1:{closed_port()}")
     code = ("from pipeline.runtime.ray_connect import init_ray; import ray; init_ray(None); "
-            "print('resources', ray.cluster_resources().get('CPU')); ray.shutdown()")
+            "print('resources', ray.cluster_resources().get('CPU')); ray.shutdown()\n"
+            "try:\n    ray.put(1)\nexcept Exception as exc:\n    print('refused', type(exc).__name__)\n"
+            "print('connected', ray.is_initialized())")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ENABLE_AUTO_CONNECT")  # the suite's own guard: here init_ray is what must set it
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resources" in proc.stdout
     assert "does not answer" in proc.stderr
+    assert "refused" in proc.stdout and "connected False" in proc.stdout, proc.stdout
 
 
 def spawn(title: str, parent_title: str | None, code: str = "import time; time.sleep(120)") -> int:

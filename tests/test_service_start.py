@@ -78,7 +78,7 @@ def run_job(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.Co
     env = dict(os.environ, **(env or {}))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "jobs.annotate", f"input.paths={tmp_path / 'in'}",
-                           f"output.path={tmp_path / 'out'}", "selfrag.mode=never", *overrides],
+                           f"output.path={tmp_path / 'out'}", "selfrag.mode=never", "runner=ray", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

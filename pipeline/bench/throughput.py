@@ -29,8 +29,8 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
     recorded = RECORDING
     shutil.rmtree(recorded, ignore_errors=True)
     account = CpuAccount().start()
-    manifest, out = annotate("main", rows, shards,
-                             [f"debug.record_engine_requests={recorded.absolute()}", *overrides])
+    manifest, out = annotate("main", rows, shards,  # the distributed harness: Ray Data stages, Serve services
+                             [f"debug.record_engine_requests={recorded.absolute()}", "runner=ray", *overrides])
     summary, stages = manifest["this_run"], manifest["stages"]
     engine = stages["engine"]
     cfg = load_config([], list(overrides))
@@ -97,10 +97,11 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
 
 
 def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
-    """A small job end to end in fresh processes: the pipeline (``small_job_seconds``), the
-    plain script that loads vLLM and generates the same engine requests
-    (``bare_engine_process_seconds``), and the pipeline again with its services already
-    running on a cluster (``small_job_seconds_warm``)."""
+    """A small job end to end in fresh processes: the pipeline as a user starts it on one
+    machine (``runner`` auto: in this process, ``small_job_seconds``) and on a local Ray of its
+    own (``small_job_seconds_ray``), the plain script that loads vLLM and generates the same
+    engine requests (``bare_engine_process_seconds``), and the pipeline again with its services
+    already running on a cluster (``small_job_seconds_warm``)."""
     name = BENCH_DIR / "small"
     write_shards(name / "queries", rows, 2)
     requests = (name / "engine-requests").absolute()
@@ -109,9 +110,19 @@ def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
     job = [sys.executable, "-m", "jobs.annotate", *common]
     cold = timed([*job, f"output.path={name / 'out'}", f"debug.record_engine_requests={requests}"], name / "cold.log")
     bare = timed([sys.executable, "-m", "jobs.bare_engine", str(requests), *overrides], name / "bare.log")
+    on_ray = timed([*job, f"output.path={name / 'out-ray'}", "runner=ray"], name / "cold-ray.log")
     warm = warm_small_job(job, name, overrides)
-    return {"small_job_rows": len(rows), "small_job_seconds": round(cold, 2), "bare_engine_process_seconds": round(bare, 2),
-            "small_job_ratio": round(bare / cold, 3), "small_job_seconds_warm": round(warm, 2)}
+    return {"small_job_rows": len(rows), "small_job_runner": runner_of(name / "out"),
+            "small_job_seconds": round(cold, 2), "bare_engine_process_seconds": round(bare, 2),
+            "small_job_ratio": round(bare / cold, 3), "small_job_seconds_ray": round(on_ray, 2),
+            "small_job_ratio_ray": round(bare / on_ray, 3), "small_job_seconds_warm": round(warm, 2)}
+
+
+def runner_of(out: Path) -> str:
+    """Where a job's run went (its manifest's ``runner``)."""
+    import json
+
+    return json.loads((out / "_manifest.json").read_text())["this_run"]["runner"]
 
 
 def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:

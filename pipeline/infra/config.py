@@ -24,6 +24,10 @@ from ..retrieval.encoder import DTYPES as ENCODER_DTYPES
 from ..selfrag.scoring import RETRIEVAL_MODES, RETRIEVAL_RULES, ScoreWeights
 
 
+#: Values of ``runner``.
+RUNNERS = ("auto", "ray", "in_process")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
@@ -369,6 +373,14 @@ class Config:
     #: info: a quiet console (a line per shard, the summary, warnings and errors), every other
     #: log line in {output.path}/_logs/; debug: everything on the console too.
     log_level: str = "info"
+    #: Where the stages and services run. ray: Ray Data stages and Ray Serve services, on the
+    #: cluster or a new local Ray. in_process: all in this process (the engine and the retriever
+    #: each on a thread of their own), without Ray: no Ray start and no actors to start, for
+    #: small jobs on one machine; one engine replica, no reused services. auto: in_process when
+    #: the job would otherwise start a new local Ray for one engine replica of its own
+    #: (ray.address null, no RAY_ADDRESS, no Ray running here; services not reused, not
+    #: autoscaled, retrieval.shards_apart off); ray otherwise.
+    runner: str = "auto"
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -426,6 +438,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.output.path), "output.path", "must be set")
     _check(cfg.output.examples >= 0, "output.examples", "must be 0 or more")
     _check(cfg.log_level in ("info", "debug"), "log_level", f"{cfg.log_level!r} is not one of ['info', 'debug']")
+    _check(cfg.runner in RUNNERS, "runner", f"{cfg.runner!r} is not one of {list(RUNNERS)}")
     _check(cfg.output.on_bad_shard in ("fail", "skip"), "output.on_bad_shard",
            f"{cfg.output.on_bad_shard!r} is not fail or skip")
     o = cfg.output

@@ -66,6 +66,7 @@ def build_manifest(cfg: Config, plan, run_id: str, written: list[dict], stages: 
             "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 3) if seconds else None,
             # epoch seconds that the stages' first_start, last_end and ready_at count from
             "timeline_origin": plan.timeline_origin,
+            "runner": plan.runner,
         },
         "totals": {
             "shards": len(shards), "rows_in": sum(e["rows_in"] or 0 for e in shards),

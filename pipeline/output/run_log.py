@@ -23,7 +23,7 @@ from .folder import OutputFolder
 #: Top-level packages whose warnings the console shows.
 OWN = ("pipeline", "jobs", "__main__")
 #: Library loggers whose INFO lines are progress chatter, kept for the file.
-CHATTY = ("ray", "ray.data", "ray.serve", "filelock", "urllib3", "botocore", "s3fs", "fsspec", "httpx")
+CHATTY = ("ray", "ray.data", "ray.serve", "vllm", "filelock", "urllib3", "botocore", "s3fs", "fsspec", "httpx")
 
 
 _active: "RunLog | None" = None

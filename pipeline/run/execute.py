@@ -21,6 +21,7 @@ from ..services.deploy import (cluster_nodes, cluster_total, services_awaited_be
 from ..services.reporting import REPORT_EVERY_S
 from ..model.tokenizer import tokenizer_spec
 from .errors import IncompleteRun
+from .in_process import execute_in_process, runs_in_process
 from .signals import catch_interrupts, interrupt
 from .stage_metrics import await_service_reports, collect_stage_metrics
 
@@ -61,6 +62,9 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     todo = {shard: n for shard, n in plan.todo.items() if shard not in ready}
     if not todo:
         return written, {}
+    plan.runner = "in_process" if runs_in_process(cfg) else "ray"
+    if plan.runner == "in_process":
+        return execute_here(cfg, plan, todo, run_id, lease, written)
     phases.reached("before_ray_init")
     try:
         init_ray(cfg.ray.address, configure_logging=not quiet())
@@ -99,14 +103,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
                                 services, plan.versions, identity=plan.identity)
         with services_awaited_beside(services), Progress(total, rows_done) as shown:
             for summary in dataset.iter_rows():
-                check_lease(lease)
-                written.append(summary)
-                done = sum(w["rows"] for w in written)
-                shown.line(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
-                           f"[{len(written)}/{len(plan.todo)} shards, {shown.status(done)}]", done)
-                if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
-                    print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
-                    os._exit(3)  # fault injection: die like a killed process, no cleanup
+                shard_written(cfg, plan, lease, written, shown, summary)
         phase_times.mark("committed")
         reused = [name for name, app in (("engine", services.engine), ("retriever", services.retriever))
                   if app is not None and app not in services.owned]
@@ -117,7 +114,45 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
                             "figures leave them out", behind)
     finally:
         stop_services(services)  # an engine replica sends its last counters as it shuts down
-    stages = collect_stage_metrics(metrics, start)
+    return finished(plan, written, collect_stage_metrics(metrics, start), start)
+
+
+def execute_here(cfg: Config, plan: Plan, todo: dict[str, int], run_id: str, lease: Lease | None,
+                 written: list[dict]) -> tuple[list[dict], dict]:
+    """``execute`` in this process, without Ray (``runner``: ``pipeline.run.in_process``)."""
+    total = sum(plan.todo.values())
+    before = sum(w["rows"] for w in written) + sum(plan.staged.get(s, 0) for s in todo)
+    done_here = []
+
+    def rows_done() -> int:
+        return before + sum(w["rows"] for w in done_here)
+
+    with Progress(total, rows_done) as shown:
+        def on_shard(summary: dict) -> None:
+            done_here.append(summary)
+            shard_written(cfg, plan, lease, written, shown, summary)
+
+        stages = execute_in_process(cfg, plan, todo, run_id, on_shard)
+    return finished(plan, written, stages, plan.timeline_origin)
+
+
+def shard_written(cfg: Config, plan: Plan, lease: Lease | None, written: list[dict], shown: Progress,
+                  summary: dict) -> None:
+    """A shard was committed: check the lease, record and print it (``debug.exit_after_shards``:
+    die here once that many are written)."""
+    check_lease(lease)
+    written.append(summary)
+    done = sum(w["rows"] for w in written)
+    shown.line(f"wrote {summary['output']} ({summary['rows']} rows, {summary['errors']} errors) "
+               f"[{len(written)}/{len(plan.todo)} shards, {shown.status(done)}]", done)
+    if cfg.debug.exit_after_shards is not None and len(written) >= cfg.debug.exit_after_shards:
+        print(f"debug.exit_after_shards={cfg.debug.exit_after_shards}: exiting now", flush=True)
+        os._exit(3)  # fault injection: die like a killed process, no cleanup
+
+
+def finished(plan: Plan, written: list[dict], stages: dict, start: float) -> tuple[list[dict], dict]:
+    """(written shards, stage metrics) of a run whose every shard was written; the engine's
+    phases (its readiness, first and last request) from its metrics. IncompleteRun otherwise."""
     engine = stages.get("engine") or {}
     for phase, key in (("first_request", "first_start"), ("last_request", "last_end")):
         if key in engine:

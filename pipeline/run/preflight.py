@@ -29,6 +29,7 @@ from ..retrieval.index import (
 from ..output.schema import ALL_TYPES
 from ..selfrag.tokens import MissingReflectionTokens
 from ..model.tokenizer import tokenizer_spec
+from .in_process import in_process_refusal
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Plan:
     #: When the model stages started (epoch seconds; set by the run): the origin of the
     #: manifest's stage timeline.
     timeline_origin: float | None = None
+    #: Where the stages ran (``runner``: ray or in_process); None when no shard needed model work.
+    runner: str | None = None
 
     @property
     def storage(self) -> Storage:
@@ -354,6 +357,9 @@ def ensure_index(cfg: Config, storage: Storage) -> str | None:
 def preflight(cfg: Config) -> Plan:
     """All checks, in order; returns the run plan, whose output (``OutputFolder.of(cfg)``) the
     run reads and writes everything with. Loads no model (only the tokenizer)."""
+    refusal = in_process_refusal(cfg) if cfg.runner == "in_process" else None
+    if refusal:
+        raise PreflightError(f"runner=in_process cannot run this job: {refusal}; use runner=ray (or auto)")
     output = OutputFolder.of(cfg)
     storage = output.storage
     rows, schema, bad = check_inputs(cfg, storage)

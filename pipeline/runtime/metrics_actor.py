@@ -7,6 +7,7 @@ when no metrics actor runs (e.g. a stage used outside the job).
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -23,30 +24,36 @@ LOOKUP_AGAIN_S = 1.0
 _held: dict = {}
 
 
-@ray.remote(num_cpus=0)
-class StageMetrics:
+class MetricsTotals:
     """Sums per stage or service: seconds (busy in batches), rows, batches, generated tokens and
     other counters; the slowest replica's start-up (init_seconds); first batch start, last
-    batch end, the first replica starting and the first ready (epoch seconds)."""
+    batch end, the first replica starting and the first ready (epoch seconds). In a Ray job it
+    is the job's metrics actor (``StageMetrics``); a run in one process reports to one directly."""
 
     def __init__(self):
         self.stats: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()  # in one process, replicas report from threads of their own
 
     def add(self, stage: str, values: dict) -> None:
-        entry = self.stats.setdefault(stage, {})
-        for key, value in values.items():
-            if key in ("init_seconds", "last_end"):
-                entry[key] = max(entry.get(key, value), value)
-            elif key in ("first_start", "ready_at", "starting_at"):
-                entry[key] = min(entry.get(key, value), value)
-            else:
-                entry[key] = entry.get(key, 0) + value
+        with self._lock:
+            entry = self.stats.setdefault(stage, {})
+            for key, value in values.items():
+                if key in ("init_seconds", "last_end"):
+                    entry[key] = max(entry.get(key, value), value)
+                elif key in ("first_start", "ready_at", "starting_at"):
+                    entry[key] = min(entry.get(key, value), value)
+                else:
+                    entry[key] = entry.get(key, 0) + value
 
     def get(self) -> dict:
-        return self.stats
+        with self._lock:
+            return {stage: dict(entry) for stage, entry in self.stats.items()}
 
     def reset(self) -> None:
         self.stats = {}
+
+
+StageMetrics = ray.remote(num_cpus=0)(MetricsTotals)
 
 
 def job_actor_name() -> str | None:
@@ -93,12 +100,15 @@ def start_metrics():
 
 class Reporter:
     """Reports one stage's metrics to a job's metrics actor: this job's (a stage actor), or, in a
-    service replica that serves any job, the job named by the last request (``follow``)."""
+    service replica that serves any job, the job named by the last request (``follow``); or,
+    in a run in one process, to its ``MetricsTotals`` (``target``)."""
 
-    def __init__(self, stage: str, target: str | None = None):
+    def __init__(self, stage: str, target: str | MetricsTotals | None = None):
         self.stage = stage
         self.target = target or job_actor_name()
         self._actor, self._next_lookup = None, 0.0
+        if isinstance(self.target, MetricsTotals):
+            self._actor, self.target = self.target, None
 
     def follow(self, target: str | None) -> None:
         """Report to the metrics actor named ``target`` from now on (None or the same: no change)."""
@@ -112,7 +122,9 @@ class Reporter:
         deployed before the job that it reports to started its actor); reports meanwhile are lost."""
         if self._actor is None and self.target is not None and time.monotonic() >= self._next_lookup:
             self._actor, self._next_lookup = _lookup(self.target), time.monotonic() + LOOKUP_AGAIN_S
-        if self._actor is not None:
+        if isinstance(self._actor, MetricsTotals):
+            self._actor.add(self.stage, values)
+        elif self._actor is not None:
             ref = self._actor.add.remote(self.stage, values)
             if wait:
                 try:

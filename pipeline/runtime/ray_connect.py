@@ -78,6 +78,20 @@ def resolve_address(address: str | None) -> str | None:
     return "local"
 
 
+def would_start_local_ray(address: str | None) -> bool:
+    """Whether ``init_ray(address)`` would start a new local Ray: this process is not connected,
+    no address is configured or in ``RAY_ADDRESS``, and no Ray that answers runs on this machine."""
+    ray = sys.modules.get("ray")  # not imported: not connected
+    if (ray is not None and ray.is_initialized()) or address or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        with open(address_file()) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return True
+    return not recorded or not answers(recorded)
+
+
 def init_ray(address: str | None, configure_logging: bool = True) -> None:
     """``ray.init`` on the resolved address (nothing when this process is already connected);
     ``configure_logging=False`` leaves the driver's logging to the caller (no console handler of Ray's)."""
@@ -95,6 +109,18 @@ def init_ray(address: str | None, configure_logging: bool = True) -> None:
         _hold_in_ray_init()
     ray.init(address=resolved, ignore_reinit_error=True, logging_level=logging.WARNING,
              configure_logging=configure_logging)
+    no_auto_connect()
+
+
+def no_auto_connect() -> None:
+    """From now on nothing in this process starts a Ray on its own: this driver connects through
+    ``init_ray`` only. Ray's public calls start a local Ray when none is connected, and a library
+    thread that outlives a run's Ray would do so after its ``ray.shutdown`` (Ray Serve's handles
+    keep a long-poll callback that calls the gone controller: a driver running several jobs then
+    met a Ray nobody started, "ray.init twice"). Such a call fails instead."""
+    from ray._private import auto_init_hook  # read once at import from RAY_ENABLE_AUTO_CONNECT
+
+    auto_init_hook.enable_auto_connect = False
 
 
 def stop_ray(grace_s: float = STOP_GRACE_S) -> None:

@@ -124,8 +124,12 @@ class EngineReplica(ReportingReplica):
         if self.engine.errored:
             raise EngineUnavailable("the vLLM engine of this replica is dead")
 
-    def __del__(self):
+    def close(self) -> None:
+        """The last report, then the engine's shutdown (once)."""
         self.stop_reporting()
-        engine = getattr(self, "engine", None)
+        engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
+
+    def __del__(self):
+        self.close()

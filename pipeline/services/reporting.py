@@ -98,7 +98,7 @@ class ReportingReplica:
 
     def stop_reporting(self) -> None:
         """The last report, awaited: the job deletes its services, then reads the metrics."""
-        task = getattr(self, "_report_task", None)
+        task, self._report_task = getattr(self, "_report_task", None), None
         if task is not None:
             task.cancel()
             self.flush_counters(wait=True)

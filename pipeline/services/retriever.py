@@ -74,8 +74,12 @@ class RetrieverReplica(ReportingReplica):
         self.counters["searches"] += 1
         return found
 
-    def __del__(self):
+    def close(self) -> None:
+        """The last report."""
         self.stop_reporting()
+
+    def __del__(self):
+        self.close()
 
 
 class IndexShardReplica:

@@ -191,8 +191,12 @@ class SimulatedEngineReplica(ReportingReplica):
     async def check_health(self) -> None:
         """Serve's health check: a simulated engine does not die."""
 
-    def __del__(self):
+    def close(self) -> None:
+        """Stop stepping; the last report."""
         stepper = getattr(self, "_stepper", None)
         if stepper is not None:
             stepper.cancel()
         self.stop_reporting()
+
+    def __del__(self):
+        self.close()

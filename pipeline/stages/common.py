@@ -120,12 +120,22 @@ class ServiceStage:
         tokens, ids, decode = spec_tokens(Storage(cfg.storage), tokenizer)
         engine = ServeEngineClient(engine_app, cfg.engine.service) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
-        self.stage = self.logic(cfg, tokens, ids, decode, engine, retriever)
-        self.contract = self.logic.contract(cfg)
-        self.clients = {"engine_calls": engine, "retriever_calls": retriever}
-        self.calls_reported = dict.fromkeys(self.clients, 0)
-        self.reporter = Reporter(self.logic.name)
+        self._set_up(self.logic(cfg, tokens, ids, decode, engine, retriever), Reporter(self.logic.name))
         self.reporter.report(init_seconds=time.perf_counter() - start)
+
+    @classmethod
+    def in_process(cls, stage: StageLogic, reporter) -> "ServiceStage":
+        """The stage around ``stage`` (its logic, built with in-process clients), reporting to
+        ``reporter``: a run in one process (``pipeline.run.in_process``)."""
+        wrapped = cls.__new__(cls)
+        wrapped._set_up(stage, reporter)
+        return wrapped
+
+    def _set_up(self, stage: StageLogic, reporter) -> None:
+        self.stage, self.reporter = stage, reporter
+        self.contract = self.logic.contract(stage.cfg)
+        self.clients = {"engine_calls": stage.engine, "retriever_calls": stage.retriever}
+        self.calls_reported = dict.fromkeys(self.clients, 0)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         view = self.contract.view(batch)

@@ -141,14 +141,19 @@ def prepare_shards(batch: pa.Table, cfg: InputConfig, selfrag: SelfRagConfig, ou
     """Ray Data task: a batch of shard paths in, their prepared rows out (all in one schema),
     without the rows a previous run of the same annotation identity staged already in ``output``
     (whose storage reads the shards)."""
-    storage = output.storage
-    tokens = spec_tokens(storage, tokenizer)[0]  # built once per worker process
     with Reporter("prepare").batch(batch.num_rows):
-        tables = []
-        for shard in batch.column("shard").to_pylist():
-            rows = prepare_table(storage.read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
-            staged = staged_rows.staged_offsets(output, annotation_hash, shard)
-            if len(staged):
-                rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))
-            tables.append(rows)
-        return pa.concat_tables(tables)
+        return pa.concat_tables([rows_to_annotate(shard, cfg, selfrag, output, model, run_id, schema, tokenizer,
+                                                  annotation_hash) for shard in batch.column("shard").to_pylist()])
+
+
+def rows_to_annotate(shard: str, cfg: InputConfig, selfrag: SelfRagConfig, output: OutputFolder, model: str,
+                     run_id: str, schema: pa.Schema, tokenizer: TokenizerSpec, annotation_hash: str) -> pa.Table:
+    """The prepared rows of ``shard`` (``prepare_table``), without those a previous run of the
+    same annotation identity staged already in ``output`` (whose storage reads the shard)."""
+    storage = output.storage
+    tokens = spec_tokens(storage, tokenizer)[0]  # built once per process
+    rows = prepare_table(storage.read_table(shard), shard, cfg, model, run_id, schema, tokens, selfrag)
+    staged = staged_rows.staged_offsets(output, annotation_hash, shard)
+    if len(staged):
+        rows = rows.filter(pc.invert(pc.is_in(rows.column(OFFSET), pa.array(staged))))
+    return rows

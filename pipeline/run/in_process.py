@@ -1,0 +1,182 @@
+"""An annotation run in the driver's own process, without Ray (``runner``).
+
+The same stages (their logic, contracts and reports), the same writer and the same replica
+classes as the Ray run, with none of its fixed cost: no Ray start, no actors, no Serve. The
+engine and the retriever load on threads of their own (``services.in_process``) while the
+rows are prepared; then batches run through the chain (first pass, retrieve, critique) as
+tasks on one event loop, as many rows in flight as the Ray stages would hold, and the writer
+commits each shard as its last row arrives. For a small job on one machine the job costs little
+more than the engine itself; a cluster, several engine replicas or running services need Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Callable
+
+import pyarrow as pa
+
+from ..infra.config import Config
+from ..runtime.ray_connect import would_start_local_ray
+
+log = logging.getLogger(__name__)
+
+
+def in_process_refusal(cfg: Config) -> str | None:
+    """Why the run cannot be in this process (None: it can): it needs Ray's services."""
+    e, r = cfg.engine.service, cfg.retrieval.service
+    if e.deployment or r.deployment:
+        return "it reuses running services (engine/retrieval.service.deployment)"
+    if e.replicas > 1 or (e.max_replicas or 1) > 1:
+        return "it asks for more than one engine replica (engine.service.replicas, max_replicas)"
+    if cfg.retrieval.shards_apart:
+        return "retrieval.shards_apart deploys one service per index shard"
+    return None
+
+
+def runs_in_process(cfg: Config) -> bool:
+    """``runner``: in_process, or auto when the job would start a new local Ray for one engine
+    replica of its own (ConfigError-free: ``in_process`` with a refusal was refused by preflight)."""
+    if cfg.runner == "auto":
+        return in_process_refusal(cfg) is None and would_start_local_ray(cfg.ray.address)
+    return cfg.runner == "in_process"
+
+
+def rows_in_flight(cfg: Config) -> tuple[int, int]:
+    """(batch rows, batches in flight): batches of the smallest model stage's batch size, and as
+    many rows in flight as the run's Ray stages would hold (replicas x concurrent batches x batch)."""
+    st, mode = cfg.stages, cfg.selfrag.mode
+    stages = ([] if mode == "always" else [st.first_pass]) + ([st.retrieve, st.critique] if mode != "never" else [])
+    batch = min(s.batch_size for s in stages)
+    held = sum(s.replicas * s.max_concurrent_batches * s.batch_size for s in stages)
+    return batch, max(1, held // batch)
+
+
+def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
+                       on_shard: Callable[[dict], None]) -> dict:
+    """Annotate the shards ``todo`` (shard -> rows) of ``plan`` in this process; ``on_shard``
+    gets each written shard's summary. Returns the stage metrics."""
+    from ..model.tokenizer import spec_tokens, tokenizer_spec
+    from ..runtime import phase_times
+    from ..runtime.metrics_actor import MetricsTotals, Reporter
+    from ..services.in_process import InProcessEngineClient, InProcessRetrieverClient
+    from ..stages.critique import CritiqueStage
+    from ..stages.first_pass import FirstPassStage
+    from ..stages.retrieve import RetrieveStage
+    from ..stages.write import ShardWriter
+    from .stage_metrics import stage_metrics
+
+    totals, start = MetricsTotals(), time.time()
+    plan.timeline_origin = start
+    tokenizer = tokenizer_spec(plan.storage, cfg.engine.model)
+    retrieval = cfg.selfrag.mode != "never"
+    engine, retriever = start_replicas(cfg, tokenizer, retrieval, totals)
+    try:
+        tokens, ids, decode = spec_tokens(plan.storage, tokenizer)
+        kinds = ([] if cfg.selfrag.mode == "always" else [FirstPassStage]) + \
+                ([RetrieveStage, CritiqueStage] if retrieval else [])
+        # clients of their own per stage, as in a stage actor: each counts the calls its stage made
+        chain = [kind.in_process(kind.logic(cfg, tokens, ids, decode, InProcessEngineClient(engine),
+                                            InProcessRetrieverClient(retriever) if retriever else None),
+                                 Reporter(kind.logic.name, totals)) for kind in kinds]
+        writer = ShardWriter(cfg, todo, plan.annotation_hash, plan.versions, plan.identity)
+        writer.reporter = Reporter("write", totals)
+        prepared = (prepare(cfg, plan, shard, run_id, tokenizer, totals) for shard in todo)
+        asyncio.run(annotate(prepared, chain, writer, *rows_in_flight(cfg), on_shard, [engine, retriever]))
+        phase_times.mark("committed")
+    finally:
+        for replica in (engine, retriever):
+            if replica is not None:
+                replica.close()
+    return stage_metrics(totals.get(), start)
+
+
+def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
+    """The engine replica (simulated when ``engine.simulated.recording`` is set) and, when
+    ``retrieval``, the retrieval replica, each starting on its own thread."""
+    from ..infra.console import say
+    from ..output.run_log import quiet, quiet_libraries
+    from ..services.engine import EngineReplica
+    from ..services.in_process import InProcessReplica
+    from ..services.retriever import RetrieverReplica
+    from ..services.simulated_engine import SimulatedEngineReplica
+
+    say(f"starting the engine ({cfg.engine.model}, in this process)" + (" and the retriever" if retrieval else "")
+        + " ...")
+    os.environ.update(cfg.engine.env)  # what a replica's runtime environment would set
+    if quiet():  # vLLM's lines (also its engine process's) go to the run log, as a replica's do
+        from transformers.utils import logging as transformers_logging
+
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        quiet_libraries()  # a vLLM imported before has its console handler already
+        transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar
+    body = SimulatedEngineReplica if cfg.engine.simulated.recording else EngineReplica
+    engine = InProcessReplica("engine", body, cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests,
+                              totals)
+    retriever = InProcessReplica("retriever", RetrieverReplica, cfg.retrieval, cfg.storage, None, totals) \
+        if retrieval else None
+    return engine, retriever
+
+
+def prepare(cfg: Config, plan, shard: str, run_id: str, tokenizer, totals) -> pa.Table:
+    """The rows of ``shard`` still to annotate, prepared (always mode: all marked for retrieval)."""
+    from ..runtime.metrics_actor import Reporter
+    from ..stages.prepare import rows_to_annotate
+    from .dataflow import mark_all_for_retrieval
+
+    with Reporter("prepare", totals).batch(1):
+        rows = rows_to_annotate(shard, cfg.input, cfg.selfrag, plan.output, cfg.engine.model, run_id, plan.schema,
+                                tokenizer, plan.annotation_hash)
+    return mark_all_for_retrieval(rows, cfg) if cfg.selfrag.mode == "always" else rows
+
+
+async def started_replicas(replicas: list) -> None:
+    """Wait until the ``replicas`` (None: not used) are built; ServicesUnavailable if one failed."""
+    from ..services.deploy import ServicesUnavailable
+
+    for replica in replicas:
+        if replica is not None:
+            try:
+                await replica.built()
+            except Exception as exc:  # noqa: BLE001 - any failure to start is the service's
+                raise ServicesUnavailable(f"the {replica.name} failed to start: {type(exc).__name__}: {exc}") from exc
+
+
+async def annotate(prepared, chain: list, writer, batch_rows: int, in_flight: int,
+                   on_shard: Callable[[dict], None], replicas: list) -> None:
+    """Run every batch of the ``prepared`` tables through ``chain`` (at most ``in_flight`` at
+    once) and into ``writer``, in the order they finish; ``on_shard`` gets each written shard's
+    summary. The first shard is prepared while the ``replicas`` start; one that failed to start
+    fails the run before any batch. A failed batch (or ``on_shard`` raising) fails the run: the
+    batches in flight are cancelled, the rows staged are kept."""
+    async def one(batch: pa.Table) -> None:
+        for stage in chain:
+            batch = await stage(batch)
+        for summary in writer(batch).to_pylist():
+            on_shard(summary)
+
+    async def settle(limit: int) -> None:  # until fewer than ``limit`` batches are in flight
+        nonlocal pending
+        while len(pending) >= max(limit, 1):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # the first failure is the run's
+
+    pending: set[asyncio.Task] = set()
+    started = False
+    try:
+        for table in prepared:
+            if not started:
+                await started_replicas(replicas)
+                started = True
+            for offset in range(0, table.num_rows, batch_rows):
+                await settle(in_flight)
+                pending.add(asyncio.ensure_future(one(table.slice(offset, batch_rows))))
+        await settle(1)
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
