@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -17,6 +18,7 @@ from pipeline.run.preflight import PreflightError, preflight
 from pipeline.runtime import ray_connect
 from pipeline.services.clients import ServiceUnavailable
 from pipeline.services.deploy import ServicesUnavailable
+from pipeline.services.engine import EngineUnavailable
 from pipeline.services.in_process import InProcessEngineClient, InProcessReplica
 
 
@@ -259,3 +261,85 @@ def test_a_run_stopped_while_a_replica_loads_leaves_it_to_shut_down_once_loaded(
     replica.thread.join(60)
     assert not replica.thread.is_alive() and not replica.ready.done()  # never handed out
     assert "loading" in CLOSED
+
+
+# --- the in-process engine: continuous batching over a scripted LLMEngine ---------------------
+
+
+class ScriptedLLMEngine:
+    """vLLM's ``LLMEngine`` as the in-process replica uses it: a request of prompt [p] with a
+    budget of n tokens finishes after n steps with token ids [p] * n; a prompt [0] is refused
+    on arrival; ``fail_at``: the step that raises. ``batches``: the requests of every step."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.running, self.batches, self.fail_at, self.shut = {}, [], fail_at, False
+        self.engine_core = SimpleNamespace(shutdown=lambda: setattr(self, "shut", True))
+
+    def add_request(self, request_id, prompt, params):
+        if prompt["prompt_token_ids"] == [0]:
+            raise ValueError("prompt rejected")
+        self.running[request_id] = [prompt["prompt_token_ids"][0], params.max_tokens, 0]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def step(self):
+        if self.fail_at is not None and len(self.batches) == self.fail_at:
+            raise RuntimeError("CPU out of memory")
+        self.batches.append(sorted(p for p, _, _ in self.running.values()))
+        out = []
+        for rid, state in list(self.running.items()):
+            state[2] += 1
+            if state[2] == state[1]:
+                del self.running[rid]
+                completion = SimpleNamespace(token_ids=[state[0]] * state[1], logprobs=[], cumulative_logprob=-1.0)
+                out.append(SimpleNamespace(request_id=rid, finished=True, outputs=[completion]))
+        return out
+
+
+def scripted_replica(engine: ScriptedLLMEngine):
+    """An ``InProcessEngineReplica`` over ``engine`` (built as ``start_engine`` would, without vLLM)."""
+    from pipeline.runtime.metrics_actor import Reporter
+    from pipeline.services.engine import EngineCounters
+    from pipeline.services.in_process_engine import InProcessEngineReplica
+    from fakes import IDS, decode
+
+    r = object.__new__(InProcessEngineReplica)
+    r.ids, r.decode, r._reflection, r.counters = IDS, decode, frozenset(IDS.all_ids), EngineCounters()
+    r.waiting, r.failure, r._stepping = {}, None, None
+    r.engine, r._recorder, r.reporter = engine, None, Reporter("engine")
+    r.count_into({})
+    return r
+
+
+def call(r, prompts, budgets):
+    return r.generate({"prompts": prompts, "max_tokens": budgets, "stop_ids": []})
+
+
+def test_calls_that_arrive_while_the_engine_steps_join_the_steps_under_way():
+    engine = ScriptedLLMEngine()
+    r = scripted_replica(engine)
+
+    async def overlapping():
+        first = asyncio.ensure_future(call(r, [[1], [2]], [3, 1]))
+        while not engine.batches:  # until the engine ran its first step for the first call
+            await asyncio.sleep(0)
+        second = await call(r, [[5], [0]], [2, 1])
+        return await first, second
+
+    first, second = asyncio.run(overlapping())
+    assert [c.token_ids for c in first] == [[1, 1, 1], [2]]
+    assert second[0].token_ids == [5, 5] and second[1] == "ValueError: prompt rejected"  # refused: its slot only
+    assert [1, 5] in engine.batches  # the second call's request ran in the steps of the first's, not after them
+    assert r.totals["calls"] == 2 and not engine.running
+    r.close()
+    assert engine.shut and r.engine is None
+
+
+def test_a_failed_step_fails_every_waiting_call_and_the_engine_is_dead():
+    r = scripted_replica(ScriptedLLMEngine(fail_at=1))
+    with pytest.raises(EngineUnavailable, match="died"):
+        asyncio.run(call(r, [[1], [2]], [3, 3]))
+    assert r.dead() and not r.waiting
+    with pytest.raises(EngineUnavailable, match="is dead"):  # and refuses from then on
+        asyncio.run(call(r, [[1]], [1]))

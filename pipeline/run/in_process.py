@@ -95,12 +95,13 @@ def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
 
 
 def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
-    """The engine replica (simulated when ``engine.simulated.recording`` is set) and, when
-    ``retrieval``, the retrieval replica, each starting on its own thread."""
+    """The engine replica (vLLM's engine in this process, or the simulated one when
+    ``engine.simulated.recording`` is set) and, when ``retrieval``, the retrieval replica, each
+    starting on its own thread."""
     from ..infra.console import say
     from ..output.run_log import quiet, quiet_libraries
-    from ..services.engine import EngineReplica
     from ..services.in_process import InProcessReplica
+    from ..services.in_process_engine import InProcessEngineReplica
     from ..services.retriever import RetrieverReplica
     from ..services.simulated_engine import SimulatedEngineReplica
 
@@ -113,7 +114,7 @@ def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         quiet_libraries()  # a vLLM imported before has its console handler already
         transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar
-    body = SimulatedEngineReplica if cfg.engine.simulated.recording else EngineReplica
+    body = SimulatedEngineReplica if cfg.engine.simulated.recording else InProcessEngineReplica
     engine = InProcessReplica("engine", body, cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests,
                               totals)
     retriever = InProcessReplica("retriever", RetrieverReplica, cfg.retrieval, cfg.storage, None, totals) \

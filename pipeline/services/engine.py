@@ -70,9 +70,6 @@ class EngineReplica(ReportingReplica):
 
     async def __init__(self, cfg: EngineConfig, storage: StorageConfig, tokenizer: TokenizerSpec,
                        record_requests: str | None = None, metrics: str | None = None):
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         from ..infra.io import Storage
         from ..model.vllm_engine import engine_kwargs
         from ..model.tokenizer import spec_tokens
@@ -83,9 +80,20 @@ class EngineReplica(ReportingReplica):
         _, self.ids, self.decode = spec_tokens(storage, tokenizer)
         self._reflection = frozenset(self.ids.all_ids)
         self.counters = EngineCounters()
-        args = AsyncEngineArgs(model=storage.localize(cfg.model), disable_log_stats=True, **engine_kwargs(cfg))
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.counters.factory])
+        self.engine = self.start_engine(storage.localize(cfg.model), engine_kwargs(cfg))
         self.start_reporting(self.counters.totals, time.perf_counter() - start, record_requests)
+
+    def start_engine(self, model: str, kwargs: dict):
+        """The vLLM engine of this replica: an ``AsyncLLM`` (its engine core in a process of its own)."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=model, disable_log_stats=True, **kwargs)
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self.counters.factory])
+
+    def dead(self) -> bool:
+        """Whether the engine died (the replica cannot serve any more)."""
+        return self.engine.errored
 
     async def generate(self, request: dict) -> list[Continuation | str]:
         """Greedy continuations of ``request["prompts"]`` (token ids), each with its budget in
@@ -94,14 +102,14 @@ class EngineReplica(ReportingReplica):
         is read by the router only."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self.engine.errored:
+        if self.dead():
             raise EngineUnavailable("the vLLM engine of this replica is dead; the replica is being replaced")
         prompts, budgets, stop_ids = request["prompts"], request["max_tokens"], request.get("stop_ids", ())
         self.begin(request.get("metrics"))
         outs = await asyncio.gather(*(self._one(p, b, stop_ids) for p, b in zip(prompts, budgets)),
                                     return_exceptions=True)
         self.end()
-        if any(isinstance(o, EngineDeadError) for o in outs) or self.engine.errored:
+        if any(isinstance(o, EngineDeadError) for o in outs) or self.dead():
             raise EngineUnavailable("the vLLM engine of this replica died; the replica is being replaced")
         outs = [f"{type(o).__name__}: {o}" if isinstance(o, BaseException) else o for o in outs]
         self.record(prompts, budgets, stop_ids, outs)
@@ -121,7 +129,7 @@ class EngineReplica(ReportingReplica):
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine died is replaced."""
-        if self.engine.errored:
+        if self.dead():
             raise EngineUnavailable("the vLLM engine of this replica is dead")
 
     def close(self) -> None:
