@@ -6,8 +6,11 @@
    knowledge questions (55%), no-knowledge questions (10%), closed-set claims (``fever``, 10%)
    and four-choice questions (``arc_c``, 10%), and two-fact long-form questions (``asqa``, 15%);
    retrieval from the index.
-2. Annotates them (local Ray, the defaults plus the overrides); the engine replicas record every
-   request they serve.
+2. Annotates them on a local Ray (``runner=ray``: Ray Data stages, Serve services; the defaults
+   plus the overrides); the engine replicas record every request they serve. Then annotates
+   them again in one process (``runner=in_process``): ``in_process_rows_per_s`` (end to end),
+   ``in_process_rows_per_s_warm`` (over its generation window), ``in_process_engine_ratio``
+   (as ``engine_ratio`` below) and ``in_process_answers_agree`` (answers equal to the Ray run's).
 3. Replays the recorded requests on one bare vLLM engine in this process (same engine config,
    all requests in one ``generate`` call, start-up not timed): the engine's best throughput
    on exactly the pipeline's work. ``engine_ratio`` = the pipeline's generated tokens/s over
@@ -34,11 +37,14 @@
    replica in front of it) over the generation window, in ms per engine request.
 
 6. A small job (the first ``--small-rows`` rows), each step a fresh process timed end to end:
-   the pipeline (``small_job_seconds``); the plain script that imports vLLM, loads the model,
-   generates the same engine requests batched and exits (``jobs.bare_engine``,
-   ``bare_engine_process_seconds``; ``small_job_ratio`` = that / ``small_job_seconds``); and the
-   pipeline as a new driver on a Ray cluster (``ray start --head``) whose services already run
-   (``python -m jobs.serve``), reusing them (``small_job_seconds_warm``).
+   the pipeline as a user starts it on one machine (``small_job_seconds``; ``runner`` auto,
+   which there means in one process: ``small_job_runner``); the plain script that imports
+   vLLM, loads the model, generates the same engine requests batched and exits
+   (``jobs.bare_engine``, ``bare_engine_process_seconds``; ``small_job_ratio`` = that /
+   ``small_job_seconds``); the pipeline on a local Ray of its own (``runner=ray``,
+   ``small_job_seconds_ray``, ``small_job_ratio_ray``); and the pipeline as a new driver on a
+   Ray cluster (``ray start --head``) whose services already run (``python -m jobs.serve``),
+   reusing them (``small_job_seconds_warm``).
 
 The figures are printed one per line; the last line is one JSON object.
 """

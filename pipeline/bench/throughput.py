@@ -37,6 +37,8 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
     bare = bare_engine(cfg, read_records(recorded))
     account.stop()
     origin = summary["timeline_origin"]
+    bare["cpu_seconds"] = sum(v for role, v in account.cores(*bare["window"]).items() if role != "other") * bare["seconds"]
+    here = in_process_run(rows, shards, overrides, out, bare)
 
     small = small_jobs(rows[:small_rows], list(overrides))
 
@@ -90,10 +92,40 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
         "cpu_cores": {"machine": os.cpu_count(), "pipeline_window": pipeline_cores,
                       "bare_engine": account.cores(*bare["window"])},
         "harness_cpu_ms_per_request": round(harness * window * 1000 / engine["requests"], 2),
+        "cpu_ms_per_request_beyond_bare": beyond_bare(pipeline_cores, window, bare, engine["requests"]),
+        **here,
         **small,
     }
     print_figures("benchmark figures", result)
     return result
+
+
+def in_process_run(rows: list[dict], shards: int, overrides: list[str], ray_rows: list[dict], bare: dict) -> dict:
+    """The same workload with ``runner=in_process`` (one process, no Ray): its rows/s end to
+    end and over its generation window, its engine ratio, and how many answers equal the Ray
+    run's (``ray_rows``)."""
+    account = CpuAccount().start()
+    manifest, rows_here = annotate("in_process", rows, shards, ["runner=in_process", *overrides])
+    account.stop()
+    summary, engine = manifest["this_run"], manifest["stages"]["engine"]
+    window = engine["last_end"] - engine["first_start"]
+    origin = summary["timeline_origin"]
+    cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
+    theirs = {r["id"]: r["answer"] for r in ray_rows}
+    return {"in_process_rows_per_s": round(summary["rows"] / summary["seconds"], 3),
+            "in_process_rows_per_s_warm": round(summary["rows"] / window, 3),
+            "in_process_engine_ratio": round((engine["generated_tokens"] / window) / (bare["tokens"] / bare["seconds"]), 3),
+            "in_process_cpu_cores": cores,
+            "in_process_cpu_ms_per_request_beyond_bare": beyond_bare(cores, window, bare, engine["requests"]),
+            "in_process_answers_agree": f"{sum(r['answer'] == theirs.get(r['id']) for r in rows_here)}/{len(rows_here)}"}
+
+
+def beyond_bare(cores: dict[str, float], window: float, bare: dict, requests: int) -> float:
+    """The CPU a run spent over its generation window (every role of the job: ``cores``) beyond
+    what the bare engine spent on the same requests, in ms per engine request: the harness's
+    cost measured without telling its processes or threads apart (in one process they are one)."""
+    used = sum(v for role, v in cores.items() if role != "other") * window
+    return round((used - bare["cpu_seconds"]) * 1000 / requests, 2)
 
 
 def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
