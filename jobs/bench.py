@@ -44,7 +44,8 @@
    ``small_job_seconds``); the pipeline on a local Ray of its own (``runner=ray``,
    ``small_job_seconds_ray``, ``small_job_ratio_ray``); and the pipeline as a new driver on a
    Ray cluster (``ray start --head``) whose services already run (``python -m jobs.serve``),
-   reusing them (``small_job_seconds_warm``).
+   reusing them, with its stages on Ray Data (``small_job_seconds_warm``) and in the driver
+   (``runner=in_process``, ``small_job_seconds_warm_in_process``).
 
 The figures are printed one per line; the last line is one JSON object.
 """

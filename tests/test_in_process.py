@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.infra.config import load_config
-from pipeline.run.in_process import annotate, in_process_refusal, rows_in_flight, runs_in_process
+from pipeline.run.in_process import annotate
+from pipeline.run.runner import in_process_refusal, rows_in_flight, runs_in_process
 from pipeline.run.preflight import PreflightError, preflight
 from pipeline.runtime import ray_connect
 from pipeline.services.clients import ServiceUnavailable
@@ -41,6 +42,7 @@ def no_ray_here(monkeypatch, tmp_path):
     (["engine.service.replicas=2"], False),
     (["engine.service.min_replicas=1", "engine.service.max_replicas=3"], False),
     (["retrieval.shards_apart=true"], False),
+    (["engine.tensor_parallel_size=2"], False),
 ])
 def test_auto_runs_in_process_only_where_the_job_would_start_a_local_ray_for_one_engine(no_ray_here, overrides,
                                                                                           expected):
@@ -60,6 +62,18 @@ def test_auto_joins_a_ray_that_runs_here_and_a_ray_address(no_ray_here, monkeypa
         recorded.write_text(f"127.0.0.1:{listening.getsockname()[1]}")
         assert not runs_in_process(cfg)
     assert runs_in_process(cfg)  # the recorded cluster is gone: a job would start a new local Ray
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["engine.service.deployment=e", "retrieval.service.deployment=r"], False),  # the stages here, the services there
+    (["engine.service.deployment=e", "selfrag.mode=never"], False),  # never mode needs no retriever
+    (["engine.service.deployment=e"], True),  # it would start a retriever of its own beside a running engine
+    (["retrieval.service.deployment=r"], True),
+])
+def test_stages_in_process_on_running_services_need_every_service_the_run_calls(overrides, refused):
+    cfg = load_config([], ["runner=in_process", *overrides])
+    assert (in_process_refusal(cfg) is not None) is refused
+    assert runs_in_process(cfg)  # runner=in_process is what the user asked (preflight refuses the refused)
 
 
 def test_runner_in_process_is_refused_before_any_work_where_it_cannot_serve_the_job(tmp_path):

@@ -22,7 +22,9 @@ module-level or inside a function. The layers, lowest first, as the code uses th
    clients the stages call them through.
 4. **stages** - ``pipeline.stages``: the Ray Data stages (they call the services' clients).
 5. **run planning and assembly** - ``run.preflight`` (its id scan assigns ids exactly as the
-   prepare stage does, so it uses ``stages.prepare``) and ``run.dataflow`` (the chain of stages).
+   prepare stage does, so it uses ``stages.prepare``), ``run.dataflow`` (the chain of stages)
+   and ``run.runner`` (where the run goes: on Ray or in this process; the preflight refuses an
+   in-process run that cannot serve the job).
 6. **runs** - ``pipeline.run``: what each job does, as library functions: the annotation run
    (preflight, lease, execute, manifest), the evaluation run (annotation runs per mode, so it
    sits here beside the annotation run and not in ``pipeline.evaluation``, whose modules only
@@ -60,6 +62,7 @@ LAYERS: dict[str, int] = {
     "pipeline.stages": 4,
     "pipeline.run.preflight": 5,
     "pipeline.run.dataflow": 5,
+    "pipeline.run.runner": 5,
     "pipeline.run": 6,
     "pipeline.bench": 7,
     "jobs": 8,

@@ -172,3 +172,23 @@ def test_always_mode_retrieves_for_every_row(tmp_path, index_dir, running_servic
         assert len(r["candidates"]) == len(r["passages"]) == 2
         assert r["best_passage_id"] in {p["id"] for p in r["passages"]}
         assert all(math.isfinite(c["final"]) for c in r["candidates"])
+
+
+def test_stages_in_the_driver_on_running_services_write_the_ray_stages_annotations(tmp_path, index_dir,
+                                                                                   running_services):
+    """``runner=in_process`` with running services named: the stages run in the driver (no Ray
+    Data, no stage actors) and call the services on Ray; every row as the Ray Data stages write
+    it on the same services, and every call reported by the replicas to this run."""
+    inputs = copy_demo_queries(tmp_path / "in")
+    settings = ["selfrag.mode=adaptive", "selfrag.top_k=2", *running_services]
+    _, on_ray = run_job(tmp_path / "ray", index_dir, inputs, *settings)
+    gc.collect()
+    summary, here = run_job(tmp_path / "here", index_dir, inputs, *settings, "runner=in_process")
+    check_reused_services_reported_every_call(tmp_path / "here")
+    assert summary["runner"] == "in_process" and summary["rows"] == 40 and summary["errors"] == 0
+    key = lambda r: r["id"]  # noqa: E731
+    for mine, theirs in zip(sorted(here.to_pylist(), key=key), sorted(on_ray.to_pylist(), key=key)):
+        assert (mine["id"], mine["answer"], mine["retrieved"], mine["best_passage_id"]) == \
+               (theirs["id"], theirs["answer"], theirs["retrieved"], theirs["best_passage_id"])
+    manifest = json.loads((tmp_path / "here" / "_manifest.json").read_text())
+    assert "ray_init" in manifest["phases"]  # connected to the cluster the services run on

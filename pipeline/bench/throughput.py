@@ -143,11 +143,12 @@ def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
     cold = timed([*job, f"output.path={name / 'out'}", f"debug.record_engine_requests={requests}"], name / "cold.log")
     bare = timed([sys.executable, "-m", "jobs.bare_engine", str(requests), *overrides], name / "bare.log")
     on_ray = timed([*job, f"output.path={name / 'out-ray'}", "runner=ray"], name / "cold-ray.log")
-    warm = warm_small_job(job, name, overrides)
+    warm, warm_here = warm_small_job(job, name, overrides)
     return {"small_job_rows": len(rows), "small_job_runner": runner_of(name / "out"),
             "small_job_seconds": round(cold, 2), "bare_engine_process_seconds": round(bare, 2),
             "small_job_ratio": round(bare / cold, 3), "small_job_seconds_ray": round(on_ray, 2),
-            "small_job_ratio_ray": round(bare / on_ray, 3), "small_job_seconds_warm": round(warm, 2)}
+            "small_job_ratio_ray": round(bare / on_ray, 3), "small_job_seconds_warm": round(warm, 2),
+            "small_job_seconds_warm_in_process": round(warm_here, 2)}
 
 
 def runner_of(out: Path) -> str:
@@ -157,17 +158,19 @@ def runner_of(out: Path) -> str:
     return json.loads((out / "_manifest.json").read_text())["this_run"]["runner"]
 
 
-def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> float:
+def warm_small_job(job: list[str], name: Path, overrides: list[str]) -> tuple[float, float]:
     """Seconds of ``job`` as a fresh driver on a Ray cluster whose services already run
-    (started with ``python -m jobs.serve`` and stopped after)."""
+    (started with ``python -m jobs.serve`` and stopped after): with its stages on Ray Data
+    (``runner`` auto), then in the driver (``runner=in_process``)."""
     subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--disable-usage-stats"], check=True,
                    stdout=subprocess.DEVNULL, env=fresh_env())
     on_cluster = ["ray.address=auto", *overrides]  # the cluster just started (its address is on the node's IP)
     try:
         timed([sys.executable, "-m", "jobs.serve", *on_cluster], name / "serve.log")
-        return timed([*job, f"output.path={name / 'out-warm'}", "ray.address=auto",
-                      "engine.service.deployment=selfrag-engine", "retrieval.service.deployment=selfrag-retriever"],
-                     name / "warm.log")
+        reuse = [*job, "ray.address=auto", "engine.service.deployment=selfrag-engine",
+                 "retrieval.service.deployment=selfrag-retriever"]
+        return (timed([*reuse, f"output.path={name / 'out-warm'}"], name / "warm.log"),
+                timed([*reuse, f"output.path={name / 'out-warm-here'}", "runner=in_process"], name / "warm-here.log"))
     finally:
         subprocess.run([sys.executable, "-m", "jobs.serve", "--stop", *on_cluster], env=fresh_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -21,7 +21,8 @@ from ..services.deploy import (cluster_nodes, cluster_total, services_awaited_be
 from ..services.reporting import REPORT_EVERY_S
 from ..model.tokenizer import tokenizer_spec
 from .errors import IncompleteRun
-from .in_process import execute_in_process, runs_in_process
+from .in_process import execute_in_process, run_batches
+from .runner import reuses_services, runs_in_process, stage_kinds
 from .signals import catch_interrupts, interrupt
 from .stage_metrics import await_service_reports, collect_stage_metrics
 
@@ -50,8 +51,10 @@ def check_lease(lease: Lease | None) -> None:
 
 
 def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) -> tuple[list[dict], dict]:
-    """Run the Ray Data pipeline over the shards still to do; returns (written shards, stage metrics).
-    ``lease``: the run's lease on the output, checked after every shard."""
+    """Annotate the shards still to do: on Ray (Ray Data stages, Serve services), or in this
+    process (``runner``: everything here, or, with running services named, the stages here and
+    the services on the cluster); returns (written shards, stage metrics). ``lease``: the run's
+    lease on the output, checked after every shard."""
     import ray
 
     from .dataflow import build_dataset
@@ -63,7 +66,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     if not todo:
         return written, {}
     plan.runner = "in_process" if runs_in_process(cfg) else "ray"
-    if plan.runner == "in_process":
+    if plan.runner == "in_process" and not reuses_services(cfg):
         return execute_here(cfg, plan, todo, run_id, lease, written)
     phases.reached("before_ray_init")
     try:
@@ -99,12 +102,17 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
             wait_for_services(services)
             print(f"services ready after {time.time() - start:.0f} s", flush=True)
         phase_times.mark("services_ready")  # replaced below by the engine's own readiness when the job started it
-        dataset = build_dataset(cfg, plan.output, todo, plan.schema, run_id, plan.annotation_hash, tokenizer,
-                                services, plan.versions, identity=plan.identity)
         with services_awaited_beside(services), Progress(total, rows_done) as shown:
-            for summary in dataset.iter_rows():
-                shard_written(cfg, plan, lease, written, shown, summary)
-        phase_times.mark("committed")
+            if plan.runner == "in_process":  # running services, the stages here: no stage actor to start
+                chain = [kind(cfg, tokenizer, services.engine, services.retriever) for kind in stage_kinds(cfg)]
+                run_batches(cfg, plan, todo, run_id, tokenizer, chain,
+                            lambda summary: shard_written(cfg, plan, lease, written, shown, summary))
+            else:
+                dataset = build_dataset(cfg, plan.output, todo, plan.schema, run_id, plan.annotation_hash, tokenizer,
+                                        services, plan.versions, identity=plan.identity)
+                for summary in dataset.iter_rows():
+                    shard_written(cfg, plan, lease, written, shown, summary)
+                phase_times.mark("committed")
         reused = [name for name, app in (("engine", services.engine), ("retriever", services.retriever))
                   if app is not None and app not in services.owned]
         if reused:  # their replicas report on their own: wait for the last calls' counters

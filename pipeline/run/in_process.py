@@ -1,18 +1,19 @@
 """An annotation run in the driver's own process, without Ray (``runner``).
 
 The same stages (their logic, contracts and reports), the same writer and the same replica
-classes as the Ray run, with none of its fixed cost: no Ray start, no actors, no Serve. The
-engine and the retriever load on threads of their own (``services.in_process``) while the
-rows are prepared; then batches run through the chain (first pass, retrieve, critique) as
-tasks on one event loop, as many rows in flight as the Ray stages would hold, and the writer
-commits each shard as its last row arrives. For a small job on one machine the job costs little
-more than the engine itself; a cluster, several engine replicas or running services need Ray.
+classes as the Ray run, with none of its fixed cost: no Ray start, no actors, no Serve, no
+second engine process. The engine (vLLM's ``LLMEngine`` in this process,
+``services.in_process_engine``) and the retriever load on threads of their own
+(``services.in_process``) while the first shard is prepared; then batches run through the
+chain (first pass, retrieve, critique) as tasks on one event loop, as many rows in flight as
+the Ray stages would hold, and the writer commits each shard as its last row arrives. A small
+job on one machine then costs little more than the bare engine; a cluster, several engine
+replicas, tensor parallelism or running services need Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from typing import Callable
@@ -20,39 +21,7 @@ from typing import Callable
 import pyarrow as pa
 
 from ..infra.config import Config
-from ..runtime.ray_connect import would_start_local_ray
-
-log = logging.getLogger(__name__)
-
-
-def in_process_refusal(cfg: Config) -> str | None:
-    """Why the run cannot be in this process (None: it can): it needs Ray's services."""
-    e, r = cfg.engine.service, cfg.retrieval.service
-    if e.deployment or r.deployment:
-        return "it reuses running services (engine/retrieval.service.deployment)"
-    if e.replicas > 1 or (e.max_replicas or 1) > 1:
-        return "it asks for more than one engine replica (engine.service.replicas, max_replicas)"
-    if cfg.retrieval.shards_apart:
-        return "retrieval.shards_apart deploys one service per index shard"
-    return None
-
-
-def runs_in_process(cfg: Config) -> bool:
-    """``runner``: in_process, or auto when the job would start a new local Ray for one engine
-    replica of its own (ConfigError-free: ``in_process`` with a refusal was refused by preflight)."""
-    if cfg.runner == "auto":
-        return in_process_refusal(cfg) is None and would_start_local_ray(cfg.ray.address)
-    return cfg.runner == "in_process"
-
-
-def rows_in_flight(cfg: Config) -> tuple[int, int]:
-    """(batch rows, batches in flight): batches of the smallest model stage's batch size, and as
-    many rows in flight as the run's Ray stages would hold (replicas x concurrent batches x batch)."""
-    st, mode = cfg.stages, cfg.selfrag.mode
-    stages = ([] if mode == "always" else [st.first_pass]) + ([st.retrieve, st.critique] if mode != "never" else [])
-    batch = min(s.batch_size for s in stages)
-    held = sum(s.replicas * s.max_concurrent_batches * s.batch_size for s in stages)
-    return batch, max(1, held // batch)
+from .runner import rows_in_flight, stage_kinds
 
 
 def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
@@ -60,13 +29,8 @@ def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
     """Annotate the shards ``todo`` (shard -> rows) of ``plan`` in this process; ``on_shard``
     gets each written shard's summary. Returns the stage metrics."""
     from ..model.tokenizer import spec_tokens, tokenizer_spec
-    from ..runtime import phase_times
     from ..runtime.metrics_actor import MetricsTotals, Reporter
     from ..services.in_process import InProcessEngineClient, InProcessRetrieverClient
-    from ..stages.critique import CritiqueStage
-    from ..stages.first_pass import FirstPassStage
-    from ..stages.retrieve import RetrieveStage
-    from ..stages.write import ShardWriter
     from .stage_metrics import stage_metrics
 
     totals, start = MetricsTotals(), time.time()
@@ -76,22 +40,32 @@ def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
     engine, retriever = start_replicas(cfg, tokenizer, retrieval, totals)
     try:
         tokens, ids, decode = spec_tokens(plan.storage, tokenizer)
-        kinds = ([] if cfg.selfrag.mode == "always" else [FirstPassStage]) + \
-                ([RetrieveStage, CritiqueStage] if retrieval else [])
         # clients of their own per stage, as in a stage actor: each counts the calls its stage made
         chain = [kind.in_process(kind.logic(cfg, tokens, ids, decode, InProcessEngineClient(engine),
                                             InProcessRetrieverClient(retriever) if retriever else None),
-                                 Reporter(kind.logic.name, totals)) for kind in kinds]
-        writer = ShardWriter(cfg, todo, plan.annotation_hash, plan.versions, plan.identity)
-        writer.reporter = Reporter("write", totals)
-        prepared = (prepare(cfg, plan, shard, run_id, tokenizer, totals) for shard in todo)
-        asyncio.run(annotate(prepared, chain, writer, *rows_in_flight(cfg), on_shard, [engine, retriever]))
-        phase_times.mark("committed")
+                                 Reporter(kind.logic.name, totals)) for kind in stage_kinds(cfg)]
+        run_batches(cfg, plan, todo, run_id, tokenizer, chain, on_shard, [engine, retriever], totals)
     finally:
         for replica in (engine, retriever):
             if replica is not None:
                 replica.close()
     return stage_metrics(totals.get(), start)
+
+
+def run_batches(cfg: Config, plan, todo: dict[str, int], run_id: str, tokenizer, chain: list,
+                on_shard: Callable[[dict], None], replicas: list = (), totals=None) -> None:
+    """Prepare the shards ``todo`` and run their batches through ``chain`` (stages whose clients
+    call in-process ``replicas``, or the running services of a Ray job) into the run's writer,
+    on one event loop in this thread; reports go to ``totals`` (None: the job's metrics actor)."""
+    from ..runtime import phase_times
+    from ..runtime.metrics_actor import Reporter
+    from ..stages.write import ShardWriter
+
+    writer = ShardWriter(cfg, todo, plan.annotation_hash, plan.versions, plan.identity)
+    writer.reporter = Reporter("write", totals)
+    prepared = (prepare(cfg, plan, shard, run_id, tokenizer, totals) for shard in todo)
+    asyncio.run(annotate(prepared, chain, writer, *rows_in_flight(cfg), on_shard, list(replicas)))
+    phase_times.mark("committed")
 
 
 def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
@@ -108,7 +82,7 @@ def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
     say(f"starting the engine ({cfg.engine.model}, in this process)" + (" and the retriever" if retrieval else "")
         + " ...")
     os.environ.update(cfg.engine.env)  # what a replica's runtime environment would set
-    if quiet():  # vLLM's lines (also its engine process's) go to the run log, as a replica's do
+    if quiet():  # vLLM's lines go to the run log, as a replica's do
         from transformers.utils import logging as transformers_logging
 
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -122,7 +96,7 @@ def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
     return engine, retriever
 
 
-def prepare(cfg: Config, plan, shard: str, run_id: str, tokenizer, totals) -> pa.Table:
+def prepare(cfg: Config, plan, shard: str, run_id: str, tokenizer, totals=None) -> pa.Table:
     """The rows of ``shard`` still to annotate, prepared (always mode: all marked for retrieval)."""
     from ..runtime.metrics_actor import Reporter
     from ..stages.prepare import rows_to_annotate

@@ -29,7 +29,7 @@ from ..retrieval.index import (
 from ..output.schema import ALL_TYPES
 from ..selfrag.tokens import MissingReflectionTokens
 from ..model.tokenizer import tokenizer_spec
-from .in_process import in_process_refusal
+from .runner import in_process_refusal
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,60 @@
+"""Where an annotation run goes (``runner``): on Ray, or in the driver's own process
+(``pipeline.run.in_process``), and how the in-process run batches its rows. Run planning: the
+preflight refuses a ``runner=in_process`` that cannot serve the job before any work."""
+
+from __future__ import annotations
+
+from ..infra.config import Config
+from ..runtime.ray_connect import would_start_local_ray
+
+
+def reuses_services(cfg: Config) -> bool:
+    """Whether the job names running services (``engine/retrieval.service.deployment``)."""
+    return bool(cfg.engine.service.deployment or cfg.retrieval.service.deployment)
+
+
+def in_process_refusal(cfg: Config) -> str | None:
+    """Why the stages cannot run in this process (None: they can). With running services named,
+    they call those (all of them the run needs); otherwise the job's own services must fit in
+    this process."""
+    e, r = cfg.engine.service, cfg.retrieval.service
+    if reuses_services(cfg):
+        if e.deployment and (r.deployment or cfg.selfrag.mode == "never"):
+            return None
+        return "it names one running service and would start the other (name both, or neither)"
+    if e.replicas > 1 or (e.max_replicas or 1) > 1:
+        return "it asks for more than one engine replica (engine.service.replicas, max_replicas)"
+    if cfg.engine.tensor_parallel_size > 1:
+        return "engine.tensor_parallel_size > 1 runs the engine's workers on Ray"
+    if cfg.retrieval.shards_apart:
+        return "retrieval.shards_apart deploys one service per index shard"
+    return None
+
+
+def runs_in_process(cfg: Config) -> bool:
+    """Whether the run goes in this process: ``runner=in_process`` (preflight refused it where
+    ``in_process_refusal`` says why not), or ``auto`` where the job would start a new local Ray
+    for one engine replica of its own and nothing else needs Ray."""
+    if cfg.runner == "auto":
+        return not reuses_services(cfg) and in_process_refusal(cfg) is None and would_start_local_ray(cfg.ray.address)
+    return cfg.runner == "in_process"
+
+
+def stage_kinds(cfg: Config) -> list:
+    """The run's model stages, in chain order (``ServiceStage`` classes)."""
+    from ..stages.critique import CritiqueStage
+    from ..stages.first_pass import FirstPassStage
+    from ..stages.retrieve import RetrieveStage
+
+    mode = cfg.selfrag.mode
+    return ([] if mode == "always" else [FirstPassStage]) + ([RetrieveStage, CritiqueStage] if mode != "never" else [])
+
+
+def rows_in_flight(cfg: Config) -> tuple[int, int]:
+    """(batch rows, batches in flight): batches of the smallest model stage's batch size, and as
+    many rows in flight as the run's Ray stages would hold (replicas x concurrent batches x batch)."""
+    st, mode = cfg.stages, cfg.selfrag.mode
+    stages = ([] if mode == "always" else [st.first_pass]) + ([st.retrieve, st.critique] if mode != "never" else [])
+    batch = min(s.batch_size for s in stages)
+    held = sum(s.replicas * s.max_concurrent_batches * s.batch_size for s in stages)
+    return batch, max(1, held // batch)
