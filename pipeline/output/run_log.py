@@ -97,6 +97,7 @@ class RunLog:
         import ray.serve  # noqa: F401
 
         quiet_libraries()
+        logging.captureWarnings(True)  # libraries' warnings (a run in one process imports vLLM here) go to the file
         sys.stdout.flush()
         sys.stderr.flush()
         # Native code writes to file descriptor 2, which now goes to the file; Python's
@@ -150,6 +151,7 @@ class RunLog:
             if sys.stderr is not self._saved_stderr:
                 sys.stderr.close()
                 sys.stderr = self._saved_stderr
+        logging.captureWarnings(False)
         if self._saved_root is not None:
             root = logging.getLogger()
             for handler in list(root.handlers):

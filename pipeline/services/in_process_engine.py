@@ -32,7 +32,8 @@ class InProcessEngineReplica(EngineReplica):
         self.waiting: dict[str, asyncio.Future] = {}
         self.failure: BaseException | None = None
         self._stepping: asyncio.Task | None = None
-        args = EngineArgs(model=model, disable_log_stats=False, **kwargs)
+        # no loading bar: in one process it would draw on the job's console (engine.extra may ask for it)
+        args = EngineArgs(model=model, disable_log_stats=False, **{"use_tqdm_on_load": False, **kwargs})
         return LLMEngine.from_engine_args(args, stat_loggers=[self.counters.factory])
 
     def dead(self) -> bool:
