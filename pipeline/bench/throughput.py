@@ -133,7 +133,8 @@ def small_jobs(rows: list[dict], overrides: list[str]) -> dict:
     machine (``runner`` auto: in this process, ``small_job_seconds``) and on a local Ray of its
     own (``small_job_seconds_ray``), the plain script that loads vLLM and generates the same
     engine requests (``bare_engine_process_seconds``), and the pipeline again with its services
-    already running on a cluster (``small_job_seconds_warm``)."""
+    already running on a cluster (``small_job_seconds_warm``; its stages in the driver:
+    ``small_job_seconds_warm_in_process``)."""
     name = BENCH_DIR / "small"
     write_shards(name / "queries", rows, 2)
     requests = (name / "engine-requests").absolute()

@@ -376,7 +376,9 @@ class Config:
     #: Where the stages and services run. ray: Ray Data stages and Ray Serve services, on the
     #: cluster or a new local Ray. in_process: all in this process (the engine and the retriever
     #: each on a thread of their own), without Ray: no Ray start and no actors to start, for
-    #: small jobs on one machine; one engine replica, no reused services, no tensor parallelism.
+    #: small jobs on one machine; its own services are one engine replica, no tensor
+    #: parallelism; with running services named (engine and retriever) the stages run here
+    #: and call them on the cluster.
     #: auto: in_process when the job would otherwise start a new local Ray for one engine
     #: replica of its own (ray.address null, no RAY_ADDRESS, no Ray running here; services not
     #: reused, not autoscaled, retrieval.shards_apart off); ray otherwise.

@@ -128,19 +128,18 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
 def execute_here(cfg: Config, plan: Plan, todo: dict[str, int], run_id: str, lease: Lease | None,
                  written: list[dict]) -> tuple[list[dict], dict]:
     """``execute`` in this process, without Ray (``runner``: ``pipeline.run.in_process``)."""
+    from ..runtime.metrics_actor import MetricsTotals
+
+    totals = MetricsTotals()
     total = sum(plan.todo.values())
     before = sum(w["rows"] for w in written) + sum(plan.staged.get(s, 0) for s in todo)
-    done_here = []
 
-    def rows_done() -> int:
-        return before + sum(w["rows"] for w in done_here)
+    def rows_done() -> int:  # rows that reached the writer in this run, and those done before
+        return before + int(totals.get().get("write", {}).get("rows", 0))
 
     with Progress(total, rows_done) as shown:
-        def on_shard(summary: dict) -> None:
-            done_here.append(summary)
-            shard_written(cfg, plan, lease, written, shown, summary)
-
-        stages = execute_in_process(cfg, plan, todo, run_id, on_shard)
+        stages = execute_in_process(cfg, plan, todo, run_id,
+                                    lambda summary: shard_written(cfg, plan, lease, written, shown, summary), totals)
     return finished(plan, written, stages, plan.timeline_origin)
 
 

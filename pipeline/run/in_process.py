@@ -14,6 +14,7 @@ replicas, tensor parallelism or running services need Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Callable
@@ -23,22 +24,25 @@ import pyarrow as pa
 from ..infra.config import Config
 from .runner import rows_in_flight, stage_kinds
 
+log = logging.getLogger(__name__)
 
-def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
-                       on_shard: Callable[[dict], None]) -> dict:
-    """Annotate the shards ``todo`` (shard -> rows) of ``plan`` in this process; ``on_shard``
-    gets each written shard's summary. Returns the stage metrics."""
+
+def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str, on_shard: Callable[[dict], None],
+                       totals) -> dict:
+    """Annotate the shards ``todo`` (shard -> rows) of ``plan`` in this process, reporting to
+    ``totals`` (a ``MetricsTotals``); ``on_shard`` gets each written shard's summary. Returns
+    the stage metrics."""
     from ..model.tokenizer import spec_tokens, tokenizer_spec
-    from ..runtime.metrics_actor import MetricsTotals, Reporter
+    from ..runtime.metrics_actor import Reporter
     from ..services.in_process import InProcessEngineClient, InProcessRetrieverClient
     from .stage_metrics import stage_metrics
 
-    totals, start = MetricsTotals(), time.time()
-    plan.timeline_origin = start
+    start = plan.timeline_origin = time.time()
     tokenizer = tokenizer_spec(plan.storage, cfg.engine.model)
     retrieval = cfg.selfrag.mode != "never"
-    engine, retriever = start_replicas(cfg, tokenizer, retrieval, totals)
+    engine = retriever = None
     try:
+        engine, retriever = start_replicas(cfg, tokenizer, retrieval, totals)
         tokens, ids, decode = spec_tokens(plan.storage, tokenizer)
         # clients of their own per stage, as in a stage actor: each counts the calls its stage made
         chain = [kind.in_process(kind.logic(cfg, tokens, ids, decode, InProcessEngineClient(engine),
@@ -46,10 +50,19 @@ def execute_in_process(cfg: Config, plan, todo: dict[str, int], run_id: str,
                                  Reporter(kind.logic.name, totals)) for kind in stage_kinds(cfg)]
         run_batches(cfg, plan, todo, run_id, tokenizer, chain, on_shard, [engine, retriever], totals)
     finally:
-        for replica in (engine, retriever):
-            if replica is not None:
-                replica.close()
+        close_replicas([engine, retriever])
     return stage_metrics(totals.get(), start)
+
+
+def close_replicas(replicas: list) -> None:
+    """Close each replica (None: none), whatever the others do: a failure to close is logged,
+    never raised over the run's own outcome."""
+    for replica in replicas:
+        if replica is not None:
+            try:
+                replica.close()
+            except Exception:  # noqa: BLE001 - the run's outcome is decided; this is cleanup
+                log.warning("the in-process %s did not shut down cleanly", replica.name, exc_info=True)
 
 
 def run_batches(cfg: Config, plan, todo: dict[str, int], run_id: str, tokenizer, chain: list,
@@ -59,8 +72,11 @@ def run_batches(cfg: Config, plan, todo: dict[str, int], run_id: str, tokenizer,
     on one event loop in this thread; reports go to ``totals`` (None: the job's metrics actor)."""
     from ..runtime import phase_times
     from ..runtime.metrics_actor import Reporter
+    from ..stages.contract import check_chain
     from ..stages.write import ShardWriter
+    from .dataflow import stage_contracts
 
+    check_chain({f.name: f.type for f in plan.schema}, stage_contracts(cfg, plan.schema))  # as the Ray dataflow does
     writer = ShardWriter(cfg, todo, plan.annotation_hash, plan.versions, plan.identity)
     writer.reporter = Reporter("write", totals)
     prepared = (prepare(cfg, plan, shard, run_id, tokenizer, totals) for shard in todo)
@@ -137,8 +153,9 @@ async def annotate(prepared, chain: list, writer, batch_rows: int, in_flight: in
         nonlocal pending
         while len(pending) >= max(limit, 1):
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # the first failure is the run's
+            failures = [task.exception() for task in done if task.exception() is not None]  # each read once
+            if failures:
+                raise failures[0]  # the first failure is the run's
 
     pending: set[asyncio.Task] = set()
     started = False

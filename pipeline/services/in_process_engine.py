@@ -44,13 +44,20 @@ class InProcessEngineReplica(EngineReplica):
 
         from ..model.vllm_engine import sampling_params, to_continuation
 
+        if self.dead():  # failed while this call waited for its turn
+            raise EngineUnavailable(f"the in-process engine failed: {self.failure}")
         params = sampling_params(self.ids, max_tokens, stop_ids, final_only=True, detokenize=False)
         request_id, done = uuid.uuid4().hex, asyncio.get_running_loop().create_future()
         self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
         self.waiting[request_id] = done
         if self._stepping is None or self._stepping.done():
             self._stepping = asyncio.get_running_loop().create_task(self._step())
-        final = await done
+        try:
+            final = await done
+        except asyncio.CancelledError:  # the caller gave up (the run stops): the engine drops the request
+            if self.waiting.pop(request_id, None) is not None and self.engine is not None:
+                self.engine.abort_request([request_id])
+            raise
         return to_continuation(final.outputs[0], self._reflection, self.decode)
 
     async def _step(self) -> None:

@@ -75,8 +75,11 @@ class RetrieverReplica(ReportingReplica):
         return found
 
     def close(self) -> None:
-        """The last report."""
+        """The last report; the search thread ends."""
         self.stop_reporting()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def __del__(self):
         self.close()
