@@ -111,7 +111,7 @@ class Ready:
     def __init__(self, name: str = "engine", error: Exception | None = None):
         from concurrent.futures import Future
 
-        self.name, self.ready = name, Future()
+        self.name, self.ready, self.start_timeout_s = name, Future(), None
         self.ready.set_exception(error) if error else self.ready.set_result(self)
 
     async def built(self):
@@ -217,6 +217,8 @@ class Replica:
         self.loop_thread = threading.current_thread().name
 
     async def generate(self, request: dict) -> list:
+        if request["prompts"] == [[-1]]:  # never answers
+            await asyncio.Event().wait()
         if request["prompts"] == [[0]]:
             from pipeline.services.engine import EngineUnavailable
 
@@ -249,7 +251,7 @@ def test_a_dead_engine_ends_the_run_as_a_service_unavailable():
 
 
 def test_a_replica_that_fails_to_build_says_why_and_closes_without_waiting():
-    replica = InProcessReplica("engine", Replica, "models/none", fail=True)
+    replica = InProcessReplica("engine", Replica, "models/none", True)
     with pytest.raises(FileNotFoundError, match="no model at models/none"):
         replica.ready.result(timeout=60)
     replica.close()  # nothing to shut down
@@ -261,7 +263,7 @@ def test_a_run_stopped_while_a_replica_loads_leaves_it_to_shut_down_once_loaded(
     """SIGINT while the engine loads: the run's wait is cancelled, the load is not; the replica,
     closed meanwhile, shuts down as soon as it is built instead of serving."""
     loading = threading.Event()
-    replica = InProcessReplica("engine", Replica, "loading", hold=loading)
+    replica = InProcessReplica("engine", Replica, "loading", False, loading)
 
     async def stopped_while_waiting():
         waiting = asyncio.ensure_future(replica.built())
@@ -357,3 +359,22 @@ def test_a_failed_step_fails_every_waiting_call_and_the_engine_is_dead():
     assert r.dead() and not r.waiting
     with pytest.raises(EngineUnavailable, match="is dead"):  # and refuses from then on
         asyncio.run(call(r, [[1]], [1]))
+
+
+def test_a_replica_past_its_timeouts_ends_the_run_as_on_ray():
+    """``request_timeout_s`` bounds a call and ``start_timeout_s`` the start (the services'
+    settings): one process has no other replica to take over."""
+    answering = InProcessReplica("engine", Replica, "tiny", request_timeout_s=0.2)
+    try:
+        with pytest.raises(ServiceUnavailable, match=r"the engine did not answer within 0.2 s \(request_timeout_s\)"):
+            asyncio.run(InProcessEngineClient(answering).generate([[-1]], [1], "route"))
+    finally:
+        answering.close()
+    loading = threading.Event()
+    never_ready = InProcessReplica("retriever", Replica, "slow", False, loading, start_timeout_s=0.2)
+    try:
+        with pytest.raises(ServicesUnavailable, match=r"the retriever did not start within 0.2 s \(start_timeout_s\)"):
+            asyncio.run(annotate(iter(shards({"a": 1})), [], Writer({"a": 1}), 1, 1, print, [never_ready]))
+    finally:
+        never_ready.close()
+        loading.set()

@@ -105,9 +105,11 @@ def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
         quiet_libraries()  # a vLLM imported before has its console handler already
         transformers_logging.disable_progress_bar()  # the encoder's "Loading weights" bar
     body = SimulatedEngineReplica if cfg.engine.simulated.recording else InProcessEngineReplica
+    e, r = cfg.engine.service, cfg.retrieval.service
     engine = InProcessReplica("engine", body, cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests,
-                              totals)
-    retriever = InProcessReplica("retriever", RetrieverReplica, cfg.retrieval, cfg.storage, None, totals) \
+                              totals, request_timeout_s=e.request_timeout_s, start_timeout_s=e.start_timeout_s)
+    retriever = InProcessReplica("retriever", RetrieverReplica, cfg.retrieval, cfg.storage, None, totals,
+                                 request_timeout_s=r.request_timeout_s, start_timeout_s=r.start_timeout_s) \
         if retrieval else None
     return engine, retriever
 
@@ -131,7 +133,10 @@ async def started_replicas(replicas: list) -> None:
     for replica in replicas:
         if replica is not None:
             try:
-                await replica.built()
+                await asyncio.wait_for(replica.built(), replica.start_timeout_s)
+            except TimeoutError:
+                raise ServicesUnavailable(f"the {replica.name} did not start within {replica.start_timeout_s:g} s "
+                                          "(start_timeout_s)") from None
             except Exception as exc:  # noqa: BLE001 - any failure to start is the service's
                 raise ServicesUnavailable(f"the {replica.name} failed to start: {type(exc).__name__}: {exc}") from exc
 

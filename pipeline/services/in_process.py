@@ -22,24 +22,25 @@ CLOSE_TIMEOUT_S = 60.0
 
 
 class InProcessReplica:
-    """One replica object, built and served on a thread of its own (``name``: the thread's
-    name and the service's in messages). ``ready`` resolves to the replica, or to the
-    exception its construction raised."""
+    """One replica object, ``cls(*args)``, built and served on a thread of its own (``name``: the
+    thread's name and the service's in messages). ``ready`` resolves to the replica, or to the
+    exception its construction raised. ``request_timeout_s`` bounds each call and
+    ``start_timeout_s`` the wait for the build (the service's settings, as on Ray)."""
 
-    def __init__(self, name: str, cls, *args, **kwargs):
-        self.name = name
+    def __init__(self, name: str, cls, *args, request_timeout_s: float | None = None,
+                 start_timeout_s: float | None = None):
+        self.name, self.request_timeout_s, self.start_timeout_s = name, request_timeout_s, start_timeout_s
         self.loop = asyncio.new_event_loop()
         self.ready: Future = Future()
         self._lock, self._closed = threading.Lock(), False
-        self.thread = threading.Thread(target=self._serve, args=(cls, args, kwargs), name=f"{name}-replica",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._serve, args=(cls, args), name=f"{name}-replica", daemon=True)
         self.thread.start()
 
-    def _serve(self, cls, args, kwargs) -> None:
+    def _serve(self, cls, args) -> None:
         asyncio.set_event_loop(self.loop)
         try:
             replica = object.__new__(cls)  # Serve's replica classes have an asynchronous __init__
-            self.loop.run_until_complete(replica.__init__(*args, **kwargs))
+            self.loop.run_until_complete(replica.__init__(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the replica
             self.ready.set_exception(exc)
             self.loop.close()
@@ -60,9 +61,15 @@ class InProcessReplica:
         return await asyncio.shield(asyncio.wrap_future(self.ready))
 
     async def call(self, method: str, *args):
-        """``await replica.method(*args)`` on the replica's own loop."""
+        """``await replica.method(*args)`` on the replica's own loop; ServiceUnavailable past
+        ``request_timeout_s`` (no other replica takes the call over in one process)."""
         replica = await self.built()
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(getattr(replica, method)(*args), self.loop))
+        running = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(getattr(replica, method)(*args), self.loop))
+        try:
+            return await asyncio.wait_for(running, self.request_timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailable(f"the {self.name} did not answer within {self.request_timeout_s:g} s "
+                                     "(request_timeout_s); rerun the job to resume") from None
 
     def close(self) -> None:
         """Shut the replica down (its last report, its engine) and end its thread. A replica
