@@ -134,7 +134,7 @@ async def started_replicas(replicas: list) -> None:
         if replica is not None:
             try:
                 await asyncio.wait_for(replica.built(), replica.start_timeout_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise ServicesUnavailable(f"the {replica.name} did not start within {replica.start_timeout_s:g} s "
                                           "(start_timeout_s)") from None
             except Exception as exc:  # noqa: BLE001 - any failure to start is the service's

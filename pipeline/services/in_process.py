@@ -67,7 +67,7 @@ class InProcessReplica:
         running = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(getattr(replica, method)(*args), self.loop))
         try:
             return await asyncio.wait_for(running, self.request_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
             raise ServiceUnavailable(f"the {self.name} did not answer within {self.request_timeout_s:g} s "
                                      "(request_timeout_s); rerun the job to resume") from None
 
