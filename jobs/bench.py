@@ -44,8 +44,9 @@
    ``small_job_seconds``); the pipeline on a local Ray of its own (``runner=ray``,
    ``small_job_seconds_ray``, ``small_job_ratio_ray``); and the pipeline as a new driver on a
    Ray cluster (``ray start --head``) whose services already run (``python -m jobs.serve``),
-   reusing them, with its stages on Ray Data (``small_job_seconds_warm``) and in the driver
-   (``runner=in_process``, ``small_job_seconds_warm_in_process``).
+   reusing them: as a user starts it (``small_job_seconds_warm``; ``runner`` auto, which for a
+   small job means its stages in the driver: ``small_job_warm_runner``) and with its stages on
+   Ray Data (``runner=ray``, ``small_job_seconds_warm_ray``).
 
 The figures are printed one per line; the last line is one JSON object.
 """

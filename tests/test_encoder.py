@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
-from pipeline.retrieval.encoder import Encoder, resolve_dtype, tokenize
+from pipeline.retrieval.encoder import Encoder, length_batches, resolve_dtype, tokenize
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
 WORDS = "river mountain velmora speaks language founded kingdom northern coastal ancient".split()
@@ -50,6 +50,30 @@ def test_pre_tokenized_ids_give_the_text_vectors(encoder):
     np.testing.assert_array_equal(encoder.encode_tokens(ids, lengths), encoder.encode(TEXTS))
 
 
+@pytest.mark.parametrize("dtype", ["float32", None])
+def test_a_query_gets_the_same_vector_in_any_batch(encoder, dtype):
+    """Bit for bit in bfloat16 (the default where the CPU computes it: a padded batch's width
+    reordered the top 5 of 12 of 1,600 bench queries); float32's matrix library changes the last
+    bits with the batch's size, within 1e-6."""
+    enc = encoder if dtype == "float32" else Encoder(replace(encoder.cfg, dtype=dtype))
+    alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
+    together = enc.encode_queries(TEXTS + TEXTS[::4])  # lengths from 3 to ~120 tokens, batches of 8
+    some = enc.encode_queries(TEXTS[5:30:3])
+    if enc.dtype == "bfloat16":
+        np.testing.assert_array_equal(together[: len(TEXTS)], alone)
+        np.testing.assert_array_equal(some, alone[5:30:3])
+    else:
+        np.testing.assert_allclose(together[: len(TEXTS)], alone, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(some, alone[5:30:3], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(together[: len(TEXTS)], enc.encode(TEXTS), atol=2e-5 if enc.dtype == "float32" else 2e-2)
+
+
+def test_length_batches_keep_one_length_per_batch_when_exact():
+    lengths = np.array([5, 3, 5, 9, 3, 5, 5])
+    assert [b.tolist() for b in length_batches(lengths, 3, exact=False)] == [[1, 4, 0], [2, 5, 6], [3]]
+    assert [b.tolist() for b in length_batches(lengths, 3, exact=True)] == [[1, 4], [0, 2, 5], [6], [3]]
+
+
 def test_bfloat16_on_cpu_is_close_to_float32(encoder):
     bf16 = Encoder(replace(encoder.cfg, dtype="bfloat16"))
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
@@ -59,9 +83,13 @@ def test_bfloat16_on_cpu_is_close_to_float32(encoder):
     assert cosine.min() >= 0.999
 
 
-def test_dtype_defaults_by_device_and_bad_values_are_refused():
+@pytest.mark.parametrize("avx512_bf16, amx, on_cpu", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                      (False, False, "float32")])
+def test_dtype_defaults_by_device_and_bad_values_are_refused(monkeypatch, avx512_bf16, amx, on_cpu):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert (resolve_dtype(None, "cuda"), resolve_dtype("auto", "cuda:1"), resolve_dtype(None, "cpu")) == \
-        ("float16", "float16", "float32")
+        ("float16", "float16", on_cpu)
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
     assert load_config([], ["retrieval.dtype=bfloat16"]).retrieval.dtype == "bfloat16"
     assert load_config([], []).retrieval.dtype is None

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.infra.config import load_config
 from pipeline.run.in_process import annotate
-from pipeline.run.runner import in_process_refusal, rows_in_flight, runs_in_process
+from pipeline.run.runner import STAGES_IN_DRIVER_MAX_ROWS, in_process_refusal, rows_in_flight, runs_in_process
 from pipeline.run.preflight import PreflightError, preflight
 from pipeline.runtime import ray_connect
 from pipeline.services.clients import ServiceUnavailable
@@ -46,13 +46,13 @@ def no_ray_here(monkeypatch, tmp_path):
 ])
 def test_auto_runs_in_process_only_where_the_job_would_start_a_local_ray_for_one_engine(no_ray_here, overrides,
                                                                                           expected):
-    assert runs_in_process(load_config([], overrides)) is expected
+    assert runs_in_process(load_config([], overrides), rows=100) is expected
 
 
 def test_auto_joins_a_ray_that_runs_here_and_a_ray_address(no_ray_here, monkeypatch):
     cfg = load_config([], [])
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # ray job submit
-    assert not runs_in_process(cfg)
+    assert not runs_in_process(cfg, rows=100)
     monkeypatch.delenv("RAY_ADDRESS")
     recorded = no_ray_here / "no-ray" / "ray_current_cluster"
     recorded.parent.mkdir()
@@ -60,8 +60,8 @@ def test_auto_joins_a_ray_that_runs_here_and_a_ray_address(no_ray_here, monkeypa
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         recorded.write_text(f"127.0.0.1:{listening.getsockname()[1]}")
-        assert not runs_in_process(cfg)
-    assert runs_in_process(cfg)  # the recorded cluster is gone: a job would start a new local Ray
+        assert not runs_in_process(cfg, rows=100)
+    assert runs_in_process(cfg, rows=100)  # the recorded cluster is gone: a job would start a new local Ray
 
 
 @pytest.mark.parametrize("overrides, refused", [
@@ -73,7 +73,20 @@ def test_auto_joins_a_ray_that_runs_here_and_a_ray_address(no_ray_here, monkeypa
 def test_stages_in_process_on_running_services_need_every_service_the_run_calls(overrides, refused):
     cfg = load_config([], ["runner=in_process", *overrides])
     assert (in_process_refusal(cfg) is not None) is refused
-    assert runs_in_process(cfg)  # runner=in_process is what the user asked (preflight refuses the refused)
+    assert runs_in_process(cfg, rows=10**6)  # runner=in_process is what the user asked (preflight refuses the refused)
+
+
+@pytest.mark.parametrize("overrides, rows, expected", [
+    (["engine.service.deployment=e", "retrieval.service.deployment=r"], 120, True),
+    (["engine.service.deployment=e", "retrieval.service.deployment=r"], STAGES_IN_DRIVER_MAX_ROWS, True),
+    (["engine.service.deployment=e", "retrieval.service.deployment=r"], STAGES_IN_DRIVER_MAX_ROWS + 1, False),
+    (["engine.service.deployment=e", "selfrag.mode=never"], 120, True),
+    (["engine.service.deployment=e"], 120, False),  # it starts a retriever of its own: on Ray
+    (["engine.service.deployment=e", "retrieval.service.deployment=r", "runner=ray"], 120, False),
+])
+def test_auto_runs_the_stages_of_a_small_job_on_running_services_in_the_driver(no_ray_here, overrides, rows,
+                                                                                 expected):
+    assert runs_in_process(load_config([], overrides), rows) is expected
 
 
 def test_runner_in_process_is_refused_before_any_work_where_it_cannot_serve_the_job(tmp_path):

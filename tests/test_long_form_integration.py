@@ -176,14 +176,14 @@ def test_always_mode_retrieves_for_every_row(tmp_path, index_dir, running_servic
 
 def test_stages_in_the_driver_on_running_services_write_the_ray_stages_annotations(tmp_path, index_dir,
                                                                                    running_services):
-    """``runner=in_process`` with running services named: the stages run in the driver (no Ray
-    Data, no stage actors) and call the services on Ray; every row as the Ray Data stages write
-    it on the same services, and every call reported by the replicas to this run."""
+    """A small job (``runner=auto``) with running services named: the stages run in the driver
+    (no Ray Data, no stage actors) and call the services on Ray; every row as the Ray Data stages
+    write it on the same services, and every call reported by the replicas to this run."""
     inputs = copy_demo_queries(tmp_path / "in")
     settings = ["selfrag.mode=adaptive", "selfrag.top_k=2", *running_services]
     _, on_ray = run_job(tmp_path / "ray", index_dir, inputs, *settings)
     gc.collect()
-    summary, here = run_job(tmp_path / "here", index_dir, inputs, *settings, "runner=in_process")
+    summary, here = run_job(tmp_path / "here", index_dir, inputs, *settings, "runner=auto")
     check_reused_services_reported_every_call(tmp_path / "here")
     assert summary["runner"] == "in_process" and summary["rows"] == 40 and summary["errors"] == 0
     key = lambda r: r["id"]  # noqa: E731

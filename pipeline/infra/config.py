@@ -257,7 +257,8 @@ class RetrievalConfig:
     #: "cpu" or "cuda".
     device: str = "cpu"
     #: Encoder compute dtype: float32, float16 or bfloat16; null (or "auto"): float16 on cuda (as
-    #: the Contriever authors' embedding script), float32 on cpu. Vectors are float32 whatever it is.
+    #: the Contriever authors' embedding script); on cpu bfloat16 where the CPU computes it
+    #: natively (AVX-512 BF16, AMX), float32 elsewhere. Vectors are float32 whatever it is.
     dtype: Optional[str] = None
     #: Passage corpus (Parquet with id, title, text) used to build the index when missing.
     corpus: str = "data/demo/corpus.parquet"
@@ -381,7 +382,9 @@ class Config:
     #: and call them on the cluster.
     #: auto: in_process when the job would otherwise start a new local Ray for one engine
     #: replica of its own (ray.address null, no RAY_ADDRESS, no Ray running here; services not
-    #: reused, not autoscaled, retrieval.shards_apart off); ray otherwise.
+    #: reused, not autoscaled, retrieval.shards_apart off), and with running services named
+    #: (all the run calls) for a job of at most 2,000 rows to annotate (its stages here); ray
+    #: otherwise.
     runner: str = "auto"
 
 

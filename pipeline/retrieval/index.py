@@ -369,7 +369,7 @@ class Retriever:
         """Top-k passages per query, each with its ``retrieval_score`` (inner product)."""
         if not queries:
             return []
-        return self.passages(*self.search_vectors(self.encoder.encode(queries), k))
+        return self.passages(*self.search_vectors(self.encoder.encode_queries(queries), k))
 
 
 def load_shard(cfg: RetrievalConfig, version_dir: Path, name: str) -> IndexShard:

@@ -65,7 +65,8 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
     todo = {shard: n for shard, n in plan.todo.items() if shard not in ready}
     if not todo:
         return written, {}
-    plan.runner = "in_process" if runs_in_process(cfg) else "ray"
+    rows = sum(n - plan.staged.get(shard, 0) for shard, n in todo.items())
+    plan.runner = "in_process" if runs_in_process(cfg, rows) else "ray"
     if plan.runner == "in_process" and not reuses_services(cfg):
         return execute_here(cfg, plan, todo, run_id, lease, written)
     phases.reached("before_ray_init")

@@ -7,6 +7,14 @@ from __future__ import annotations
 from ..infra.config import Config
 from ..runtime.ray_connect import would_start_local_ray
 
+#: ``runner=auto`` with running services named: jobs of at most this many rows to annotate run
+#: their stages in the driver. Ray Data's stage actors take seconds to start (4.4 s for the
+#: 120-row bench job on 2 cores, against 4.9 s for that whole job with its stages in the
+#: driver); a larger job is worth them, its stages' CPU spread over the cluster's nodes (the
+#: bench's stages take about 6 ms of CPU a row: one driver process feeds at most about 160
+#: rows/s, which 20 or so GPU engine replicas would outrun).
+STAGES_IN_DRIVER_MAX_ROWS = 2000
+
 
 def reuses_services(cfg: Config) -> bool:
     """Whether the job names running services (``engine/retrieval.service.deployment``)."""
@@ -31,13 +39,19 @@ def in_process_refusal(cfg: Config) -> str | None:
     return None
 
 
-def runs_in_process(cfg: Config) -> bool:
-    """Whether the run goes in this process: ``runner=in_process`` (preflight refused it where
-    ``in_process_refusal`` says why not), or ``auto`` where the job would start a new local Ray
-    for one engine replica of its own and nothing else needs Ray."""
-    if cfg.runner == "auto":
-        return not reuses_services(cfg) and in_process_refusal(cfg) is None and would_start_local_ray(cfg.ray.address)
-    return cfg.runner == "in_process"
+def runs_in_process(cfg: Config, rows: int) -> bool:
+    """Whether the run, with ``rows`` rows to annotate, goes in this process: ``runner=in_process``
+    (preflight refused it where ``in_process_refusal`` says why not), or ``auto`` where the job
+    would start a new local Ray for one engine replica of its own and nothing else needs Ray,
+    or where it names the running services it calls and has at most
+    ``STAGES_IN_DRIVER_MAX_ROWS`` rows (its stages here, the services on the cluster)."""
+    if cfg.runner != "auto":
+        return cfg.runner == "in_process"
+    if in_process_refusal(cfg) is not None:
+        return False
+    if reuses_services(cfg):
+        return rows <= STAGES_IN_DRIVER_MAX_ROWS
+    return would_start_local_ray(cfg.ray.address)
 
 
 def stage_kinds(cfg: Config) -> list:

@@ -67,7 +67,7 @@ class RetrieverReplica(ReportingReplica):
         if not self.shards:
             found = await loop.run_in_executor(self.pool, r.search, queries, k)
         else:
-            vectors = await loop.run_in_executor(self.pool, r.encoder.encode, queries)
+            vectors = await loop.run_in_executor(self.pool, r.encoder.encode_queries, queries)
             parts = await asyncio.gather(*(shard.search.remote(vectors, r.candidates(k)) for shard in self.shards))
             found = await loop.run_in_executor(self.pool, lambda: r.passages(*r.rank(vectors, parts, k)))
         self.counters["seconds"] += time.perf_counter() - start
