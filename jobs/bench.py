@@ -34,7 +34,10 @@
    (engine worker, engine core, engine replica front end, retriever, stage actors, Ray, the
    driver) over the pipeline's generation window and over the bare engine's run.
    ``harness_cpu_ms_per_request``: the CPU of every role but the engine (its core and the
-   replica in front of it) over the generation window, in ms per engine request.
+   replica in front of it) over the generation window, in ms per engine request;
+   ``query_encoder_cpu_ms_per_request``: the part of it that is the retrieval replica's query
+   encoder computing (its model on this CPU), and ``harness_cpu_ms_per_request_with_gpu_encoder``
+   the rest: what stays on the CPU when the encoder has a GPU (``retrieval.device: cuda``).
 
 6. A small job (the first ``--small-rows`` rows), each step a fresh process timed end to end:
    the pipeline as a user starts it on one machine (``small_job_seconds``; ``runner`` auto,

@@ -66,6 +66,9 @@ def test_a_query_gets_the_same_vector_in_any_batch(encoder, dtype):
         np.testing.assert_allclose(together[: len(TEXTS)], alone, rtol=0, atol=1e-6)
         np.testing.assert_allclose(some, alone[5:30:3], rtol=0, atol=1e-6)
     np.testing.assert_allclose(together[: len(TEXTS)], enc.encode(TEXTS), atol=2e-5 if enc.dtype == "float32" else 2e-2)
+    before = enc.cpu_seconds
+    enc.encode_queries(TEXTS)
+    assert enc.cpu_seconds > before  # the retrieval replica reports it (encode_cpu_seconds)
 
 
 def test_length_batches_keep_one_length_per_batch_when_exact():

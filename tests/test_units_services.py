@@ -472,7 +472,8 @@ def test_callers_do_not_wait_for_ever_when_the_search_is_cancelled():
 
 def test_the_retrieval_replica_counts_calls_searches_and_queries():
     """``RetrieverReplica.search`` over a scripted retriever: two calls that waited behind a
-    first one are searched together; the counters say 3 calls, 2 searches, 4 queries."""
+    first one are searched together; the counters say 3 calls, 2 searches, 4 queries, and the
+    encoder's CPU seconds."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -481,8 +482,10 @@ def test_the_retrieval_replica_counts_calls_searches_and_queries():
     class ScriptedRetriever:
         def __init__(self):
             self.searched, self.release = [], threading.Event()
+            self.encoder = SimpleNamespace(cpu_seconds=0.0)
 
         def search(self, queries, k):
+            self.encoder.cpu_seconds += 0.25 * len(queries)
             self.searched.append(list(queries))
             self.release.wait(timeout=60)  # the first search holds until the others queue
             return [[{"id": q}] for q in queries]
@@ -492,7 +495,7 @@ def test_the_retrieval_replica_counts_calls_searches_and_queries():
         replica.shards, replica.retriever = [], ScriptedRetriever()
         replica.pool = ThreadPoolExecutor(max_workers=1)
         replica.coalesced = CoalescingSearch(replica._search)
-        replica.counters = {"seconds": 0.0, "queries": 0, "searches": 0}
+        replica.counters = {"seconds": 0.0, "queries": 0, "searches": 0, "encode_cpu_seconds": 0.0}
         replica.reporter = Reporter("retriever", target=None)
         replica.count_into(replica.counters)
         first = asyncio.ensure_future(replica.search(["a"], 3))
@@ -508,6 +511,7 @@ def test_the_retrieval_replica_counts_calls_searches_and_queries():
     assert first == [[{"id": "a"}]] and rest == [[[{"id": "b"}], [{"id": "c"}]], [[{"id": "d"}]]]
     c = replica.counters
     assert (c["calls"], c["searches"], c["queries"]) == (3, 2, 4) and c["seconds"] > 0
+    assert c["encode_cpu_seconds"] == 1.0
     assert "first_start" in replica.window and "last_end" in replica.window
 
 

@@ -58,6 +58,7 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
     tokens = engine["generated_tokens"]
     pipeline_cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
     harness = harness_cores(pipeline_cores)
+    encoding = stages["retriever"]["encode_cpu_seconds"]  # the query encoder's model, in the retrieval replica
     result = {
         "rows": summary["rows"],
         "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},
@@ -92,6 +93,8 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
         "cpu_cores": {"machine": os.cpu_count(), "pipeline_window": pipeline_cores,
                       "bare_engine": account.cores(*bare["window"])},
         "harness_cpu_ms_per_request": round(harness * window * 1000 / engine["requests"], 2),
+        "query_encoder_cpu_ms_per_request": round(encoding * 1000 / engine["requests"], 2),
+        "harness_cpu_ms_per_request_with_gpu_encoder": round((harness * window - encoding) * 1000 / engine["requests"], 2),
         "cpu_ms_per_request_beyond_bare": beyond_bare(pipeline_cores, window, bare, engine["requests"]),
         **here,
         **small,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -132,6 +133,9 @@ class Encoder:
         model = AutoModel.from_pretrained(resolve_encoder_path(cfg.encoder))
         self.model = model.to(device=self.device, dtype=getattr(torch, self.dtype)).eval()
         self.dim = int(self.model.config.hidden_size)
+        #: CPU seconds of the calling threads in ``encode_tokens`` so far (torch's own worker
+        #: threads, with ``retrieval.threads`` above 1, are not counted).
+        self.cpu_seconds = 0.0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts (passages): tokenize, then ``encode_tokens``."""
@@ -151,6 +155,7 @@ class Encoder:
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        started = time.thread_time()
         starts = np.cumsum(lengths) - lengths
         batches = length_batches(lengths, self.cfg.encode_batch_size, exact)
         with self.torch.inference_mode():
@@ -160,6 +165,7 @@ class Encoder:
             in_batch_order = self.torch.cat(pooled).cpu().numpy()
         vectors = np.empty_like(in_batch_order)
         vectors[np.concatenate(batches)] = in_batch_order
+        self.cpu_seconds += time.thread_time() - started
         return vectors
 
     def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray):

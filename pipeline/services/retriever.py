@@ -41,7 +41,9 @@ class RetrieverReplica(ReportingReplica):
         self.retriever = Retriever(cfg, Storage(storage), exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self.coalesced = CoalescingSearch(self._search)
-        self.counters = {"seconds": 0.0, "queries": 0, "searches": 0}  # and calls (ReportingReplica)
+        # and calls (ReportingReplica); encode_cpu_seconds: the query encoder's model (on a GPU
+        # with retrieval.device=cuda, its CPU share is launching the kernels)
+        self.counters = {"seconds": 0.0, "queries": 0, "searches": 0, "encode_cpu_seconds": 0.0}
         self.start_reporting(self.counters, time.perf_counter() - start)
 
     async def index_meta(self) -> dict:
@@ -72,6 +74,7 @@ class RetrieverReplica(ReportingReplica):
             found = await loop.run_in_executor(self.pool, lambda: r.passages(*r.rank(vectors, parts, k)))
         self.counters["seconds"] += time.perf_counter() - start
         self.counters["searches"] += 1
+        self.counters["encode_cpu_seconds"] = r.encoder.cpu_seconds
         return found
 
     def close(self) -> None:
