@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.bench.scale import benchmark
+from pipeline.runtime import main_stop
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
     ks = [int(k) for k in args.replicas.split(",")]
     if max(ks) > 2 * args.nodes:
         parser.error(f"--replicas up to {max(ks)} needs --nodes of at least {(max(ks) + 1) // 2}")
-    return benchmark(args.rows, args.shards, ks, args.nodes, args.check_prompts, list(args.overrides))
+    try:
+        return benchmark(args.rows, args.shards, ks, args.nodes, args.check_prompts, list(args.overrides))
+    except KeyboardInterrupt as exc:  # SIGTERM (pipeline.bench.scale.stop_on_sigterm) exits 128 + its number
+        cause = main_stop.reason(exc)
+        raise cause if isinstance(cause, SystemExit) else exc
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def no_ray_here(monkeypatch, tmp_path):
     (["retrieval.service.deployment=selfrag-retriever"], False),
     (["engine.service.replicas=2"], False),
     (["engine.service.min_replicas=1", "engine.service.max_replicas=3"], False),
+    (["retrieval.service.replicas=2"], False),
+    (["retrieval.service.replicas=2", "selfrag.mode=never"], True),  # no retriever at all
     (["retrieval.shards_apart=true"], False),
     (["engine.tensor_parallel_size=2"], False),
 ])
@@ -91,6 +93,8 @@ def test_auto_runs_the_stages_of_a_small_job_on_running_services_in_the_driver(n
 
 def test_runner_in_process_is_refused_before_any_work_where_it_cannot_serve_the_job(tmp_path):
     assert in_process_refusal(load_config([], [])) is None
+    assert "more than one retrieval replica" in in_process_refusal(
+        load_config([], ["retrieval.service.min_replicas=1", "retrieval.service.max_replicas=4"]))
     cfg = load_config([], ["runner=in_process", "engine.service.replicas=2", f"output.path={tmp_path / 'out'}"])
     with pytest.raises(PreflightError, match="runner=in_process cannot run this job: it asks for more than one engine "
                                              "replica"):

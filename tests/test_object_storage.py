@@ -223,6 +223,7 @@ def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path, simul
     assert len(logs) == 2, logs  # the killed run never got to copy its log
     texts = [fs.cat(p).decode() for p in logs]
     assert "name='SelfRagEngine'" in texts[0] and "SelfRagEngine" not in texts[1]
+    assert "CALL generate" not in texts[0] and "CALL search" not in texts[0]  # no access-log line per service call
     assert not any(SECRET in t for t in texts)
     assert "SelfRagEngine" not in again.stdout + again.stderr
     # each run's report went to the bucket too, and the history has the runs that reported

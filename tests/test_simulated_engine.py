@@ -114,3 +114,25 @@ def test_simulated_engine_settings_are_checked():
                 "engine.simulated.recording=s3://bucket/requests"):
         with pytest.raises(ConfigError, match="engine.simulated"):
             load_config([], [bad])
+
+
+def test_sigterm_stops_the_scale_benchmark_through_its_cleanup_and_exits_143(monkeypatch):
+    """``make bench-scale``'s SIGTERM handler stops the main thread (a ``SystemExit`` raised in a
+    handler inside a Ray call is lost), and the job exits 128 + 15 after its cleanup ran."""
+    import signal
+
+    import jobs.bench_scale
+    from pipeline.bench.scale import stop_on_sigterm
+
+    cleaned = []
+
+    def benchmark(*_args):
+        try:
+            stop_on_sigterm(signal.SIGTERM, None)  # as if the signal arrived inside the run
+        finally:
+            cleaned.append(True)  # the cluster's shutdown
+
+    monkeypatch.setattr(jobs.bench_scale, "benchmark", benchmark)
+    with pytest.raises(SystemExit) as exited:
+        jobs.bench_scale.main([])
+    assert exited.value.code == 143 and cleaned == [True]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 
 from ..infra.config import load_config
+from ..runtime import main_stop
 from ..services.recording import read_records
 from .common import BENCH_DIR, RECORDING, annotate, harness_cores, print_figures
 from .cpu_account import CpuAccount
@@ -81,6 +81,13 @@ def latency_check(recording: Path, overrides: list[str], prompts: int) -> dict:
             "ratio": round(measured / predicted, 4)}
 
 
+def stop_on_sigterm(signum: int, _frame) -> None:
+    """SIGTERM: stop the main thread, also inside a Ray call (where a ``SystemExit`` raised by a
+    handler is printed and lost), so that the cluster is shut down on the way out; ``jobs.bench_scale``
+    then exits with 128 + the signal's number."""
+    main_stop.stop(SystemExit(128 + signum))
+
+
 def benchmark(n_rows: int, shards: int, ks: list[int], nodes: int, check_prompts: int, overrides: list[str]) -> dict:
     """Run the benchmark on ``n_rows`` rows of the workload in ``shards`` shards, for each K of
     ``ks`` simulated replicas on ``nodes`` GPU nodes (2 GPUs each), the latency model checked on
@@ -91,7 +98,7 @@ def benchmark(n_rows: int, shards: int, ks: list[int], nodes: int, check_prompts
     check = latency_check(recording, list(overrides), check_prompts)
     print(f"latency model: {check}", flush=True)
 
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # the cluster is shut down on the way out
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     cluster = start_cluster(nodes)
     account = CpuAccount().start()
     per_k = []

@@ -377,7 +377,7 @@ class Config:
     #: Where the stages and services run. ray: Ray Data stages and Ray Serve services, on the
     #: cluster or a new local Ray. in_process: all in this process (the engine and the retriever
     #: each on a thread of their own), without Ray: no Ray start and no actors to start, for
-    #: small jobs on one machine; its own services are one engine replica, no tensor
+    #: small jobs on one machine; its own services are one replica each, no tensor
     #: parallelism; with running services named (engine and retriever) the stages run here
     #: and call them on the cluster.
     #: auto: in_process when the job would otherwise start a new local Ray for one engine

@@ -32,6 +32,8 @@ def in_process_refusal(cfg: Config) -> str | None:
         return "it names one running service and would start the other (name both, or neither)"
     if e.replicas > 1 or (e.max_replicas or 1) > 1:
         return "it asks for more than one engine replica (engine.service.replicas, max_replicas)"
+    if cfg.selfrag.mode != "never" and (r.replicas > 1 or (r.max_replicas or 1) > 1):
+        return "it asks for more than one retrieval replica (retrieval.service.replicas, max_replicas)"
     if cfg.engine.tensor_parallel_size > 1:
         return "engine.tensor_parallel_size > 1 runs the engine's workers on Ray"
     if cfg.retrieval.shards_apart:

@@ -53,6 +53,9 @@ def replica_options(svc: ServiceConfig, env: dict | None = None, gpus_per_worker
         # a replica being stopped waits this long before it first checks for requests in flight
         # (Serve's default, 2 s, is added to the end of every job that deletes its services)
         "graceful_shutdown_wait_loop_s": 0.2,
+        # no access-log line per call: a job makes thousands, each formatted, written and tailed
+        # by Ray's log monitor (errors are still logged, by the stages and the replicas)
+        "logging_config": {"enable_access_log": False},
         "ray_actor_options": {"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus if workers == 1 else 0,
                               "runtime_env": {"env_vars": {k: str(v) for k, v in (env or {}).items()}}},
     }
