@@ -8,12 +8,16 @@
 2. A local multi-node Ray cluster (``ray.cluster_utils.Cluster``): a head node for the driver,
    the stage actors and the retriever, and ``--nodes`` nodes of 2 (logical) GPUs each, so
    engine replicas (one GPU each) spread over the nodes.
-3. For each K, the annotation job on the same rows with K simulated engine replicas
-   (``engine.simulated``: the recorded outputs, after the latency model's time; see
-   ``pipeline.services.simulated_engine``). Per K: rows/s over the generation window (first
-   engine request to last), the efficiency rows/s(K) / (K x rows/s(1)), the harness's mean
-   cores over the window (every process except the engine replicas: stage actors, retriever,
-   Ray, Serve, the driver), and how many selected answers equal the real-engine run's.
+3. For each K, K simulated engine replicas (``engine.simulated``: the recorded outputs, after
+   the latency model's time; see ``pipeline.services.simulated_engine``) and the retriever
+   deployed and warmed up, as ``jobs.serve`` keeps them on a cluster, then the annotation job
+   on the same rows reusing them, its stages on Ray Data (``runner=ray``). Per K: rows/s over the rows' window (the job's
+   first batch in a model stage to its last row written), the efficiency rows/s(K) /
+   (K x rows/s(1)), the harness's mean cores over the window (every process except the engine
+   replicas: stage actors, retriever, Ray, Serve, the driver), how busy the harness kept the
+   replicas (``engine_busy``: the latency model's seconds of work, steps and uncached prefill,
+   over K x the window; ``engine_batch_fill``: running sequences per step over
+   ``max_num_seqs``), and how many selected answers equal the real-engine run's.
 4. The latency model honoured: one simulated replica in this process gets the first
    ``--check-prompts`` recorded prompts at once; ``latency_model_ratio`` = its measured seconds
    over the model's arithmetic (``predicted_seconds``).

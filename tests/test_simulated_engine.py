@@ -136,3 +136,16 @@ def test_sigterm_stops_the_scale_benchmark_through_its_cleanup_and_exits_143(mon
     with pytest.raises(SystemExit) as exited:
         jobs.bench_scale.main([])
     assert exited.value.code == 143 and cleaned == [True]
+
+
+def test_the_scale_benchmark_measures_rows_from_the_first_batch_and_the_replicas_model_time():
+    from pipeline.bench.scale import model_seconds, rows_window
+
+    stages = {"engine": {"first_start": -0.5}, "first_pass": {"first_start": 5.0}, "retrieve": {"first_start": 5.7},
+              "critique": {"first_start": 7.8}, "write": {"first_start": 9.0, "last_end": 30.25}}
+    assert rows_window(stages) == (5.0, 30.25)  # not the engine's first call (the job checking the services)
+    del stages["first_pass"]  # always mode: no first pass
+    assert rows_window(stages) == (5.7, 30.25)
+    model = SimulatedEngineConfig(step_s=0.03, max_num_seqs=16, prefill_s_per_1k_tokens=0.04)
+    engine = {"steps": 1000, "prompt_tokens": 250_000, "prefix_cache_hits": 50_000}
+    assert model_seconds(engine, model) == pytest.approx(1000 * 0.03 + 200_000 * 0.04 / 1000)  # 30 s + 8 s
