@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.bench.scale import benchmark
+from pipeline.bench import scale
 from pipeline.runtime import main_stop
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     if max(ks) > 2 * args.nodes:
         parser.error(f"--replicas up to {max(ks)} needs --nodes of at least {(max(ks) + 1) // 2}")
     try:
-        return benchmark(args.rows, args.shards, ks, args.nodes, args.check_prompts, list(args.overrides))
+        return scale.benchmark(args.rows, args.shards, ks, args.nodes, args.check_prompts, list(args.overrides))
     except KeyboardInterrupt as exc:  # SIGTERM (pipeline.bench.scale.stop_on_sigterm) exits 128 + its number
         cause = main_stop.reason(exc)
         raise cause if isinstance(cause, SystemExit) else exc

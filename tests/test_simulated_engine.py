@@ -121,20 +121,20 @@ def test_sigterm_stops_the_scale_benchmark_through_its_cleanup_and_exits_143(mon
     handler inside a Ray call is lost), and the job exits 128 + 15 after its cleanup ran."""
     import signal
 
-    import jobs.bench_scale
-    from pipeline.bench.scale import stop_on_sigterm
+    from jobs.bench_scale import main
+    from pipeline.bench import scale
 
     cleaned = []
 
     def benchmark(*_args):
         try:
-            stop_on_sigterm(signal.SIGTERM, None)  # as if the signal arrived inside the run
+            scale.stop_on_sigterm(signal.SIGTERM, None)  # as if the signal arrived inside the run
         finally:
             cleaned.append(True)  # the cluster's shutdown
 
-    monkeypatch.setattr(jobs.bench_scale, "benchmark", benchmark)
+    monkeypatch.setattr(scale, "benchmark", benchmark)
     with pytest.raises(SystemExit) as exited:
-        jobs.bench_scale.main([])
+        main([])
     assert exited.value.code == 143 and cleaned == [True]
 
 
