@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def annotate(name: str, rows: list[dict], shards: int, overrides: list[str]) -> 
 
     write_shards(BENCH_DIR / name / "queries", rows, shards)
     out = BENCH_DIR / name / "out"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run of other shards left their parts (overwrite redoes this input's)
     cfg = load_config([], [f"input.paths=[{BENCH_DIR / name / 'queries'}]", f"output.path={out}",
                            "ray.progress_bars=false", "output.overwrite=true", *overrides])
     manifest = run(cfg)
