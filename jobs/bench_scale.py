@@ -28,6 +28,7 @@ The figures are printed one per line; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import signal
 
 from pipeline.bench import scale
 from pipeline.runtime import main_stop
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--replicas up to {max(ks)} needs --nodes of at least {(max(ks) + 1) // 2}")
     try:
         return scale.benchmark(args.rows, args.shards, ks, args.nodes, args.check_prompts, list(args.overrides))
-    except KeyboardInterrupt as exc:  # SIGTERM (pipeline.bench.scale.stop_on_sigterm) exits 128 + its number
+    except KeyboardInterrupt as exc:  # SIGTERM or SIGINT, in the benchmark or in a job's run: 128 + its number
         cause = main_stop.reason(exc)
-        raise cause if isinstance(cause, SystemExit) else exc
+        if isinstance(cause, SystemExit):
+            raise cause
+        raise SystemExit(128 + getattr(cause, "signum", signal.SIGINT)) from exc
 
 
 if __name__ == "__main__":

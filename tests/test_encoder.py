@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
+from pipeline.retrieval import encoder as encoder_module
 from pipeline.retrieval.encoder import Encoder, length_batches, resolve_dtype, tokenize
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
@@ -89,8 +90,8 @@ def test_bfloat16_on_cpu_is_close_to_float32(encoder):
 @pytest.mark.parametrize("avx512_bf16, amx, on_cpu", [(True, False, "bfloat16"), (False, True, "bfloat16"),
                                                       (False, False, "float32")])
 def test_dtype_defaults_by_device_and_bad_values_are_refused(monkeypatch, avx512_bf16, amx, on_cpu):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    flags = {"avx512f", "fma"} | ({"avx512_bf16"} if avx512_bf16 else set()) | ({"amx_bf16"} if amx else set())
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: flags)
     assert (resolve_dtype(None, "cuda"), resolve_dtype("auto", "cuda:1"), resolve_dtype(None, "cpu")) == \
         ("float16", "float16", on_cpu)
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
@@ -101,6 +102,12 @@ def test_dtype_defaults_by_device_and_bad_values_are_refused(monkeypatch, avx512
             load_config([], [f"retrieval.dtype={bad}"])
     with pytest.raises(ValueError, match="retrieval.dtype: 'fp16'"):
         resolve_dtype("fp16", "cpu")
+
+
+def test_the_cpu_flags_say_what_torch_finds():
+    """The driver reads the CPU's flags without torch; torch's own check agrees on this machine."""
+    assert encoder_module.cpu_has_native_bfloat16() == bool(
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder):

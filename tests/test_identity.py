@@ -50,6 +50,7 @@ ANNOTATION_SETTINGS = [
     "selfrag.threshold=0.5", "selfrag.top_k=3", "selfrag.long_form.beam_width=3", "selfrag.prompt_style=paper",
     "engine.dtype=bfloat16", "engine.max_model_len=512", "engine.extra.quantization=fp8", "input.question_column=q",
     "input.default_task=fever", "output.keep_logprobs=true", "retrieval.nprobe=4", "retrieval.max_length=64",
+    "retrieval.dtype=float16",  # the default resolves to bfloat16 or float32 (by the CPU)
 ]
 
 

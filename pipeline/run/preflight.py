@@ -18,6 +18,7 @@ from ..infra.config import Config
 from ..output.identity import annotation_identity, identity_changes, identity_hash
 from ..infra.io import InputError, Storage, inside, is_component, location, shard_stem
 from ..output.folder import OutputFolder
+from ..retrieval.encoder import resolve_dtype
 from ..retrieval.index import (
     build_index_in_process,
     build_version,
@@ -321,10 +322,13 @@ def ensure_index(cfg: Config, storage: Storage) -> str | None:
     when the corpus changed since it was built; check that it matches the encoder. Sets
     ``cfg.retrieval.index_dir`` to that version, so that the annotation identity, the retrieval
     service (and every restart of its replicas) and ``_config.yaml`` all name it, whatever other
-    runs build at the location meanwhile. Returns the version (None in never mode)."""
+    runs build at the location meanwhile. Resolves ``retrieval.dtype`` too (null/auto: by this
+    machine's CPU), so that every replica computes in the dtype the identity names. Returns the
+    version (None in never mode)."""
     if cfg.selfrag.mode == "never":
         return None
     r = cfg.retrieval
+    r.dtype = resolve_dtype(r.dtype, r.device)  # every replica computes in the dtype the identity names
     try:
         version = resolve_index(storage, r.index_dir)
     except (FileNotFoundError, ValueError) as exc:

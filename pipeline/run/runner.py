@@ -8,9 +8,9 @@ from ..infra.config import Config
 from ..runtime.ray_connect import would_start_local_ray
 
 #: ``runner=auto`` with running services named: jobs of at most this many rows to annotate run
-#: their stages in the driver. Ray Data's stage actors take seconds to start (4.4 s for the
-#: 120-row bench job on 2 cores, against 4.9 s for that whole job with its stages in the
-#: driver); a larger job is worth them, its stages' CPU spread over the cluster's nodes (the
+#: their stages in the driver. Ray Data's stage actors take seconds to start (about 4.4 s of
+#: the 120-row bench job's 10.2 s on 2 cores, against 5.6 s for that whole job with its stages
+#: in the driver); a larger job is worth them, its stages' CPU spread over the cluster's nodes (the
 #: bench's stages take about 6 ms of CPU a row: one driver process feeds at most about 160
 #: rows/s, which 20 or so GPU engine replicas would outrun).
 STAGES_IN_DRIVER_MAX_ROWS = 2000
