@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_index(cfg, storage)  # the services search the version the location names now
     except (ConfigError, PreflightError) as exc:
         return end_job(exc)
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, dashboard=cfg.ray.dashboard)
     try:
         if started_here():
             print_error("no Ray cluster to keep the services on: start one (ray start --head) or set ray.address; "

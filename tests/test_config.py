@@ -23,6 +23,18 @@ def test_yaml_then_overrides(tmp_path):
     assert load_config([], ["input.paths=[a.parquet,b.parquet]"]).input.paths == ["a.parquet", "b.parquet"]
 
 
+def test_the_chain_can_be_unchained_in_a_preset_and_back_on_the_command_line(tmp_path):
+    from pipeline.infra.config import stage_pools
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("stages:\n  chain: null\n")
+    assert [name for name, _ in stage_pools(load_config([str(preset)]))] == ["first_pass", "retrieve", "critique"]
+    assert [name for name, _ in stage_pools(load_config([str(preset)], ["selfrag.mode=always"]))] == [
+        "retrieve", "critique"]
+    chained = load_config([str(preset)], ["stages.chain.replicas=2"])
+    assert stage_pools(chained) == [("chain", chained.stages.chain)] and chained.stages.chain.replicas == 2
+
+
 @pytest.mark.parametrize("override, message", [
     ("selfrag.nope=1", "config key 'selfrag.nope'"),
     ("nope=1", "config key 'nope'"),
@@ -31,6 +43,7 @@ def test_yaml_then_overrides(tmp_path):
     ("selfrag.threshold=1.5", "config key 'selfrag.threshold'"),
     ("selfrag.prompt_style=Paper", "config key 'selfrag.prompt_style': 'Paper' is not one of"),
     ("stages.first_pass.replicas=0", "config key 'stages.first_pass.replicas'"),
+    ("stages.chain.max_concurrent_batches=0", "config key 'stages.chain.max_concurrent_batches'"),
     ("input.default_task=poetry", "config key 'input.default_task'"),
     ("selfrag.top_k", "argument 1 is not of the form key=value"),
     ("selfrag.w_rel=.nan", "config key 'selfrag.w_rel': must be a finite number"),

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval import encoder as encoder_module
-from pipeline.retrieval.encoder import Encoder, length_batches, resolve_dtype, tokenize
+from pipeline.retrieval.encoder import Encoder, length_batches, padded_width, resolve_dtype, tokenize
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
 WORDS = "river mountain velmora speaks language founded kingdom northern coastal ancient".split()
@@ -72,10 +72,19 @@ def test_a_query_gets_the_same_vector_in_any_batch(encoder, dtype):
     assert enc.cpu_seconds > before  # the retrieval replica reports it (encode_cpu_seconds)
 
 
-def test_length_batches_keep_one_length_per_batch_when_exact():
+def test_length_batches_keep_one_padded_width_per_batch_with_a_width_step():
     lengths = np.array([5, 3, 5, 9, 3, 5, 5])
-    assert [b.tolist() for b in length_batches(lengths, 3, exact=False)] == [[1, 4, 0], [2, 5, 6], [3]]
-    assert [b.tolist() for b in length_batches(lengths, 3, exact=True)] == [[1, 4], [0, 2, 5], [6], [3]]
+    assert [b.tolist() for b in length_batches(lengths, 3)] == [[1, 4, 0], [2, 5, 6], [3]]
+    assert [b.tolist() for b in length_batches(lengths, 3, width_step=1)] == [[1, 4], [0, 2, 5], [6], [3]]
+    # widths of 8: 3 and 5 are one width (8), 9 the next (16)
+    assert [b.tolist() for b in length_batches(lengths, 3, width_step=8)] == [[1, 4, 0], [2, 5, 6], [3]]
+    assert [b.tolist() for b in length_batches(lengths, 10, width_step=4)] == [[1, 4], [0, 2, 5, 6], [3]]
+
+
+def test_a_padded_width_depends_on_the_length_alone_and_stays_within_the_limit():
+    assert [padded_width(n, 16, 512) for n in (1, 16, 17, 31, 32)] == [16, 16, 32, 32, 32]
+    assert [padded_width(n, 16, 100) for n in (97, 100)] == [100, 100]  # not beyond max_length
+    assert padded_width(12, 8, None) == 16
 
 
 def test_bfloat16_on_cpu_is_close_to_float32(encoder):

@@ -131,8 +131,8 @@ def test_a_killed_engine_is_replaced_and_the_run_completes_exactly_once(tmp_path
     requests = tmp_path / "requests"  # the replica records each request it serves: proof of work in flight
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", "runner=ray", f"input.paths={tmp_path / 'in'}",
-         f"output.path={tmp_path / 'out'}", f"retrieval.index_dir={index_dir}", "stages.first_pass.batch_size=2",
-         "stages.critique.batch_size=2", "engine.service.health_check_period_s=2",
+         f"output.path={tmp_path / 'out'}", f"retrieval.index_dir={index_dir}", "stages.chain.batch_size=2",
+         "engine.service.health_check_period_s=2",
          f"debug.record_engine_requests={requests}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output: list[str] = []

@@ -37,7 +37,7 @@ RUN_SETTINGS = [
     "ray.progress_bars=true", "storage.cache_dir=/elsewhere", "storage.endpoint_url=http://127.0.0.1:9",
     "output.buffer_rows=5", "output.stage_rows=5", "output.lease_stale_after_s=100", "run_id=nightly-2",
     "input.paths=[/other/inputs]", "debug.exit_after_shards=1", "log_level=debug", "output.report=false",
-    "output.examples=3",
+    "output.examples=3", "stages.chain=null", "stages.chain.replicas=2", "ray.dashboard=true",
 ]
 
 
@@ -57,6 +57,14 @@ ANNOTATION_SETTINGS = [
 @pytest.mark.parametrize("override", ANNOTATION_SETTINGS)
 def test_annotation_settings_change_the_identity(base, override):
     assert identity_hash(identity(base, override)) != identity_hash(identity(base))
+
+
+def test_how_queries_are_padded_is_part_of_it_on_a_cpu(base):
+    """On a CPU a query's vector depends on the width it is padded to (QUERY_WIDTH_STEP): an
+    output written with another padding is not resumed into. On cuda batches are padded to
+    their longest (not batch-invariant anyway): nothing to record."""
+    assert identity(base)["retrieval"]["query_width_step"] == 16
+    assert "query_width_step" not in identity(base, "retrieval.device=cuda")["retrieval"]
 
 
 def test_the_model_files_and_the_index_are_part_of_it(base, tmp_path):

@@ -109,14 +109,18 @@ def test_an_unknown_runner_is_a_config_error():
         load_config([], ["runner=local"])
 
 
-@pytest.mark.parametrize("mode, batch, in_flight", [
-    # the smallest model stage's batch; rows the Ray stages hold (replicas x concurrent batches x batch) / batch
-    ("adaptive", 16, (8 * 32 + 8 * 64 + 8 * 16) // 16),
-    ("always", 16, (8 * 64 + 8 * 16) // 16),
-    ("never", 32, (8 * 32) // 32),
+@pytest.mark.parametrize("overrides, batch, in_flight", [
+    # chained (the default): its batch, and replicas x concurrent batches, whatever the mode
+    (["selfrag.mode=adaptive"], 32, 28),
+    (["selfrag.mode=never", "stages.chain.replicas=2", "stages.chain.batch_size=8"], 8, 2 * 28),
+    # one pool per stage: the smallest model stage's batch; rows the pools hold
+    # (replicas x concurrent batches x batch) / batch
+    (["selfrag.mode=adaptive", "stages.chain=null"], 16, (8 * 32 + 8 * 64 + 8 * 16) // 16),
+    (["selfrag.mode=always", "stages.chain=null"], 16, (8 * 64 + 8 * 16) // 16),
+    (["selfrag.mode=never", "stages.chain=null"], 32, (8 * 32) // 32),
 ])
-def test_rows_in_flight_match_what_the_ray_stages_would_hold(mode, batch, in_flight):
-    assert rows_in_flight(load_config([], [f"selfrag.mode={mode}"])) == (batch, in_flight)
+def test_rows_in_flight_match_what_the_ray_stages_would_hold(overrides, batch, in_flight):
+    assert rows_in_flight(load_config([], overrides)) == (batch, in_flight)
 
 
 # --- the batch loop ------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
     common = [f"input.paths={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", "selfrag.mode=never",
               f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine, f"runner={runner}",
               # one row at a time (about 1 s each): shards finish one after another, so the signal lands mid-run
-              "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1"]
+              "stages.chain.batch_size=1", "stages.chain.max_concurrent_batches=1"]
     proc, lines = start_job(tmp_path, *common)
     wait_for(lines, "wrote ")
     stop_and_check(proc, signal.SIGINT, lines)
@@ -188,7 +188,7 @@ def test_sigint_mid_run_leaves_only_complete_shards_and_the_run_resumes(tmp_path
         assert pq.read_table(out / f"{stem}.parquet").num_rows == 3
 
     # the resume, rescaled to whole batches in flight (run settings do not block a resume)
-    faster = [*common, "stages.first_pass.batch_size=8", "stages.first_pass.max_concurrent_batches=4"]
+    faster = [*common, "stages.chain.batch_size=8", "stages.chain.max_concurrent_batches=4"]
     resumed = subprocess.run([sys.executable, "-m", "jobs.annotate", "ray.progress_bars=false", *faster],
                              cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -178,10 +178,11 @@ def test_stages_in_the_driver_on_running_services_write_the_ray_stages_annotatio
                                                                                    running_services):
     """A small job (``runner=auto``) with running services named: the stages run in the driver
     (no Ray Data, no stage actors) and call the services on Ray; every row as the Ray Data stages
-    write it on the same services, and every call reported by the replicas to this run."""
+    write it on the same services (here one actor pool per stage, ``stages.chain=null``: the
+    other runs on Ray chain them), and every call reported by the replicas to this run."""
     inputs = copy_demo_queries(tmp_path / "in")
     settings = ["selfrag.mode=adaptive", "selfrag.top_k=2", *running_services]
-    _, on_ray = run_job(tmp_path / "ray", index_dir, inputs, *settings)
+    _, on_ray = run_job(tmp_path / "ray", index_dir, inputs, *settings, "stages.chain=null")
     gc.collect()
     summary, here = run_job(tmp_path / "here", index_dir, inputs, *settings, "runner=auto")
     check_reused_services_reported_every_call(tmp_path / "here")

@@ -166,7 +166,7 @@ def test_a_lost_engine_node_is_replaced_and_the_run_completes(cluster, tmp_path,
         cluster.address, f"input.paths={tmp_path / 'in'}", f"output.path={out}", "selfrag.mode=never",
         f"retrieval.index_dir={tmp_path / 'index'}", f"engine.service.num_cpus={ENGINE_CPUS}",
         "engine.service.retry_backoff_s=2", "engine.service.request_retries=30", *simulated_engine,
-        "stages.first_pass.batch_size=1", "stages.first_pass.max_concurrent_batches=1")
+        "stages.chain.batch_size=1", "stages.chain.max_concurrent_batches=1")
     before = wait_for_line(proc, lines, reader, "wrote ")
     actors = actors_by_class(cluster)
     assert nodes_of(actors, "SelfRagEngine") == {engine_node.node_id}, actors
@@ -195,8 +195,8 @@ def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, t
               f"retrieval.index_dir={tmp_path / 'index'}", f"engine.service.num_cpus={ENGINE_CPUS}",
               "engine.service.retry_backoff_s=2", "engine.service.request_retries=30", *simulated_engine]
     # nothing is staged before a commit (no flush by time, a buffer larger than the input)
-    proc, lines, reader = job(cluster.address, *common, "output.flush_s=3600", "stages.first_pass.batch_size=1",
-                              "stages.first_pass.max_concurrent_batches=1")
+    proc, lines, reader = job(cluster.address, *common, "output.flush_s=3600", "stages.chain.batch_size=1",
+                              "stages.chain.max_concurrent_batches=1")
     pid = wait_for_pause(proc, lines, paused, "commit")
     writer = [a for a in actors_by_class(cluster) if a["pid"] == pid]
     assert len(writer) == 1 and "ShardWriter" in writer[0]["class"] and writer[0]["node"] == writer_node.node_id, writer
@@ -214,8 +214,9 @@ def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, t
     assert "run the same command again" in failure[0]
     assert not (out / "_done" / f"{shard[:-len('.parquet')]}.json").exists()
 
-    # the next run, rescaled (other batch sizes and replicas), resumes to exactly once
-    again, lines, reader = job(cluster.address, *common, "stages.first_pass.batch_size=4",
+    # the next run, rescaled (one actor pool per model stage, other batch sizes and replicas),
+    # resumes to exactly once
+    again, lines, reader = job(cluster.address, *common, "stages.chain=null", "stages.first_pass.batch_size=4",
                                "stages.first_pass.replicas=2")
     second = drain(again, lines, reader, timeout=900)
     assert again.returncode == 0, second[-4000:]

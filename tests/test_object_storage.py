@@ -192,7 +192,7 @@ def test_a_killed_run_resumes_and_a_rerun_does_no_model_work(s3, tmp_path, simul
     shards = {f"part-{i}.parquet": demo.slice(5 * i, 5) for i in range(8)}
     upload_shards(fs, "inputs/resume", shards)
     common = ["input.paths=s3://inputs/resume/", "output.path=s3://outputs/resume", "selfrag.mode=never",
-              "stages.first_pass.batch_size=2", f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine]
+              "stages.chain.batch_size=2", f"retrieval.index_dir={tmp_path / 'index'}", *simulated_engine]
 
     killed = annotate(env, endpoint, tmp_path, *common, "debug.exit_after_shards=1")
     assert killed.returncode == 3, (killed.stdout + killed.stderr)[-4000:]

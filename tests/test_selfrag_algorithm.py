@@ -219,3 +219,27 @@ def test_closed_set_tie_goes_to_the_answer_seen_first():
     assert (tie.answer, tie.index) == ("true", 0)
     with pytest.raises(ValueError):
         selection.select_closed([], [])
+
+
+def test_a_passage_is_tokenized_once_and_its_evidence_ids_are_what_the_pieces_give(monkeypatch):
+    """The critique and the long-form trees put a passage into many prompts: its evidence ids
+    are kept (``PASSAGE_CACHE_SIZE`` passages), and equal what tokenizing its pieces gives."""
+    ids = T.ReflectionIds({token: 1000 + i for i, token in enumerate(T.ALL_REFLECTION_TOKENS)} | {
+        T.PARAGRAPH_OPEN: 2000, T.PARAGRAPH_CLOSE: 2001, T.RETRIEVAL: 2002, T.NO_RETRIEVAL: 2003})
+    calls = []
+
+    def encode_text(text):  # one id per character: readable expectations
+        calls.append(text)
+        return [ord(c) for c in text]
+
+    tokens = prompts.PromptTokens(encode_text, ids)
+    first = tokens.evidence([7, 8], "T", "ab")
+    assert first == [7, 8, 2002, 2000, ord("T"), ord("\n"), ord("a"), ord("b"), 2001]
+    assert first == [7, 8] + tokens.encode(prompts.evidence_pieces("T", "ab"))
+    calls.clear()
+    assert tokens.evidence([9], "T", "ab") == [9] + first[2:] and calls == []  # kept, not tokenized again
+    assert tokens.evidence([9], None, "ab") == [9, 2002, 2000, ord("\n"), ord("a"), ord("b"), 2001]
+    monkeypatch.setattr(prompts, "PASSAGE_CACHE_SIZE", 2)
+    for text in ("x", "y", "z", "ab"):  # beyond the cache's size it starts over, and stays right
+        assert tokens.evidence([], "T", text) == tokens.encode(prompts.evidence_pieces("T", text))
+    assert len(tokens._passages) <= 2

@@ -22,8 +22,8 @@ from pipeline.services.deploy import check_resources, replica_demands
 def test_a_request_beyond_the_cluster_names_what_was_asked_and_what_there_is():
     cfg = load_config([], ["engine.service.replicas=2"])
     why = check_resources(replica_demands(cfg, retrieval=True), [{"CPU": 2.0, "memory": 1e9}])
-    # 2 engine replicas x 1 + retriever 0.25 + 4 stage actors x 0.1
-    assert why.startswith("the job asks for CPU 2.65 (services and stage actors) but the cluster has CPU 2:")
+    # 2 engine replicas x 1 + retriever 0.25 + 2 stage actors (the chain, the writer) x 0.1
+    assert why.startswith("the job asks for CPU 2.45 (services and stage actors) but the cluster has CPU 2:")
 
 
 def test_a_replica_larger_than_every_node_is_named_even_when_the_sum_fits():
@@ -43,11 +43,21 @@ def test_the_one_writer_is_counted_once_whatever_its_replicas_say():
     assert check_resources(replica_demands(cfg, retrieval=True), [{"CPU": 2.0}]) is None
 
 
-def test_stage_actors_follow_the_mode():
-    whats = lambda mode: sorted({w for w, _ in replica_demands(load_config([], [f"selfrag.mode={mode}"]), mode != "never")})  # noqa: E731
-    assert whats("never") == ["engine.service", "stages.first_pass", "stages.write"]
-    assert whats("always") == ["engine.service", "retrieval.service", "stages.critique", "stages.retrieve",
-                               "stages.write"]
+def test_stage_actors_follow_the_mode_and_the_chain():
+    def whats(mode, *overrides):
+        cfg = load_config([], [f"selfrag.mode={mode}", *overrides])
+        return sorted({w for w, _ in replica_demands(cfg, mode != "never")})
+
+    assert whats("never") == whats("always")[:1] + ["stages.chain", "stages.write"]  # chained: one pool
+    assert whats("always") == ["engine.service", "retrieval.service", "stages.chain", "stages.write"]
+    assert whats("never", "stages.chain=null") == ["engine.service", "stages.first_pass", "stages.write"]
+    assert whats("always", "stages.chain=null") == ["engine.service", "retrieval.service", "stages.critique",
+                                                     "stages.retrieve", "stages.write"]
+
+
+def test_the_chain_asks_for_its_replicas():
+    cfg = load_config([], ["stages.chain.replicas=3", "stages.chain.num_cpus=0.5"])
+    assert [bundles for what, bundles in replica_demands(cfg, True) if what == "stages.chain"] == [[{"CPU": 0.5}]] * 3
 
 
 def test_the_start_watcher_ends_with_the_job_and_calls_serve_no_more(monkeypatch):

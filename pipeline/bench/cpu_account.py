@@ -20,7 +20,7 @@ ROLES = (
     ("EngineCore", "engine_core"),
     ("ServeReplica:selfrag-engine", "engine_replica"),
     ("ServeReplica:selfrag-retriever", "retriever"),
-    ("FirstPassStage", "first_pass"), ("RetrieveStage", "retrieve"), ("CritiqueStage", "critique"),
+    ("ChainStage", "chain"), ("FirstPassStage", "first_pass"), ("RetrieveStage", "retrieve"), ("CritiqueStage", "critique"),
     ("ShardWriter", "write"),
     ("ServeController", "ray_serve_controller"),
     ("ray::", "ray_other"), ("/ray/", "ray_other"), ("ray-dashboard", "ray_other"),

@@ -50,6 +50,9 @@ class ExportRayConfig:
     address: Optional[str] = None
     #: CPUs per shard task.
     num_cpus: float = 1.0
+    #: Start Ray's dashboard with a local Ray that the export starts itself (as ``ray.dashboard``
+    #: of the annotation job).
+    dashboard: bool = False
 
 
 @dataclass

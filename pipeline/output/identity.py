@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 from ..infra.config import Config
 from ..infra.io import Storage, directory_fingerprint, is_remote, listing_fingerprint
-from ..retrieval.encoder import resolve_dtype
+from ..retrieval.encoder import QUERY_WIDTH_STEP, resolve_dtype
 from ..retrieval.index import read_meta
 
 #: ``engine.extra`` keys that only change speed or memory, never a generated token.
@@ -80,6 +80,8 @@ def annotation_identity(cfg: Config, storage: Storage) -> dict:
             "normalize": r.normalize, "max_length": r.max_length, "nprobe": r.nprobe, "ef_search": r.ef_search,
             "k_factor": r.k_factor, "dtype": resolve_dtype(r.dtype, r.device),
         }
+        if not r.device.startswith("cuda"):  # how queries are padded decides their vectors' last bits
+            identity["retrieval"]["query_width_step"] = QUERY_WIDTH_STEP
         version = read_meta(storage, r.index_dir).get("version")
         if version is not None:  # a versioned index: named (an index of the old layout has no name)
             identity["retrieval"]["index_version"] = version

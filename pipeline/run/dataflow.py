@@ -1,32 +1,39 @@
 """The annotation dataflow on Ray Data: prepare -> first pass -> retrieve -> critique -> write.
 
 One stream, no branches: rows that need no evidence pass through the later stages untouched.
-The model stages are thin CPU actors calling the engine and retrieval services (Ray Serve);
-each keeps ``max_concurrent_batches`` batches in flight. Every stage declares the columns it
-reads and writes, and the chain is checked here before anything runs. Resources, replicas and
-batch sizes come from ``cfg.stages``.
+The model stages are thin CPU actors calling the engine and retrieval services (Ray Serve):
+chained in one actor pool (``stages.chain``, the default) or one pool per stage; each actor
+keeps ``max_concurrent_batches`` batches in flight. Every stage declares the columns it reads
+and writes, and the chain is checked here before anything runs. Resources, replicas and batch
+sizes come from ``cfg.stages``.
 """
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 import ray
 
-from ..infra.config import Config, StageConfig
+from ..infra.config import Config, StageConfig, model_stages, stage_pools
 from ..output.folder import OutputFolder
 from ..services.deploy import Services
 from ..stages.columns import ALL_TYPES
 from ..stages.contract import Contract, check_chain
-from ..stages.critique import Critique, CritiqueStage
-from ..stages.first_pass import FirstPass, FirstPassStage
+from ..stages.chain import STAGE_ACTORS, ChainStage
+from ..stages.critique import Critique
+from ..stages.first_pass import FirstPass
 from ..stages.prepare import prepare_contract, prepare_shards
-from ..stages.retrieve import Retrieve, RetrieveStage
+from ..stages.retrieve import Retrieve
 from ..stages.write import ShardWriter, writer_contract
 from ..model.tokenizer import TokenizerSpec
 
 
 #: Target size of the dataflow's blocks (Ray Data's default is 128 MiB).
 BLOCK_BYTES = 32 * 1024
+#: Ray Data's limit of the batches of one task in an async stage at once (``allow_batches_in_flight``).
+LIMIT_NAME = "DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY"
+log = logging.getLogger(__name__)
 
 
 def always_contract(cfg: Config) -> Contract:
@@ -43,17 +50,38 @@ def mark_all_for_retrieval(batch: pa.Table, cfg: Config) -> pa.Table:
 
 def stage_contracts(cfg: Config, schema: pa.Schema) -> list[Contract]:
     """The contracts of the run's stages, in dataflow order."""
-    mode = cfg.selfrag.mode
-    contracts = [prepare_contract(cfg, schema), always_contract(cfg) if mode == "always" else FirstPass.contract(cfg)]
-    if mode != "never":
-        contracts += [Retrieve.contract(cfg), Critique.contract(cfg)]
-    return contracts + [writer_contract(cfg)]
+    models = {"first_pass": FirstPass, "retrieve": Retrieve, "critique": Critique}
+    contracts = [prepare_contract(cfg, schema)] + ([always_contract(cfg)] if cfg.selfrag.mode == "always" else [])
+    return contracts + [models[name].contract(cfg) for name in model_stages(cfg.selfrag.mode)] + [writer_contract(cfg)]
+
+
+def allow_batches_in_flight(batches: int) -> None:
+    """Let one Ray Data task of an asynchronous stage keep ``batches`` batches in flight.
+
+    Ray Data runs the batches of one task (one input bundle) through an async ``__call__`` at
+    most ``RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY`` (4) at a time, in order; it reads
+    that number once, when ``ray.data`` is imported, and bakes it into each operator as the
+    dataflow is planned, in the driver. The first model stage's tasks are whole prepared shards
+    (prepare is fused into it), so a shard of 400 rows went through the chained stages 4
+    batches at a time (measured: the engine ran 50 sequences on average instead of about 210).
+    Ray Data has no public setting for it; the pinned Ray has this module attribute, and
+    ``tests/test_dataflow_in_flight.py`` fails on a Ray without it."""
+    try:
+        from ray.data._internal.planner import plan_udf_map_op
+    except ImportError:
+        plan_udf_map_op = None
+    if not hasattr(plan_udf_map_op, LIMIT_NAME):
+        log.warning("this Ray Data has no %s where the pinned one has it: a Ray Data task's batches may "
+                    "go through the model stages 4 at a time", LIMIT_NAME)
+        return
+    setattr(plan_udf_map_op, LIMIT_NAME, max(batches, 1))
 
 
 def _actor_stage(ds: ray.data.Dataset, cls, stage: StageConfig, cfg: Config, tokenizer: TokenizerSpec,
                  services: Services) -> ray.data.Dataset:
     concurrent = stage.max_concurrent_batches
-    kwargs = {"cfg": cfg, "tokenizer": tokenizer, "engine_app": services.engine, "retriever_app": services.retriever}
+    kwargs = {"cfg": cfg, "tokenizer": tokenizer, "engine_app": services.engine, "retriever_app": services.retriever,
+              "batches_in_flight": concurrent}
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs,
         batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=stage.num_cpus,
@@ -86,11 +114,10 @@ def build_dataset(cfg: Config, output: OutputFolder, shards: dict[str, int], sch
     if cfg.selfrag.mode == "always":
         ds = ds.map_batches(mark_all_for_retrieval, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
                             num_cpus=st.prepare.num_cpus)
-    else:
-        ds = _actor_stage(ds, FirstPassStage, st.first_pass, cfg, tokenizer, services)
-    if cfg.selfrag.mode != "never":
-        ds = _actor_stage(ds, RetrieveStage, st.retrieve, cfg, tokenizer, services)
-        ds = _actor_stage(ds, CritiqueStage, st.critique, cfg, tokenizer, services)
+    pools = stage_pools(cfg)
+    allow_batches_in_flight(max(stage.max_concurrent_batches for _, stage in pools))
+    for name, stage in pools:
+        ds = _actor_stage(ds, ChainStage if name == "chain" else STAGE_ACTORS[name], stage, cfg, tokenizer, services)
     # One writer sees every row, so it can tell when a shard is complete and write it at once.
     return ds.map_batches(ShardWriter, batch_format="pyarrow", num_cpus=st.write.num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=1),

@@ -22,7 +22,8 @@ from ..services.reporting import REPORT_EVERY_S
 from ..model.tokenizer import tokenizer_spec
 from .errors import IncompleteRun
 from .in_process import execute_in_process, run_batches
-from .runner import reuses_services, runs_in_process, stage_kinds
+from ..stages.chain import stage_kinds
+from .runner import reuses_services, runs_in_process
 from .signals import catch_interrupts, interrupt
 from .stage_metrics import await_service_reports, collect_stage_metrics
 
@@ -71,7 +72,7 @@ def execute(cfg: Config, plan: Plan, run_id: str, lease: Lease | None = None) ->
         return execute_here(cfg, plan, todo, run_id, lease, written)
     phases.reached("before_ray_init")
     try:
-        init_ray(cfg.ray.address, configure_logging=not quiet())
+        init_ray(cfg.ray.address, configure_logging=not quiet(), dashboard=cfg.ray.dashboard)
         catch_interrupts()  # ours again, over Ray's
     except SystemExit as exc:  # Ray's own SIGTERM handler, installed while it starts, exits with the signal
         if exc.code == signal.SIGTERM:

@@ -79,7 +79,7 @@ def export(cfg: ExportConfig) -> dict:
     # A Ray this driver did not find running is ended with the job (a local one it started goes
     # down; on a cluster, only this driver disconnects); one already running (tests) is left alone.
     started = not ray.is_initialized()
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, dashboard=cfg.ray.dashboard)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

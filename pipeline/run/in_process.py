@@ -22,7 +22,8 @@ from typing import Callable
 import pyarrow as pa
 
 from ..infra.config import Config
-from .runner import rows_in_flight, stage_kinds
+from ..stages.chain import run_chain, stage_kinds
+from .runner import rows_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,7 @@ async def annotate(prepared, chain: list, writer, batch_rows: int, in_flight: in
     fails the run before any batch. A failed batch (or ``on_shard`` raising) fails the run: the
     batches in flight are cancelled, the rows staged are kept."""
     async def one(batch: pa.Table) -> None:
-        for stage in chain:
-            batch = await stage(batch)
-        for summary in writer(batch).to_pylist():
+        for summary in writer(await run_chain(chain, batch)).to_pylist():
             on_shard(summary)
 
     async def settle(limit: int) -> None:  # until fewer than ``limit`` batches are in flight

@@ -42,7 +42,7 @@ def build(cfg: Config) -> dict:
     if not storage.exists(r.corpus):
         raise FileNotFoundError(f"corpus not found: {r.corpus}")
     check_buildable(storage, r.index_dir)
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, dashboard=cfg.ray.dashboard)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.ray.progress_bars
     context.execution_options.preserve_order = True  # index row i must be corpus row i

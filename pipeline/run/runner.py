@@ -4,7 +4,7 @@ preflight refuses a ``runner=in_process`` that cannot serve the job before any w
 
 from __future__ import annotations
 
-from ..infra.config import Config
+from ..infra.config import Config, stage_pools
 from ..runtime.ray_connect import would_start_local_ray
 
 #: ``runner=auto`` with running services named: jobs of at most this many rows to annotate run
@@ -56,21 +56,12 @@ def runs_in_process(cfg: Config, rows: int) -> bool:
     return would_start_local_ray(cfg.ray.address)
 
 
-def stage_kinds(cfg: Config) -> list:
-    """The run's model stages, in chain order (``ServiceStage`` classes)."""
-    from ..stages.critique import CritiqueStage
-    from ..stages.first_pass import FirstPassStage
-    from ..stages.retrieve import RetrieveStage
-
-    mode = cfg.selfrag.mode
-    return ([] if mode == "always" else [FirstPassStage]) + ([RetrieveStage, CritiqueStage] if mode != "never" else [])
-
-
 def rows_in_flight(cfg: Config) -> tuple[int, int]:
-    """(batch rows, batches in flight): batches of the smallest model stage's batch size, and as
-    many rows in flight as the run's Ray stages would hold (replicas x concurrent batches x batch)."""
-    st, mode = cfg.stages, cfg.selfrag.mode
-    stages = ([] if mode == "always" else [st.first_pass]) + ([st.retrieve, st.critique] if mode != "never" else [])
-    batch = min(s.batch_size for s in stages)
-    held = sum(s.replicas * s.max_concurrent_batches * s.batch_size for s in stages)
+    """(batch rows, batches in flight): as the run's Ray stages would hold them. Chained
+    (``stages.chain``): its batch size, and replicas x concurrent batches; one pool per stage:
+    batches of the smallest stage's batch size, as many rows as all the pools hold (replicas x
+    concurrent batches x batch)."""
+    pools = [stage for _, stage in stage_pools(cfg)]
+    batch = min(s.batch_size for s in pools)
+    held = sum(s.replicas * s.max_concurrent_batches * s.batch_size for s in pools)
     return batch, max(1, held // batch)

@@ -92,23 +92,26 @@ def would_start_local_ray(address: str | None) -> bool:
     return not recorded or not answers(recorded)
 
 
-def init_ray(address: str | None, configure_logging: bool = True) -> None:
+def init_ray(address: str | None, configure_logging: bool = True, dashboard: bool = False) -> None:
     """``ray.init`` on the resolved address (nothing when this process is already connected);
-    ``configure_logging=False`` leaves the driver's logging to the caller (no console handler of Ray's)."""
+    ``configure_logging=False`` leaves the driver's logging to the caller (no console handler of
+    Ray's); ``dashboard``: a new local Ray starts its dashboard (``ray.dashboard``; a cluster's
+    is the cluster's)."""
     import ray
 
     global _children_before
     if ray.is_initialized():
         return
     resolved = resolve_address(address)
-    if resolved == "local" or (resolved is None and not os.environ.get("RAY_ADDRESS")
-                               and not os.path.exists(address_file())):  # a new local Ray: no leftovers in its way
+    local = resolved == "local" or (resolved is None and not os.environ.get("RAY_ADDRESS")
+                                    and not os.path.exists(address_file()))
+    if local:  # a new local Ray: no leftovers in its way
         end_orphaned_agents()
     _children_before = {key for key in map(_key, _psutil().Process().children()) if key}
     if phases.armed("ray_init"):
         _hold_in_ray_init()
     ray.init(address=resolved, ignore_reinit_error=True, logging_level=logging.WARNING,
-             configure_logging=configure_logging)
+             configure_logging=configure_logging, **({"include_dashboard": dashboard} if local else {}))
     no_auto_connect()
 
 

@@ -10,6 +10,7 @@ The readable ``prompt`` strings below render the same pieces as text.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
@@ -127,6 +128,10 @@ def no_evidence_prompt(prompt: str) -> str:
     return f"{prompt}{NO_RETRIEVAL}"
 
 
+#: Passages whose evidence ids a ``PromptTokens`` keeps (about 5 MB for passages of 100 words).
+PASSAGE_CACHE_SIZE = 8192
+
+
 class PromptTokens:
     """Builds prompts as token ids for one tokenizer.
 
@@ -142,6 +147,9 @@ class PromptTokens:
         self.encode_text, self.bos = encode_text, list(bos)
         self.special = {**ids.by_token, **(extra_special or {})}
         self._special_ids = frozenset(self.special.values()) | frozenset(self.bos)
+        # A passage is evidence in one prompt per candidate and per long-form tree node that
+        # reads it, and popular passages come back row after row: tokenize each once.
+        self._passages: dict[tuple, array] = {}
 
     def text(self, text: str) -> list[int]:
         """Ids of plain text; raises ValueError if the tokenizer produced a special id anyway."""
@@ -168,7 +176,13 @@ class PromptTokens:
 
     def evidence(self, context: Sequence[int], title: str | None, text: str | None) -> list[int]:
         """``context`` followed by one passage as evidence."""
-        return list(context) + self.encode(evidence_pieces(title, text))
+        key = (title, text)
+        ids = self._passages.get(key)
+        if ids is None:
+            if len(self._passages) >= PASSAGE_CACHE_SIZE:
+                self._passages.clear()  # start over: simpler than an LRU, and rare
+            ids = self._passages[key] = array("i", self.encode(evidence_pieces(title, text)))
+        return list(context) + ids.tolist()
 
     def no_evidence(self, context: Sequence[int]) -> list[int]:
         """``context`` followed by ``[No Retrieval]``."""

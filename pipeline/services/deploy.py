@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..runtime import main_stop, phases
-from ..infra.config import Config, ServiceConfig
+from ..infra.config import Config, ServiceConfig, stage_pools
 from ..infra.io import Storage
 from ..runtime.metrics_actor import job_actor_name
 from ..model.tokenizer import TokenizerSpec
@@ -134,14 +134,9 @@ def replica_demands(cfg: Config, retrieval: bool) -> list[tuple[str, list[dict[s
             wanted += [("retrieval.shard_service", cfg.retrieval.shard_service, 1)] * len(apart_shards(cfg))
     demands = [(name, _bundles(svc, workers)) for name, svc, workers in wanted if not svc.deployment
                for _ in range(svc.replicas)]
-    mode = cfg.selfrag.mode  # as the dataflow builds it: "always" needs no first-pass actor
-    stages = (["first_pass"] if mode != "always" else []) + (["retrieve", "critique"] if mode != "never" else [])
-    stages.append("write")
-    for name in stages:
-        stage = getattr(cfg.stages, name)
-        replicas = 1 if name == "write" else stage.replicas  # one writer sees every row (pipeline.run.dataflow)
-        demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * replicas
-    return demands
+    for name, stage in stage_pools(cfg):  # as the dataflow builds them
+        demands += [(f"stages.{name}", [{"CPU": stage.num_cpus}])] * stage.replicas
+    return demands + [("stages.write", [{"CPU": cfg.stages.write.num_cpus}])]  # one writer sees every row
 
 
 def _describe(resources: dict[str, float]) -> str:

@@ -10,6 +10,8 @@ contract on each batch, reports metrics, and keeps several batches in flight (as
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -103,14 +105,36 @@ class StageLogic:
         raise NotImplementedError
 
 
+class InFlightLimit:
+    """At most ``limit`` batches in process at once in one Ray Data actor (None: no limit).
+
+    Ray Data calls an actor's async ``__call__`` for up to ``max_concurrent_calls_per_actor``
+    tasks at once, and for several batches of each task (``dataflow.allow_batches_in_flight``),
+    all on one event loop; this holds the actor to the stage's ``max_concurrent_batches``."""
+
+    def __init__(self, limit: int | None):
+        self._slots = asyncio.Semaphore(limit) if limit else None
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        """Hold one of the slots while the block runs (wait for one first)."""
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
+
+
 class ServiceStage:
     """Callable class for ``map_batches``: one stage's logic against the engine and retrieval
     services (subclasses set ``logic``)."""
 
     logic: type[StageLogic] = StageLogic
 
-    def __init__(self, cfg: Config, tokenizer, engine_app: str | None, retriever_app: str | None):
-        """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications."""
+    def __init__(self, cfg: Config, tokenizer, engine_app: str | None, retriever_app: str | None,
+                 batches_in_flight: int | None = None):
+        """``tokenizer``: the model's ``TokenizerSpec``; the apps: the services' Serve applications;
+        ``batches_in_flight``: at most that many batches in process at once (None: no limit)."""
         from ..runtime.metrics_actor import Reporter
         from ..services.clients import ServeEngineClient, ServeRetrieverClient
         from ..infra.io import Storage
@@ -121,6 +145,7 @@ class ServiceStage:
         engine = ServeEngineClient(engine_app, cfg.engine.service) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self._set_up(self.logic(cfg, tokens, ids, decode, engine, retriever), Reporter(self.logic.name))
+        self.in_flight = InFlightLimit(batches_in_flight)
         self.reporter.report(init_seconds=time.perf_counter() - start)
 
     @classmethod
@@ -129,6 +154,7 @@ class ServiceStage:
         ``reporter``: a run in one process (``pipeline.run.in_process``)."""
         wrapped = cls.__new__(cls)
         wrapped._set_up(stage, reporter)
+        wrapped.in_flight = InFlightLimit(None)  # the run holds its batches in flight itself
         return wrapped
 
     def _set_up(self, stage: StageLogic, reporter) -> None:
@@ -138,11 +164,12 @@ class ServiceStage:
         self.calls_reported = dict.fromkeys(self.clients, 0)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        view = self.contract.view(batch)
-        with self.reporter.batch(batch.num_rows) as extra:
-            extra.update(await self.stage.process(view))
-            extra.update(self.calls_since_last_report())
-        return view.result()
+        async with self.in_flight.slot():
+            view = self.contract.view(batch)
+            with self.reporter.batch(batch.num_rows) as extra:
+                extra.update(await self.stage.process(view))
+                extra.update(self.calls_since_last_report())
+            return view.result()
 
     def calls_since_last_report(self) -> dict:
         """The service calls answered since the last batch's report (``engine_calls``,
