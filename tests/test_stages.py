@@ -212,6 +212,26 @@ def test_long_form_rows_are_decoded_as_trees_with_fresh_searches():
     assert stats["long_form_depths"] == 2 and stats["long_form_searches"] == 1 and stats["long_form_rows"] == 1
 
 
+def test_a_batchs_trees_search_and_generate_together_one_call_per_depth():
+    config = cfg("selfrag.top_k=1", "selfrag.long_form.beam_width=1", "selfrag.long_form.max_depth=3")
+    rows = [{"id": i, "instruction": f"Tell me about {i}.", "task": "asqa"} for i in ("ada", "bob", "cy")]
+    table = retrieved_rows(config, rows, [[passage("p1", "one")]] * 3)
+    retriever = FakeRetriever(lambda q: [passage("p2", "two")])
+
+    def script(prompt, budget):  # as above: depth 1 asks to retrieve again, depth 2 ends
+        if prompt.endswith("\ntwo</paragraph>"):
+            return continuation(position(REL, {REL: 1.0}), 15, position(FULL, {FULL: 1.0}), position(U5), EOS)
+        return continuation(position(REL, {REL: 1.0}), 14, position(FULL, {FULL: 1.0}), R)
+
+    engine = FakeEngine(script)
+    out, stats = run(Critique(config, TOKENS, IDS, decode, engine, retriever), table)
+    assert [r["answer"] for r in out.to_pylist()] == ["w14 [1] w15 [2]"] * 3
+    assert [len(texts) for _, texts, _, _ in engine.calls] == [3, 3]  # one call per depth, not one per tree
+    assert retriever.calls == [[f"Tell me about {i}. w14" for i in ("ada", "bob", "cy")]]
+    # the trees' own counters are per tree, as before
+    assert stats["long_form_depths"] == 6 and stats["long_form_searches"] == 3 and stats["long_form_rows"] == 3
+
+
 def test_rows_of_one_batch_are_in_flight_together():
     """Every row's requests (short-form groups and long-form trees) are sent before any answer
     comes back: continuous batching needs them in flight at once."""

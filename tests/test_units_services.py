@@ -18,6 +18,7 @@ from pipeline.selfrag.scoring import Continuation
 from pipeline.services import clients
 from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
 from pipeline.services.coalescing import CoalescingSearch
+from pipeline.stages.same_turn import SameTurnBatcher, TurnBatchedEngine, TurnBatchedRetriever
 from pipeline.runtime.metrics_actor import Reporter
 from pipeline.services.engine import EngineReplica, EngineUnavailable
 from pipeline.services.routing import RowAffinityRouter, rendezvous_order, request_route
@@ -453,6 +454,114 @@ def test_a_caller_that_gave_up_is_not_searched_and_a_short_answer_is_an_error():
     calls, (error,) = asyncio.run(scenario())
     assert calls == [(["a"], 5), (["y"], 5)]
     assert isinstance(error, RuntimeError) and "0 hit lists for 1 queries" in str(error)
+
+
+class ScriptedService:
+    """A scripted service for ``SameTurnBatcher``: records each call's (key, items), answers each
+    item with ``f"{item}@{key}"``; an item "boom" fails the call, "gone" fails it as fatal."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    async def __call__(self, key, items):
+        self.calls.append((key, list(items)))
+        await asyncio.sleep(0)  # an answer comes in a later turn
+        if "gone" in items:
+            raise ServiceUnavailable("the service is gone")
+        if "boom" in items:
+            raise RuntimeError("bad item")
+        return [f"{item}@{key}" for item in items]
+
+
+def test_calls_of_one_turn_with_one_key_go_as_one_call_and_each_gets_its_slice():
+    async def scenario():
+        service = ScriptedService()
+        batcher = SameTurnBatcher(service)
+        together = await asyncio.gather(batcher("r1", ["a", "b"]), batcher("r2", ["c"]), batcher("r1", ["d"]))
+        later = await batcher("r1", ["e"])  # another turn: its own call, sent at once
+        return service.calls, together, later
+
+    calls, together, later = asyncio.run(scenario())
+    assert calls == [("r1", ["a", "b", "d"]), ("r2", ["c"]), ("r1", ["e"])]
+    assert together == [["a@r1", "b@r1"], ["c@r2"], ["d@r1"]] and later == ["e@r1"]
+
+
+def test_callers_answered_together_call_together_again():
+    """Trees side by side: the answer of a merged call wakes them in one turn, so their next
+    calls merge too (a batch's long-form trees keep one call per depth)."""
+    async def scenario():
+        service = ScriptedService()
+        batcher = SameTurnBatcher(service)
+
+        async def tree(name):
+            return [await batcher(5, [f"{name}{depth}"]) for depth in range(3)]
+
+        return service.calls, await asyncio.gather(*(tree(name) for name in "xyz"))
+
+    calls, trees = asyncio.run(scenario())
+    assert calls == [(5, ["x0", "y0", "z0"]), (5, ["x1", "y1", "z1"]), (5, ["x2", "y2", "z2"])]
+    assert trees[1] == [["y0@5"], ["y1@5"], ["y2@5"]]
+
+
+def test_a_failed_merged_call_is_sent_again_call_by_call_and_a_fatal_failure_fails_all():
+    async def scenario():
+        service = ScriptedService()
+        batcher = SameTurnBatcher(service, fatal=(ServiceUnavailable,))
+        isolated = await asyncio.gather(batcher(1, ["a"]), batcher(1, ["boom"]), batcher(1, ["b"]),
+                                        return_exceptions=True)
+        isolated_calls, service.calls = service.calls, []
+        fatal = await asyncio.gather(batcher(1, ["a"]), batcher(1, ["gone"]), return_exceptions=True)
+        return isolated_calls, isolated, service.calls, fatal
+
+    isolated_calls, (a, boom, b), fatal_calls, fatal = asyncio.run(scenario())
+    assert isolated_calls == [(1, ["a", "boom", "b"]), (1, ["a"]), (1, ["boom"]), (1, ["b"])]
+    assert a == ["a@1"] and b == ["b@1"] and isinstance(boom, RuntimeError) and str(boom) == "bad item"
+    assert fatal_calls == [(1, ["a", "gone"])]  # no call-by-call retries of a service gone for good
+    assert all(isinstance(r, ServiceUnavailable) for r in fatal)
+
+
+def test_a_caller_that_gave_up_leaves_the_others_their_answers_and_a_short_answer_is_an_error():
+    async def scenario():
+        service = ScriptedService()
+        batcher = SameTurnBatcher(service)
+        gone, kept = asyncio.ensure_future(batcher(1, ["x"])), asyncio.ensure_future(batcher(1, ["y"]))
+        await asyncio.sleep(0)  # both sent, merged
+        gone.cancel()
+
+        async def short(key, items):
+            return items[:-1]
+        return await kept, await asyncio.gather(SameTurnBatcher(short)(1, ["q"]), return_exceptions=True)
+
+    kept, (error,) = asyncio.run(scenario())
+    assert kept == ["y@1"]
+    assert isinstance(error, RuntimeError) and "answered 0 items for 1" in str(error)
+
+
+def test_the_wrapped_clients_merge_by_route_and_stop_ids_and_by_k():
+    async def scenario():
+        sent = []
+
+        class Engine:  # an engine client: records each call
+            async def generate(self, prompts, max_tokens, route, stop_ids=()):
+                sent.append(("generate", route, prompts, max_tokens, stop_ids))
+                return [f"{p[0]}:{m}" for p, m in zip(prompts, max_tokens)]
+
+        class Retriever:
+            async def search(self, queries, k):
+                sent.append(("search", k, queries))
+                return [[{"id": f"{q}@{k}"}] for q in queries]
+
+        engine, retriever = TurnBatchedEngine(Engine()), TurnBatchedRetriever(Retriever())
+        out = await asyncio.gather(engine.generate([[1], [2]], [8, 9], "b0"), engine.generate([[3]], [7], "b0", [5]),
+                                   engine.generate([[4]], [6], "b0"), engine.generate([[5]], [6], "b1"),
+                                   retriever.search(["q"], 2), retriever.search(["r", "s"], 2),
+                                   engine.generate([], [], "b0"), retriever.search([], 2))
+        return out, sent
+
+    out, sent = asyncio.run(scenario())
+    assert out == [["1:8", "2:9"], ["3:7"], ["4:6"], ["5:6"], [[{"id": "q@2"}]], [[{"id": "r@2"}], [{"id": "s@2"}]], [], []]
+    assert sent == [("generate", "b0", [[1], [2], [4]], [8, 9, 6], []), ("generate", "b0", [[3]], [7], [5]),
+                    ("generate", "b1", [[5]], [6], []), ("search", 2, ["q", "r", "s"])]
 
 
 def test_callers_do_not_wait_for_ever_when_the_search_is_cancelled():

@@ -17,9 +17,11 @@ from ..selfrag.prompts import CLOSED_SET_TASKS
 from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import select_answer, short_form_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
+from ..services.clients import ServiceUnavailable
 from .columns import INTERNAL_TYPES, OUTPUT_TYPES, PROMPT_IDS
 from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_buckets, route_key
 from .contract import ANY, Contract
+from .same_turn import TurnBatchedEngine, TurnBatchedRetriever
 from .tree_decoding import decode_tree, is_long_form, result_columns, sum_stats
 
 WRITES = ("candidates", "answer", "answer_raw", "answer_token_ids", "best_passage_id", "segments", "citations",
@@ -70,12 +72,15 @@ class Critique(StageLogic):
         buckets = route_buckets(cfg)
         groups = by_route([r[cfg.input.id_column] for r in rows], short, buckets)
         tree_stats = []
+        # the batch's trees search and generate together, one call per depth (``same_turn``)
+        engine = TurnBatchedEngine(self.engine, fatal=(ServiceUnavailable,))
+        retriever = TurnBatchedRetriever(self.retriever, fatal=(ServiceUnavailable,))
 
         async def tree(i: int) -> None:
             r = rows[i]
             result, stats = await decode_tree(self, route_key(r[cfg.input.id_column], buckets), r["prompt"],
                                               r[PROMPT_IDS], r[cfg.input.question_column], r["passages"],
-                                              own_passages[i])
+                                              own_passages[i], engine, retriever)
             tree_stats.append(stats)
             self.set_long_form(out, i, result)
 

@@ -37,10 +37,13 @@ def long_form_params(cfg: Config) -> LongFormParams:
 
 
 async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], question: str,
-                      root_passages: list[dict], own_passages: bool) -> tuple[LongFormResult, dict]:
-    """Decode one row's tree (the row retrieved at the root) with the stage's engine and
-    retriever; returns the result and counters (depths, engine calls, generations, searches)."""
+                      root_passages: list[dict], own_passages: bool, engine=None,
+                      retriever=None) -> tuple[LongFormResult, dict]:
+    """Decode one row's tree (the row retrieved at the root) with ``engine`` and ``retriever``
+    (None: the stage's); returns the result and counters (depths, engine calls, generations,
+    searches)."""
     cfg = stage.cfg
+    engine, retriever = engine or stage.engine, retriever or stage.retriever
     budget, stop = cfg.selfrag.long_form.segment_tokens, [stage.ids[RETRIEVAL]]
     tree = LongFormTree(prompt, prompt_ids, question, stage.ids, long_form_params(cfg), stage.tokens, stage.decode,
                         retrieve=True)
@@ -51,7 +54,7 @@ async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], que
         to_search = [(key, query) for key, query in pending if key not in passages]
         if to_search:
             try:
-                found = await stage.retriever.search([q for _, q in to_search], cfg.selfrag.top_k)
+                found = await retriever.search([q for _, q in to_search], cfg.selfrag.top_k)
             except ServiceUnavailable:
                 raise
             except Exception:  # noqa: BLE001 - those nodes get no passages: their paths stop there
@@ -68,7 +71,7 @@ async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], que
             except PromptTooLong:
                 pass
         # a sampled [Retrieval] ends the segment: what follows it would be cut and regenerated
-        outs = await stage.engine.generate([requests[n].prompt_ids for n in fitting], [budget] * len(fitting),
+        outs = await engine.generate([requests[n].prompt_ids for n in fitting], [budget] * len(fitting),
                                            route, stop) if fitting else []
         for n, out in zip(fitting, outs):
             results[n] = out if isinstance(out, Continuation) else f"engine error: {out}"
