@@ -15,10 +15,10 @@ def test_defaults_are_the_embedded_default():
 
 def test_yaml_then_overrides(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("selfrag:\n  top_k: 3\n  mode: never\nstages:\n  critique:\n    batch_size: 7\n")
+    preset.write_text("selfrag:\n  top_k: 3\n  mode: never\nstages:\n  chain:\n    batch_size: 7\n")
     cfg = load_config([str(preset)], ["selfrag.mode=always", "input.paths=s3://b/q/*.parquet"])
     assert cfg.selfrag.top_k == 3 and cfg.selfrag.mode == "always"
-    assert cfg.stages.critique.batch_size == 7
+    assert cfg.stages.chain.batch_size == 7
     assert cfg.input.paths == ["s3://b/q/*.parquet"]
     assert load_config([], ["input.paths=[a.parquet,b.parquet]"]).input.paths == ["a.parquet", "b.parquet"]
 
@@ -32,7 +32,11 @@ def test_the_chain_can_be_unchained_in_a_preset_and_back_on_the_command_line(tmp
     assert [name for name, _ in stage_pools(load_config([str(preset)], ["selfrag.mode=always"]))] == [
         "retrieve", "critique"]
     chained = load_config([str(preset)], ["stages.chain.replicas=2"])
-    assert stage_pools(chained) == [("chain", chained.stages.chain)] and chained.stages.chain.replicas == 2
+    assert stage_pools(chained) == [("chain", chained.stages.chain)]
+    assert (chained.stages.chain.replicas, chained.stages.chain.batch_size,
+            chained.stages.chain.max_concurrent_batches) == (2, 32, 28)  # the chain's own defaults
+    with pytest.raises(ConfigError, match="config key 'stages.first_pass.replicas'"):
+        load_config([str(preset)], ["stages.first_pass.replicas=0"])  # unchained: its pools are checked
 
 
 @pytest.mark.parametrize("override, message", [
@@ -42,7 +46,8 @@ def test_the_chain_can_be_unchained_in_a_preset_and_back_on_the_command_line(tmp
     ("selfrag.mode=sometimes", "config key 'selfrag.mode': 'sometimes' is not one of"),
     ("selfrag.threshold=1.5", "config key 'selfrag.threshold'"),
     ("selfrag.prompt_style=Paper", "config key 'selfrag.prompt_style': 'Paper' is not one of"),
-    ("stages.first_pass.replicas=0", "config key 'stages.first_pass.replicas'"),
+    ("stages.chain.replicas=0", "config key 'stages.chain.replicas'"),
+    ("stages.critique.replicas=4", "config key 'stages.critique': is set, but the model stages run chained"),
     ("stages.chain.max_concurrent_batches=0", "config key 'stages.chain.max_concurrent_batches'"),
     ("input.default_task=poetry", "config key 'input.default_task'"),
     ("selfrag.top_k", "argument 1 is not of the form key=value"),

@@ -77,3 +77,13 @@ def test_an_actor_holds_itself_to_its_batches_in_flight():
 
     assert asyncio.run(run(InFlightLimit(3), 10)) == 3
     assert asyncio.run(run(InFlightLimit(None), 10)) == 10  # in one process the run holds its batches itself
+
+
+def test_an_actor_of_the_first_model_stage_works_on_as_many_shards_as_its_batches_need():
+    from pipeline.infra.config import ChainStageConfig
+
+    stage = ChainStageConfig()  # 28 batches of 32 rows: 896 rows in flight
+    assert dataflow.shards_per_actor(stage, {"a": 10_000, "b": 10_000}) == 2  # ceil(896 / 10000) + 1
+    assert dataflow.shards_per_actor(stage, dict.fromkeys("abcdefgh", 200)) == 6  # ceil(896 / 200) + 1
+    assert dataflow.shards_per_actor(stage, dict.fromkeys("abcd", 20)) == 28  # never more than its batches
+    assert dataflow.shards_per_actor(stage, {}) == 28

@@ -31,7 +31,7 @@ def identity(base, *overrides):
 
 
 RUN_SETTINGS = [
-    "stages.critique.replicas=4", "stages.first_pass.batch_size=3", "stages.retrieve.max_concurrent_batches=2",
+    "stages.chain.replicas=4", "stages.chain.batch_size=3", "stages.chain.max_concurrent_batches=2",
     "engine.service.replicas=3", "engine.service.max_ongoing_requests=8", "retrieval.service.num_cpus=2",
     "engine.gpu_memory_utilization=0.5", "engine.extra.max_num_seqs=64", "engine.tensor_parallel_size=2",
     "ray.progress_bars=true", "storage.cache_dir=/elsewhere", "storage.endpoint_url=http://127.0.0.1:9",
@@ -89,7 +89,8 @@ def test_a_resume_with_new_run_settings_proceeds_and_one_with_a_new_threshold_is
     marker = {"shard": "q", "rows": 1, "annotation_hash": identity_hash(written), "annotation_identity": written}
     cfg = load_config([], base)
     rows, markers = {"q": 1, "r": 2}, {"q": marker, "r": None}
-    rescaled = identity(base, "stages.critique.replicas=8", "stages.critique.batch_size=4", "engine.service.replicas=2")
+    rescaled = identity(base, "stages.chain=null", "stages.critique.replicas=8", "stages.critique.batch_size=4",
+                        "engine.service.replicas=2")
     todo, done = split_done(cfg, OutputFolder.of(cfg), rows, markers, rescaled)
     assert todo == {"r": 2} and done == [marker]
     with pytest.raises(PreflightError, match=r"selfrag\.threshold: 0\.2 -> 0\.5") as refused:

@@ -131,7 +131,7 @@ def test_generation_is_batched_per_depth(long_form):
     stage = stages["critique"]
     # one engine call per depth per batch; at most (depth-1) x beam x k generations per row
     assert stage["long_form_rows"] == len(rows)
-    assert stage["long_form_engine_calls"] <= stage["long_form_depths"]
+    assert stage["long_form_requests"] <= stage["long_form_depths"]
     assert stage["long_form_generations"] <= len(rows) * (DEPTH - 1) * BEAM * TOP_K
     assert stage["long_form_generations"] >= sum(len(r["passages"]) for r in rows)  # depth 1: one per passage
 

@@ -334,14 +334,24 @@ class StageConfig:
 
 
 @dataclass
+class ChainStageConfig(StageConfig):
+    """``stages.chain``: the model stages chained in one actor pool (defaults for a batch's
+    whole way through first pass, retrieve and critique)."""
+
+    batch_size: int = 32
+    max_concurrent_batches: int = 28
+
+
+@dataclass
 class StagesConfig:
     prepare: StageConfig = field(default_factory=lambda: StageConfig(batch_size=1))
     #: The model stages (first pass, retrieve, critique) chained in one actor pool: each batch
     #: goes through all of them in one actor, which keeps ``max_concurrent_batches`` batches in
     #: flight. null: one actor pool per model stage (``first_pass``, ``retrieve``, ``critique``
     #: below; each row then crosses Ray Data between them). Measured on make bench (1,600 rows, 2
-    #: cores): 2.08 ms of harness CPU per engine request with one pool per stage, 1.57 chained.
-    chain: Optional[StageConfig] = field(default_factory=lambda: StageConfig(batch_size=32, max_concurrent_batches=28))
+    #: cores): 2.08 ms of harness CPU per engine request with one pool per stage, 1.57 chained
+    #: (docs/dataflow.md). While it is set, the three below must keep their defaults (refused).
+    chain: Optional[ChainStageConfig] = field(default_factory=ChainStageConfig)
     first_pass: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))
     retrieve: StageConfig = field(default_factory=lambda: StageConfig(batch_size=64))
     critique: StageConfig = field(default_factory=lambda: StageConfig(batch_size=16))
@@ -497,6 +507,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.retrieval.refine in (None, "float16"), "retrieval.refine",
            f"{cfg.retrieval.refine!r} is not null or 'float16'")
     _check(cfg.retrieval.k_factor >= 1, "retrieval.k_factor", "must be at least 1")
+    if cfg.stages.chain is not None:  # chained, the per-stage pools are not built: a setting there would do nothing
+        for name in model_stages("adaptive"):
+            _check(getattr(cfg.stages, name) == getattr(StagesConfig(), name), f"stages.{name}",
+                   "is set, but the model stages run chained in one actor pool (stages.chain): set "
+                   "stages.chain.* instead, or stages.chain: null for one pool per stage")
     for name in ("prepare", "chain", "first_pass", "retrieve", "critique", "write", "embed"):
         stage: StageConfig | None = getattr(cfg.stages, name)
         if stage is None:  # stages.chain: null (one pool per model stage)

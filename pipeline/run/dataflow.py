@@ -11,6 +11,7 @@ sizes come from ``cfg.stages``.
 from __future__ import annotations
 
 import logging
+import math
 
 import pyarrow as pa
 import ray
@@ -21,10 +22,7 @@ from ..services.deploy import Services
 from ..stages.columns import ALL_TYPES
 from ..stages.contract import Contract, check_chain
 from ..stages.chain import STAGE_ACTORS, ChainStage
-from ..stages.critique import Critique
-from ..stages.first_pass import FirstPass
 from ..stages.prepare import prepare_contract, prepare_shards
-from ..stages.retrieve import Retrieve
 from ..stages.write import ShardWriter, writer_contract
 from ..model.tokenizer import TokenizerSpec
 
@@ -50,9 +48,9 @@ def mark_all_for_retrieval(batch: pa.Table, cfg: Config) -> pa.Table:
 
 def stage_contracts(cfg: Config, schema: pa.Schema) -> list[Contract]:
     """The contracts of the run's stages, in dataflow order."""
-    models = {"first_pass": FirstPass, "retrieve": Retrieve, "critique": Critique}
     contracts = [prepare_contract(cfg, schema)] + ([always_contract(cfg)] if cfg.selfrag.mode == "always" else [])
-    return contracts + [models[name].contract(cfg) for name in model_stages(cfg.selfrag.mode)] + [writer_contract(cfg)]
+    models = [STAGE_ACTORS[name].logic.contract(cfg) for name in model_stages(cfg.selfrag.mode)]
+    return contracts + models + [writer_contract(cfg)]
 
 
 def allow_batches_in_flight(batches: int) -> None:
@@ -77,16 +75,28 @@ def allow_batches_in_flight(batches: int) -> None:
     setattr(plan_udf_map_op, LIMIT_NAME, max(batches, 1))
 
 
+def shards_per_actor(stage: StageConfig, shards: dict[str, int]) -> int:
+    """How many shards one actor of the first model stage works on at once. Prepare is fused into
+    that stage, so each of its Ray Data tasks is a whole shard, and an actor would take up to
+    ``max_concurrent_batches`` of them at once and finish them all near the end. Enough shards
+    for its batches in flight (at the mean shard's rows, plus one), and no more: shards are then
+    finished and written one after another."""
+    mean_rows = sum(shards.values()) / max(len(shards), 1)
+    needed = math.ceil(stage.max_concurrent_batches * stage.batch_size / max(mean_rows, 1.0)) + 1
+    return max(1, min(stage.max_concurrent_batches, needed))
+
+
 def _actor_stage(ds: ray.data.Dataset, cls, stage: StageConfig, cfg: Config, tokenizer: TokenizerSpec,
-                 services: Services) -> ray.data.Dataset:
+                 services: Services, tasks_per_actor: int | None = None) -> ray.data.Dataset:
     concurrent = stage.max_concurrent_batches
+    tasks = tasks_per_actor or concurrent  # later stages: each task a block of tens of rows
     kwargs = {"cfg": cfg, "tokenizer": tokenizer, "engine_app": services.engine, "retriever_app": services.retriever,
               "batches_in_flight": concurrent}
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs,
         batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=stage.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_concurrent_calls_per_actor=concurrent,
-                                           max_tasks_in_flight_per_actor=2 * concurrent))
+        compute=ray.data.ActorPoolStrategy(size=stage.replicas, max_concurrent_calls_per_actor=tasks,
+                                           max_tasks_in_flight_per_actor=2 * tasks))
 
 
 def build_dataset(cfg: Config, output: OutputFolder, shards: dict[str, int], schema: pa.Schema, run_id: str,
@@ -116,8 +126,9 @@ def build_dataset(cfg: Config, output: OutputFolder, shards: dict[str, int], sch
                             num_cpus=st.prepare.num_cpus)
     pools = stage_pools(cfg)
     allow_batches_in_flight(max(stage.max_concurrent_batches for _, stage in pools))
-    for name, stage in pools:
-        ds = _actor_stage(ds, ChainStage if name == "chain" else STAGE_ACTORS[name], stage, cfg, tokenizer, services)
+    for n, (name, stage) in enumerate(pools):
+        ds = _actor_stage(ds, ChainStage if name == "chain" else STAGE_ACTORS[name], stage, cfg, tokenizer, services,
+                          shards_per_actor(stage, shards) if n == 0 else None)
     # One writer sees every row, so it can tell when a shard is complete and write it at once.
     return ds.map_batches(ShardWriter, batch_format="pyarrow", num_cpus=st.write.num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=1),

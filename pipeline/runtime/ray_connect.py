@@ -111,7 +111,8 @@ def init_ray(address: str | None, configure_logging: bool = True, dashboard: boo
     if phases.armed("ray_init"):
         _hold_in_ray_init()
     ray.init(address=resolved, ignore_reinit_error=True, logging_level=logging.WARNING,
-             configure_logging=configure_logging, **({"include_dashboard": dashboard} if local else {}))
+             configure_logging=configure_logging,
+             **({"include_dashboard": dashboard} if local or would_start_local_ray(address) else {}))
     no_auto_connect()
 
 

@@ -72,7 +72,8 @@ class Critique(StageLogic):
         buckets = route_buckets(cfg)
         groups = by_route([r[cfg.input.id_column] for r in rows], short, buckets)
         tree_stats = []
-        # the batch's trees search and generate together, one call per depth (``same_turn``)
+        # the batch's trees search together and generate together: at each depth one search, and
+        # one engine call per routing key (``same_turn``)
         engine = TurnBatchedEngine(self.engine, fatal=(ServiceUnavailable,))
         retriever = TurnBatchedRetriever(self.retriever, fatal=(ServiceUnavailable,))
 

@@ -5,8 +5,8 @@ A batch's long-form trees run side by side (``asyncio.gather``), and each asks f
 search and its own generation at every depth, one or two queries or a few prompts at a time.
 Those calls are made in the same turn of the event loop (the trees start together, and the
 answer of a merged call wakes them together), so ``SameTurnBatcher`` merges them into one call
-per key (the engine's: routing key and stop ids; the retriever's: k) and gives each caller its
-own slice of the answer. Nothing waits for a batch to fill: the merged call is sent at the end
+per key (the engine's: routing key and stop ids, so one call per routing key the batch's trees
+have; the retriever's: k) and gives each caller its own slice of the answer. Nothing waits for a batch to fill: the merged call is sent at the end
 of the turn its first call was made in. The critique stage makes one pair of wrapped clients
 per batch (``TurnBatchedEngine``, ``TurnBatchedRetriever``): a batch's trees are merged, the
 batches in flight are not, so that each batch's calls come back as soon as they are done
@@ -60,6 +60,7 @@ class SameTurnBatcher:
             self._fail(calls, exc)
             return
         except Exception:  # noqa: BLE001 - each call again alone: the failure is only its own call's
+            # (not halves, as ``common.run_isolated``: a turn merges a few calls, each of its own caller)
             await asyncio.gather(*(self._alone(key, items, done) for items, done in calls))
             return
         start = 0
@@ -104,7 +105,7 @@ class TurnBatchedEngine:
     async def generate(self, prompts, max_tokens, route, stop_ids=()):
         if not prompts:
             return []
-        return await self.batcher((route, tuple(stop_ids)), list(zip(prompts, max_tokens)))
+        return await self.batcher((route, tuple(stop_ids)), list(zip(prompts, max_tokens, strict=True)))
 
     async def _send(self, key, items):
         route, stop_ids = key

@@ -40,14 +40,17 @@ async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], que
                       root_passages: list[dict], own_passages: bool, engine=None,
                       retriever=None) -> tuple[LongFormResult, dict]:
     """Decode one row's tree (the row retrieved at the root) with ``engine`` and ``retriever``
-    (None: the stage's); returns the result and counters (depths, engine calls, generations,
+    (None: the stage's); returns the result and counters (depths, generation requests, generations,
     searches)."""
     cfg = stage.cfg
-    engine, retriever = engine or stage.engine, retriever or stage.retriever
+    engine = stage.engine if engine is None else engine
+    retriever = stage.retriever if retriever is None else retriever
     budget, stop = cfg.selfrag.long_form.segment_tokens, [stage.ids[RETRIEVAL]]
     tree = LongFormTree(prompt, prompt_ids, question, stage.ids, long_form_params(cfg), stage.tokens, stage.decode,
                         retrieve=True)
-    stats = {"depths": 0, "engine_calls": 0, "generations": 0, "searches": 0}
+    # requests: the tree's generation requests (one per depth with a prompt that fits); a batch's
+    # trees send theirs as one engine call per routing key (``same_turn``): stages.engine.calls counts those
+    stats = {"depths": 0, "requests": 0, "generations": 0, "searches": 0}
     while not tree.done:
         pending = tree.pending_queries()
         passages = {key: root_passages for key, _ in pending if tree.depth == 1 or own_passages}
@@ -76,7 +79,7 @@ async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], que
         for n, out in zip(fitting, outs):
             results[n] = out if isinstance(out, Continuation) else f"engine error: {out}"
         stats["depths"] += 1
-        stats["engine_calls"] += 1 if fitting else 0
+        stats["requests"] += 1 if fitting else 0
         stats["generations"] += len(fitting)
         tree.advance(results)
     return tree.result(), stats
