@@ -63,7 +63,8 @@ def allow_batches_in_flight(batches: int) -> None:
     (prepare is fused into it), so a shard of 400 rows went through the chained stages 4
     batches at a time (measured: the engine ran 50 sequences on average instead of about 210).
     Ray Data has no public setting for it; the pinned Ray has this module attribute, and
-    ``tests/test_dataflow_in_flight.py`` fails on a Ray without it."""
+    ``tests/test_dataflow_in_flight.py`` fails on a Ray without it. It stays set in this
+    process: every dataflow built here sets its own."""
     try:
         from ray.data._internal.planner import plan_udf_map_op
     except ImportError:
