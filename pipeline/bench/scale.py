@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..infra.config import load_config
+from ..infra.config import load_config, model_stages
 from ..runtime import main_stop
 from ..services.recording import read_records
 from .common import BENCH_DIR, RECORDING, annotate, harness_cores, print_figures
@@ -62,7 +62,7 @@ def rows_window(stages: dict) -> tuple[float, float]:
     """(start, end) of a run's rows, in seconds on its timeline: from its first batch in a model
     stage to the last row written. (Not the engine's first request: the replicas' window
     starts with the warm-up's calls, which this driver made under the same Ray job.)"""
-    return (min(stages[name]["first_start"] for name in ("first_pass", "retrieve", "critique") if name in stages),
+    return (min(stages[name]["first_start"] for name in model_stages("adaptive") if name in stages),
             stages["write"]["last_end"])
 
 
