@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval import encoder as encoder_module
-from pipeline.retrieval.encoder import Encoder, length_batches, padded_width, resolve_dtype, tokenize
+from pipeline.retrieval.encoder import ONEDNN_ISA_CAP, Encoder, length_batches, padded_width, resolve_dtype, tokenize
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
 WORDS = "river mountain velmora speaks language founded kingdom northern coastal ancient".split()
@@ -133,3 +138,36 @@ def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder)
     out, vectors = split_embeddings(EmbedPassages(cfg)(tokenized.slice(3)))  # Ray hands the actors slices
     assert out.column_names == ["id", "title", "text"] and out.column("id").to_pylist() == passages.column("id").to_pylist()[8:]
     np.testing.assert_allclose(vectors, encoder.encode([f"T {t}" for t in TEXTS[8:]]), atol=2e-5)
+
+
+INVARIANCE_SCRIPT = """
+import json, sys
+import numpy as np, torch
+sys.path.insert(0, "tests")
+from test_encoder import TEXTS
+from pipeline.infra.config import RetrievalConfig
+from pipeline.retrieval.encoder import Encoder
+if sys.argv[1] == "after":  # oneDNN runs uncapped before the encoder is made
+    x = torch.ones(64, 64, dtype=torch.bfloat16)
+    (x @ x).sum()
+enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype=None))
+alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
+together = enc.encode_queries(TEXTS + TEXTS[::4])[: len(TEXTS)]
+print(json.dumps({"dtype": enc.dtype, "max_diff": float(np.abs(alone - together).max()),
+                  "onednn": torch.backends.mkldnn.enabled}))
+"""
+
+
+def test_a_query_gets_the_same_vector_in_any_batch_in_a_process_without_the_cap_also_where_onednn_ran_first():
+    """A fresh process without ``ONEDNN_MAX_CPU_ISA``: made first, the encoder caps oneDNN itself
+    and keeps it; made after an uncapped bfloat16 product, its probe turns oneDNN off where the
+    vectors then depend on the batch (a CPU with AMX). Either way a query's bits do not."""
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_ISA_CAP[0]}
+    for order in ("first", "after"):
+        run = subprocess.run([sys.executable, "-c", INVARIANCE_SCRIPT, order], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert got["max_diff"] <= (0.0 if got["dtype"] == "bfloat16" else 1e-6), (order, got)
+        if order == "first":
+            assert got["onednn"]  # capped in time: oneDNN's kernels stay on

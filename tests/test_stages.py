@@ -14,7 +14,7 @@ from pipeline.infra.config import load_config
 from pipeline.selfrag import tokens as T
 from pipeline.services.clients import ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
-from pipeline.stages.common import route_buckets, route_key
+from pipeline.stages.common import engine_request_prompts, route_key, rows_per_route
 from pipeline.stages.contract import Contract, ContractError, check_chain
 from pipeline.stages.critique import Critique
 from pipeline.stages.first_pass import FirstPass
@@ -30,14 +30,22 @@ def cfg(*overrides):
     return load_config([], list(overrides))
 
 
-BUCKETS = route_buckets(cfg())  # one engine replica: one routing key
+SHARD = "s3://b/in/part-0.parquet"  # the shard of ``prepared`` rows
+ONE_KEY = route_key(SHARD, 0, rows_per_route(cfg()))  # one engine replica: one routing key
 
 
-def test_rows_spread_over_four_routing_keys_per_replica_but_one_for_a_single_deployed_replica():
-    assert BUCKETS == 1  # a batch is one call
-    assert route_buckets(cfg("engine.service.replicas=2")) == 8
-    assert route_buckets(cfg("engine.service.min_replicas=1", "engine.service.max_replicas=3")) == 12
-    assert route_buckets(cfg("engine.service.deployment=running")) == 4  # a reused service may have more replicas
+def test_a_batch_of_consecutive_rows_shares_a_routing_key_and_a_single_deployed_replica_has_one():
+    assert rows_per_route(cfg()) is None and ONE_KEY == route_key("other", 99, None) == "all"
+    assert rows_per_route(cfg("engine.service.replicas=2")) == 32  # the chain's batch
+    assert rows_per_route(cfg("engine.service.replicas=2", "stages.chain=null", "stages.first_pass.batch_size=8")) == 8
+    assert rows_per_route(cfg("engine.service.min_replicas=1", "engine.service.max_replicas=3")) == 32
+    assert rows_per_route(cfg("engine.service.deployment=running")) == 32  # a reused service may have more replicas
+    keys = [route_key(SHARD, offset, 32) for offset in (0, 31, 32, 63, 64)]
+    assert keys[0] == keys[1] != keys[2] == keys[3] != keys[4] != keys[0]
+    assert route_key("s3://b/in/part-1.parquet", 0, 32) != keys[0]
+    # requests of at most one replica's batch where there is more than one replica to balance
+    assert engine_request_prompts(cfg()) is None
+    assert engine_request_prompts(cfg("engine.service.replicas=2", "engine.simulated.recording=/r")) == 16
 
 
 def prepared(rows: list[dict], config) -> pa.Table:
@@ -60,7 +68,8 @@ def decision(p_retrieval: float):
 # --- first pass -------------------------------------------------------------------------------
 
 def test_first_pass_decides_from_probabilities_and_answers_without_evidence():
-    config = cfg("selfrag.threshold=0.2")
+    # two replicas, a routing key per row (groups of one row)
+    config = cfg("selfrag.threshold=0.2", "engine.service.replicas=2", "stages.chain.batch_size=1")
     table = prepared([{"id": "a", "instruction": "Who founded Velmora?"}, {"id": "b", "instruction": "Say hi."},
                       {"id": "c", "instruction": None}], config)
 
@@ -81,8 +90,14 @@ def test_first_pass_decides_from_probabilities_and_answers_without_evidence():
     # row's routing key (rows of one key share a call: one decision call and one answer call per key)
     requests = [(route, text, budget) for route, texts, budgets, _ in engine.calls for text, budget in zip(texts, budgets)]
     assert sorted((route, budget) for route, _, budget in requests) == sorted(
-        [(route_key("a", BUCKETS), 1), (route_key("b", BUCKETS), 1), (route_key("b", BUCKETS), 100)])
-    assert len(engine.calls) == len({route_key(i, BUCKETS) for i in "ab"}) + 1  # no call without requests
+        [(route_key(SHARD, 0, 1), 1), (route_key(SHARD, 1, 1), 1), (route_key(SHARD, 1, 1), 100)])
+    assert len(engine.calls) == 3  # a decision call per key, an answer call for b's; none without requests
+    # groups of two rows: a and b share a key, so one decision call holds both
+    engine = FakeEngine(script)
+    run(FirstPass(cfg("selfrag.threshold=0.2", "engine.service.replicas=2", "stages.chain.batch_size=2"), TOKENS, IDS,
+                  decode, engine), table)
+    assert [(route, budgets) for route, _, budgets, _ in engine.calls] == [
+        (route_key(SHARD, 0, 2), [1, 1]), (route_key(SHARD, 1, 2), [100])]
 
 
 def test_first_pass_engine_errors_and_too_long_prompts_are_row_errors():
@@ -96,7 +111,7 @@ def test_first_pass_engine_errors_and_too_long_prompts_are_row_errors():
     # b: BOS + 233 characters ("### Instruction:\n", 200 x, "\n\n### Response:\n") + [No Retrieval] = 235
     assert rows[1]["error"] == "prompt is 235 tokens; with 100 new tokens it exceeds max_model_len=160"
     assert rows[2]["error"] == "engine error: ValueError: boom" and rows[2]["retrieved"] is None
-    assert {route for route, *_ in engine.calls} == {route_key("a", BUCKETS), route_key("c", BUCKETS)}
+    assert {route for route, *_ in engine.calls} == {ONE_KEY}
 
 
 def test_never_mode_answers_every_row_without_a_decision():
@@ -167,9 +182,9 @@ def test_critique_scores_every_passage_and_selects_the_best():
     cands = rows[0]["candidates"]
     assert [c["final"] for c in cands] == pytest.approx([2.1, 2.4])
     assert rows[0]["answer"] == "w14" and rows[0]["best_passage_id"] == "p2"
-    # one engine call for the row's two candidates, keyed by its id, prompts ending in the evidence
+    # one engine call for the row's two candidates, with its routing key, prompts ending in the evidence
     ((route, texts, budgets, _),) = engine.calls
-    assert route == route_key("a", BUCKETS) and budgets == [100, 100]
+    assert route == ONE_KEY and budgets == [100, 100]
     assert texts[1].endswith("[Retrieval]<paragraph>P2\ntwo</paragraph>")
 
 

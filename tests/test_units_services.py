@@ -335,23 +335,65 @@ def test_to_continuation_of_missing_values():
 # --- balance: a row leaves a far busier home --------------------------------------------------
 
 
-def test_a_row_stays_home_unless_home_is_far_busier_than_the_least_loaded():
-    from pipeline.services.routing import SPILL_FACTOR, SPILL_SLACK, spill_to
+def test_a_row_stays_home_unless_home_holds_more_than_the_slack_beyond_the_least_loaded():
+    from pipeline.services.routing import DEFAULT_SLACK, spill_to
 
     order = ["a", "b", "c"]
     assert spill_to(order, {}) == "a"  # nothing in flight: home
-    assert spill_to(order, {"a": SPILL_SLACK, "b": 0}) == "a"  # not more than the slack
-    assert spill_to(order, {"a": SPILL_SLACK + 1, "b": 5, "c": 0}) == "c"  # the least loaded
-    assert spill_to(order, {"a": SPILL_SLACK + 1, "b": 0, "c": 0}) == "b"  # ties: the row's own order
-    busy = 4 * SPILL_SLACK
-    assert spill_to(order, {"a": busy, "b": busy / SPILL_FACTOR, "c": busy / SPILL_FACTOR}) == "a"  # within the factor
-    assert spill_to(order, {"a": busy, "b": busy / SPILL_FACTOR - 1, "c": busy}) == "b"
+    assert spill_to(order, {"a": DEFAULT_SLACK, "b": 0}) == "a"  # not more than the slack
+    assert spill_to(order, {"a": DEFAULT_SLACK + 1, "b": 5, "c": 0}) == "c"  # the least loaded
+    assert spill_to(order, {"a": DEFAULT_SLACK + 1, "b": 0, "c": 0}) == "b"  # ties: the row's own order
+    # a slack of one replica's batch (16 sequences): also deep queues stay within it of each other
+    assert spill_to(order, {"a": 416, "b": 400, "c": 400}, slack=16) == "a"
+    assert spill_to(order, {"a": 417, "b": 400, "c": 401}, slack=16) == "b"
+
+
+def test_an_engine_call_beyond_one_replica_batch_goes_as_several_requests_answered_in_order():
+    sent = []
+
+    class Generate:
+        @staticmethod
+        def remote(request):
+            sent.append(request)
+
+            async def answer():
+                return [f"out{prompt[0]}" for prompt in request["prompts"]]
+            return answer()
+
+    def client(max_prompts):
+        c = object.__new__(clients.ServeEngineClient)  # as built on a Serve handle, here a scripted one
+        c.handle, c.svc, c.metrics, c.max_prompts, c.calls = SimpleNamespace(generate=Generate), ServiceConfig(), "m", \
+            max_prompts, 0
+        return c
+
+    split = client(2)
+    outs = asyncio.run(split.generate([[1], [2], [3], [4], [5]], [10, 20, 30, 40, 50], "g1", [9]))
+    assert outs == ["out1", "out2", "out3", "out4", "out5"] and split.calls == 3
+    assert [(r["prompts"], r["max_tokens"]) for r in sent] == [([[1], [2]], [10, 20]), ([[3], [4]], [30, 40]),
+                                                               ([[5]], [50])]
+    assert all(r[ROUTE] == "g1" and r["stop_ids"] == [9] for r in sent)
+    sent.clear()
+    whole = client(None)
+    assert asyncio.run(whole.generate([[1], [2], [3]], [1, 1, 1], "all")) == ["out1", "out2", "out3"]
+    assert len(sent) == 1 and whole.calls == 1
+
+
+def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
+    from pipeline.infra.config import load_config
+    from pipeline.services.deploy import engine_application, replica_batch
+    from pipeline.services.routing import DEFAULT_SLACK
+
+    assert replica_batch(load_config()) == 512  # the CPU default in engine.extra
+    assert replica_batch(load_config([], ["engine.extra.max_num_seqs=null"])) == DEFAULT_SLACK  # vLLM's default
+    simulated = load_config([], ["engine.simulated.recording=/rec", "engine.simulated.max_num_seqs=16"])
+    assert replica_batch(simulated) == 16
+    router = engine_application(simulated, None)._bound_deployment._deployment_config.request_router_config
+    assert router.request_router_kwargs == {"slack": 16}  # Serve passes them to initialize_state
 
 
 def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():
-    from pipeline.services.routing import SPILL_SLACK
-
     router = object.__new__(RowAffinityRouter)
+    router.initialize_state(slack=64)  # as Serve calls it with the deployment's request_router_kwargs
     candidates = [replica(r) for r in REPLICAS[:2]]
     home = rendezvous_order("row-1", REPLICAS[:2])[0]
     other = next(r for r in REPLICAS[:2] if r != home)
@@ -366,7 +408,7 @@ def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():
         return ranked[0][0].replica_id.unique_id
 
     assert first_choice() == home
-    routed("r1", home, SPILL_SLACK + 1)
+    routed("r1", home, 65)
     assert first_choice() == other  # home holds 65 prompts, the other none
     routed("r2", other, 40)
     assert first_choice() == home  # 65 against 40: within the slack
@@ -413,6 +455,24 @@ def test_calls_waiting_behind_a_search_go_into_the_next_one_together():
     assert calls == [(["a"], 5), (["b", "c", "e"], 5), (["d"], 3)]  # merged by k, in arrival order
     assert first == [[{"id": "a@5"}]]
     assert rest == [[[{"id": "b@5"}], [{"id": "c@5"}]], [[{"id": "d@3"}]], [[{"id": "e@5"}]]]
+
+
+def test_a_merged_search_holds_at_most_max_queries_and_a_larger_call_runs_alone():
+    async def scenario():
+        search = GatedSearch()
+        coalesced = CoalescingSearch(search, max_queries=3)
+        first = asyncio.ensure_future(coalesced(["a"], 5))
+        await search.started.wait()
+        calls = (["b", "c"], ["d"], ["e", "f"], ["g", "h", "i", "j"], ["k"])
+        waiting = [asyncio.ensure_future(coalesced(q, 5)) for q in calls]
+        await asyncio.sleep(0)
+        search.gate.set()
+        return search.calls, await first, await asyncio.gather(*waiting)
+
+    calls, first, rest = asyncio.run(scenario())
+    # in arrival order, up to 3 queries a search: b c + d; e f (g h i j would pass 3); g h i j alone; k
+    assert [queries for queries, _ in calls] == [["a"], ["b", "c", "d"], ["e", "f"], ["g", "h", "i", "j"], ["k"]]
+    assert rest[3] == [[{"id": f"{q}@5"}] for q in "ghij"] and rest[4] == [[{"id": "k@5"}]]
 
 
 def test_a_failed_merged_search_is_run_again_call_by_call_and_fails_only_its_own_call():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -110,6 +112,19 @@ PAD_MULTIPLE = 8
 #: of 32).
 QUERY_WIDTH_STEP = 16
 
+#: oneDNN's kernels capped below AMX (``ONEDNN_MAX_CPU_ISA``) where the encoder computes
+#: bfloat16 on a CPU: with AMX, torch's bfloat16 matrix products pick their kernels by the
+#: batch's size, and a query's vector changed with the queries searched with it (69% of the
+#: elements of 40 test queries, by up to 9e-4; one bench row of 3,200 got another fifth
+#: passage). The AVX-512 BF16 kernels give the same bits in any batch, at about half of AMX's
+#: speed (50 queries: 2.1 s of CPU against 1.1 s). oneDNN reads the cap once, when it first
+#: runs in a process, so the encoder sets it before its model's first step (and tests/conftest.py
+#: as the test process starts); ``Encoder.check_batch_invariance`` covers a process where
+#: oneDNN ran before. A cap set in the environment already is kept.
+ONEDNN_ISA_CAP = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+log = logging.getLogger(__name__)
+
 
 def padded_width(longest: int, multiple: int, limit: int | None = None) -> int:
     """``longest`` rounded up to a multiple of ``multiple``, not beyond ``limit`` (never below ``longest``)."""
@@ -150,6 +165,8 @@ class Encoder:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, cfg.device)
+        if self.device.type == "cpu" and self.dtype == "bfloat16":
+            os.environ.setdefault(*ONEDNN_ISA_CAP)
         self.tokenizer = encoder_tokenizer(cfg.encoder)
         self.pad_id = self.tokenizer.pad_token_id or 0
         model = AutoModel.from_pretrained(resolve_encoder_path(cfg.encoder))
@@ -158,6 +175,30 @@ class Encoder:
         #: CPU seconds of the calling threads in ``encode_tokens`` so far: torch's own worker
         #: threads (more than one unless ``retrieval.threads`` is 1, or a Ray actor's
         #: OMP_NUM_THREADS says so) are not counted; on cuda it includes waiting for the device.
+        self.cpu_seconds = 0.0
+        if self.device.type == "cpu" and self.dtype == "bfloat16":
+            self.check_batch_invariance()
+
+    def check_batch_invariance(self) -> None:
+        """On a CPU in bfloat16: a probe query gets the same bits alone as among others of its
+        width; if not (oneDNN ran uncapped in this process before the encoder was made, see
+        ``ONEDNN_ISA_CAP``), torch's oneDNN kernels are turned off in this process (the vectors
+        are then the same in any batch, about 8 times slower) and a warning says how to avoid it;
+        if even that does not help, RuntimeError. Sets ``cpu_seconds`` back to 0."""
+        probe = [f"probe query {i} " + "words " * 6 for i in range(8)]
+
+        def invariant() -> bool:
+            return bool(np.array_equal(self.encode_queries(probe[:1]), self.encode_queries(probe)[:1]))
+
+        if not invariant():
+            log.warning("the query encoder's vectors change with their batch here (oneDNN ran with AMX kernels "
+                        "before the encoder was made); torch's oneDNN kernels are turned off in this process, "
+                        "which encodes about 8 times slower. Start the process with %s=%s to avoid it.",
+                        *ONEDNN_ISA_CAP)
+            self.torch.backends.mkldnn.enabled = False
+            if not invariant():
+                raise RuntimeError("the query encoder's vectors change with their batch on this CPU in bfloat16; "
+                                   "set retrieval.dtype: float32")
         self.cpu_seconds = 0.0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -27,6 +27,8 @@ from ..stages.write import ShardWriter, writer_contract
 from ..model.tokenizer import TokenizerSpec
 
 
+#: Blocks queued at the writer's actor at once.
+WRITER_TASKS = 16
 #: Target size of the dataflow's blocks (Ray Data's default is 128 MiB).
 BLOCK_BYTES = 32 * 1024
 #: Ray Data's limit of the batches of one task in an async stage at once (``allow_batches_in_flight``).
@@ -131,8 +133,10 @@ def build_dataset(cfg: Config, output: OutputFolder, shards: dict[str, int], sch
         ds = _actor_stage(ds, ChainStage if name == "chain" else STAGE_ACTORS[name], stage, cfg, tokenizer, services,
                           shards_per_actor(stage, shards) if n == 0 else None)
     # One writer sees every row, so it can tell when a shard is complete and write it at once.
+    # Its blocks queue at its actor (Ray Data's default keeps 2 there): at the end of a run the
+    # last batches' blocks come at once, and 2 at a time they took 27 ms each, 0.8 s for 31 blocks.
     return ds.map_batches(ShardWriter, batch_format="pyarrow", num_cpus=st.write.num_cpus,
-                          compute=ray.data.ActorPoolStrategy(size=1),
+                          compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=WRITER_TASKS),
                           fn_constructor_kwargs={"cfg": cfg, "expected_rows": shards,
                                                  "annotation_hash": annotation_hash, "versions": versions,
                                                  "identity": identity})

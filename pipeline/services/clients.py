@@ -18,7 +18,7 @@ from ..selfrag.scoring import Continuation
 
 log = logging.getLogger(__name__)
 
-#: Key of the routing key (the row id) in an engine request; read by ``routing.RowAffinityRouter``.
+#: Key of the routing key (``stages.common.route_key``) in an engine request; read by ``routing.RowAffinityRouter``.
 ROUTE = "route"
 
 
@@ -28,7 +28,8 @@ class EngineClient(Protocol):
     async def generate(self, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], route: str,
                        stop_ids: Sequence[int] = ()) -> list[Continuation | str]:
         """Greedy continuations of token-id prompts (one Continuation, or an error string for a
-        prompt the engine refused, per prompt); ``route`` (the row id) keeps a row on one replica."""
+        prompt the engine refused, per prompt); ``route`` (the rows' routing key) keeps a row on
+        one replica."""
         ...
 
 
@@ -80,9 +81,14 @@ async def call_with_retries(call, service: str, svc: ServiceConfig):
 
 
 class ServeEngineClient:
-    """``EngineClient`` over the engine deployment's handle; ``calls``: the calls answered."""
+    """``EngineClient`` over the engine deployment's handle; ``calls``: the requests answered.
 
-    def __init__(self, app_name: str, svc: ServiceConfig):
+    A call of more than ``max_prompts`` prompts goes as several requests of at most that many
+    (sent together, with the same routing key): the router balances requests, and one request
+    of a batch's 160 critique prompts to a replica that runs 16 at a time left the others idle
+    at the start of a run."""
+
+    def __init__(self, app_name: str, svc: ServiceConfig, max_prompts: int | None = None):
         from ray import serve
 
         from ..runtime.metrics_actor import job_actor_name
@@ -90,11 +96,18 @@ class ServeEngineClient:
         self.handle = serve.get_app_handle(app_name)
         self.svc = svc
         self.metrics = job_actor_name()  # where the replicas report what they serve for this job
+        self.max_prompts = max_prompts
         self.calls = 0
 
     async def generate(self, prompts, max_tokens, route, stop_ids=()):
         if not prompts:
             return []
+        size = self.max_prompts or len(prompts)
+        parts = await asyncio.gather(*(self._request(prompts[i:i + size], max_tokens[i:i + size], route, stop_ids)
+                                       for i in range(0, len(prompts), size)))
+        return [out for part in parts for out in part]
+
+    async def _request(self, prompts, max_tokens, route, stop_ids) -> list:
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
                    "stop_ids": list(stop_ids), "metrics": self.metrics}
         out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)

@@ -4,8 +4,11 @@ A retrieval replica searches one call at a time (its encoder and FAISS use their
 Long-form rows search once per tree depth with one or two queries each, so many small calls
 queue behind each other, and each pays the encoder's and the index's fixed cost. Here, calls
 that queued while a search ran go into the next search together (those with the same ``k``),
-and each caller gets its own slice of the hits back. Nothing waits for a batch to fill: a call
-that arrives at an idle replica runs at once.
+and each caller gets its own slice of the hits back, in the order the calls came, up to
+``max_queries`` queries a search (a call with more runs alone). Nothing waits for a batch to
+fill: a call that arrives at an idle replica runs at once. The limit keeps results flowing
+when many calls come at once: at the start of a run, 20 batches' queries merged into one
+search of about 500 queries, and the engine waited 1 s for the first batch's passages.
 
 A merged search that fails is run again call by call, so that a failure costs only the call
 that causes it (the retrieve stage isolates a bad row by splitting its batch; a long-form tree
@@ -24,8 +27,9 @@ Call = tuple[list[str], int, asyncio.Future]
 class CoalescingSearch:
     """Runs ``search(queries, k)`` one call at a time, merging the calls that wait."""
 
-    def __init__(self, search: Search):
+    def __init__(self, search: Search, max_queries: int | None = None):
         self._search = search
+        self.max_queries = max_queries
         self._waiting: list[Call] = []
         self._task: asyncio.Task | None = None
 
@@ -44,8 +48,7 @@ class CoalescingSearch:
         try:
             while self._waiting:
                 k = self._waiting[0][1]
-                calls = [c for c in self._waiting if c[1] == k and not c[2].done()]  # not given up meanwhile
-                self._waiting = [c for c in self._waiting if c[1] != k]
+                calls, self._waiting = self._next_search(k)
                 if len(calls) > 1:
                     await self._merged(calls, k)
                 elif calls:
@@ -58,6 +61,22 @@ class CoalescingSearch:
             raise
         finally:
             self._task = None
+
+    def _next_search(self, k: int) -> tuple[list[Call], list[Call]]:
+        """(the calls of the next search, those left waiting): calls with ``k`` in arrival order
+        until one would take the search past ``max_queries`` queries; calls given up meanwhile
+        are dropped."""
+        calls, rest, total, full = [], [], 0, False
+        for call in self._waiting:
+            queries, call_k, done = call
+            full = full or (call_k == k and bool(calls) and bool(self.max_queries)
+                            and total + len(queries) > self.max_queries)
+            if call_k != k or full:
+                rest.append(call)
+            elif not done.done():
+                calls.append(call)
+                total += len(queries)
+        return calls, rest
 
     async def _merged(self, calls: list[Call], k: int) -> None:
         merged = [q for queries, _, _ in calls for q in queries]

@@ -83,10 +83,21 @@ def engine_application(cfg: Config, tokenizer: TokenizerSpec):
 
     tp = cfg.engine.tensor_parallel_size
     options = replica_options(cfg.engine.service, cfg.engine.env, cfg.engine.service.num_gpus, tp)
-    options["request_router_config"] = RequestRouterConfig(request_router_class=RowAffinityRouter)
+    options["request_router_config"] = RequestRouterConfig(request_router_class=RowAffinityRouter,
+                                                           request_router_kwargs={"slack": replica_batch(cfg)})
     body = SimulatedEngineReplica if cfg.engine.simulated.recording else EngineReplica
     return serve.deployment(body, name="SelfRagEngine").options(**options).bind(
         cfg.engine, cfg.storage, tokenizer, cfg.debug.record_engine_requests, job_actor_name())
+
+
+def replica_batch(cfg: Config) -> int:
+    """Sequences one engine replica runs at once (the router's slack): the simulated engine's
+    ``max_num_seqs``, else vLLM's (``engine.extra.max_num_seqs``, or vLLM's default)."""
+    from .routing import DEFAULT_SLACK
+
+    if cfg.engine.simulated.recording:
+        return cfg.engine.simulated.max_num_seqs
+    return int(cfg.engine.extra.get("max_num_seqs") or DEFAULT_SLACK)
 
 
 def retriever_application(cfg: Config, tokenizer: TokenizerSpec):

@@ -40,7 +40,7 @@ class RetrieverReplica(ReportingReplica):
         self.shards = list(shards or [])
         self.retriever = Retriever(cfg, Storage(storage), exact=True, load_shards=not self.shards)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        self.coalesced = CoalescingSearch(self._search)
+        self.coalesced = CoalescingSearch(self._search, cfg.encode_batch_size)
         # and calls (ReportingReplica); encode_cpu_seconds: the query encoder's model (on a GPU
         # with retrieval.device=cuda, its CPU share is launching the kernels)
         self.counters = {"seconds": 0.0, "queries": 0, "searches": 0, "encode_cpu_seconds": 0.0}

@@ -20,9 +20,10 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyarrow as pa
 
-from ..infra.config import Config
+from ..infra.config import Config, stage_pools
 from ..selfrag.prompts import CLOSED_SET_TASKS, PromptTokens
 from ..selfrag.tokens import ReflectionIds
+from .columns import OFFSET, SHARD
 from .contract import Contract
 
 log = logging.getLogger(__name__)
@@ -40,28 +41,48 @@ def max_new_tokens(task: str | None, cfg: Config) -> int:
     return cfg.selfrag.max_new_tokens_closed if closed else cfg.selfrag.max_new_tokens
 
 
-def route_buckets(cfg: Config) -> int:
-    """How many routing keys rows are spread over: four per engine replica (at most), so that
-    keys balance over the replicas while a batch needs only a few engine calls; one for a
-    single replica that the job deploys (a batch is one call)."""
+def rows_per_route(cfg: Config) -> int | None:
+    """How many consecutive rows of a shard share a routing key: the first model pool's batch
+    size, so that a batch is one engine call per phase (with a key per row or per hash bucket,
+    a batch of 32 rows made about 20 calls of one or two prompts over 8 replicas, and the
+    router's work held the engine back at the start of a run). None, one key for every row,
+    for a single replica that the job deploys."""
     svc = cfg.engine.service
-    replicas = max(svc.replicas, svc.max_replicas or 0)
-    return 1 if replicas == 1 and not svc.deployment else 4 * replicas
+    if max(svc.replicas, svc.max_replicas or 0) == 1 and not svc.deployment:
+        return None
+    return stage_pools(cfg)[0][1].batch_size
 
 
-def route_key(row_id, buckets: int) -> str:
-    """The routing key of a row: a stable hash of its id, in one of ``buckets`` buckets. All of
-    a row's engine requests (first pass, critique, long-form) carry it, so they reach one
-    replica and share its prefix cache."""
-    digest = hashlib.blake2b(str(row_id).encode(), digest_size=8).digest()
-    return f"b{int.from_bytes(digest, 'big') % buckets}"
+def engine_request_prompts(cfg: Config) -> int | None:
+    """Most prompts in one engine request: one replica's batch (``replica_batch``), so that the
+    router can spread a large call over the replicas; None (no limit) for a single replica
+    that the job deploys."""
+    from ..services.deploy import replica_batch
+
+    return None if rows_per_route(cfg) is None else replica_batch(cfg)
 
 
-def by_route(row_ids: Sequence, rows: Sequence[int], buckets: int) -> dict[str, list[int]]:
-    """``rows`` (indices into ``row_ids``) grouped by routing key."""
+def route_key(shard: str, offset: int, rows: int | None) -> str:
+    """The routing key of the row at ``offset`` in ``shard``: a hash of the shard and its group
+    of ``rows`` consecutive rows (``rows_per_route``). All of a row's engine requests (first
+    pass, critique, long-form) carry it, so they reach one replica and share its prefix cache,
+    also where the stages run in separate pools whose batches differ."""
+    if rows is None:
+        return "all"
+    return "g" + hashlib.blake2b(f"{shard}\0{offset // rows}".encode(), digest_size=8).hexdigest()
+
+
+def route_keys(view, cfg: Config) -> list[str]:
+    """The routing key of each row of a batch (``view`` reads its shard and offset columns)."""
+    rows = rows_per_route(cfg)
+    return [route_key(shard, offset, rows) for shard, offset in zip(view[SHARD], view[OFFSET])]
+
+
+def by_route(keys: Sequence[str], rows: Sequence[int]) -> dict[str, list[int]]:
+    """``rows`` (indices into ``keys``, the batch's routing keys) grouped by routing key."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i in rows:
-        groups[route_key(row_ids[i], buckets)].append(i)
+        groups[keys[i]].append(i)
     return dict(groups)
 
 
@@ -142,7 +163,7 @@ class ServiceStage:
 
         start = time.perf_counter()
         tokens, ids, decode = spec_tokens(Storage(cfg.storage), tokenizer)
-        engine = ServeEngineClient(engine_app, cfg.engine.service) if engine_app else None
+        engine = ServeEngineClient(engine_app, cfg.engine.service, engine_request_prompts(cfg)) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self._set_up(self.logic(cfg, tokens, ids, decode, engine, retriever), Reporter(self.logic.name))
         self.in_flight = InFlightLimit(batches_in_flight)

@@ -18,8 +18,8 @@ from ..selfrag.scoring import Continuation, score_continuation
 from ..selfrag.selection import select_answer, short_form_answer
 from ..selfrag.tokens import ALL_REFLECTION_TOKENS
 from ..services.clients import ServiceUnavailable
-from .columns import INTERNAL_TYPES, OUTPUT_TYPES, PROMPT_IDS
-from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_buckets, route_key
+from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD
+from .common import ServiceStage, StageLogic, by_route, effective_task, max_new_tokens, route_keys
 from .contract import ANY, Contract
 from .same_turn import TurnBatchedEngine, TurnBatchedRetriever
 from .tree_decoding import decode_tree, is_long_form, result_columns, sum_stats
@@ -47,15 +47,15 @@ class Critique(StageLogic):
     @staticmethod
     def contract(cfg: Config) -> Contract:
         i = cfg.input
-        reads = {i.id_column: ANY, i.task_column: ANY, i.question_column: ANY, i.ctxs_column: ANY,
-                 "prompt": pa.string(), PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "retrieved": pa.bool_(),
+        reads = {SHARD: INTERNAL_TYPES[SHARD], OFFSET: INTERNAL_TYPES[OFFSET], i.task_column: ANY,
+                 i.question_column: ANY, i.ctxs_column: ANY, "prompt": pa.string(), PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "retrieved": pa.bool_(),
                  "passages": OUTPUT_TYPES["passages"], "error": pa.string()}
         return Contract("critique", reads=reads, writes={name: OUTPUT_TYPES[name] for name in WRITES},
                         optional=frozenset({i.task_column, i.ctxs_column}))
 
     async def process(self, view) -> dict:
         cfg = self.cfg
-        names = (cfg.input.id_column, cfg.input.task_column, cfg.input.question_column, "prompt", PROMPT_IDS,
+        names = (cfg.input.task_column, cfg.input.question_column, "prompt", PROMPT_IDS,
                  "retrieved", "passages", "error")
         rows = [dict(zip(names, values)) for values in zip(*(view[name] for name in names))]
         own_passages = view.non_empty(cfg.input.ctxs_column)  # the row brought its own (ctxs): read as lengths
@@ -69,8 +69,8 @@ class Critique(StageLogic):
                 out["error"][i] = "retrieval returned no passages"
             else:
                 (trees if is_long_form(r["task"], cfg) else short).append(i)
-        buckets = route_buckets(cfg)
-        groups = by_route([r[cfg.input.id_column] for r in rows], short, buckets)
+        routes = route_keys(view, cfg)
+        groups = by_route(routes, short)
         tree_stats = []
         # the batch's trees search together and generate together: at each depth one search, and
         # one engine call per routing key (``same_turn``)
@@ -79,9 +79,9 @@ class Critique(StageLogic):
 
         async def tree(i: int) -> None:
             r = rows[i]
-            result, stats = await decode_tree(self, route_key(r[cfg.input.id_column], buckets), r["prompt"],
-                                              r[PROMPT_IDS], r[cfg.input.question_column], r["passages"],
-                                              own_passages[i], engine, retriever)
+            result, stats = await decode_tree(self, routes[i], r["prompt"], r[PROMPT_IDS],
+                                              r[cfg.input.question_column], r["passages"], own_passages[i],
+                                              engine, retriever)
             tree_stats.append(stats)
             self.set_long_form(out, i, result)
 

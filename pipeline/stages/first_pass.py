@@ -18,8 +18,8 @@ from ..infra.config import Config
 from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import short_form_answer
-from .columns import OUTPUT_TYPES, PROMPT_IDS, INTERNAL_TYPES
-from .common import ServiceStage, StageLogic, by_route, max_new_tokens, route_buckets
+from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD
+from .common import ServiceStage, StageLogic, by_route, max_new_tokens, route_keys
 from .contract import ANY, Contract
 
 WRITES = ("retrieval_prob", "retrieved", "answer", "answer_raw", "answer_token_ids", "candidates", "error")
@@ -32,14 +32,15 @@ class FirstPass(StageLogic):
 
     @staticmethod
     def contract(cfg: Config) -> Contract:
-        return Contract("first_pass", reads={cfg.input.id_column: ANY, cfg.input.task_column: ANY,
-                                             PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "error": pa.string()},
+        return Contract("first_pass", reads={SHARD: INTERNAL_TYPES[SHARD], OFFSET: INTERNAL_TYPES[OFFSET],
+                                             cfg.input.task_column: ANY, PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS],
+                                             "error": pa.string()},
                         writes={name: OUTPUT_TYPES[name] for name in WRITES}, optional=frozenset({cfg.input.task_column}))
 
     async def process(self, view) -> dict:
         phases.reached("first_batch")  # test hook: a first-pass actor has a batch
         cfg, n = self.cfg, view.num_rows
-        ids, prompts, errors = view[cfg.input.id_column], view[PROMPT_IDS], view["error"]
+        prompts, errors = view[PROMPT_IDS], view["error"]
         tasks = view[cfg.input.task_column]
         out = {name: [None] * n for name in WRITES}
         out["error"] = errors
@@ -81,7 +82,7 @@ class FirstPass(StageLogic):
                 if cfg.output.keep_logprobs:
                     out["answer_token_ids"][i] = answer.token_ids
 
-        groups = by_route(ids, valid, route_buckets(cfg))
+        groups = by_route(route_keys(view, cfg), valid)
         await asyncio.gather(*(group(route, rows) for route, rows in groups.items()))
         view.set(**out)
         return {}  # the engine calls are counted by ServiceStage
