@@ -141,10 +141,9 @@ def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder)
 
 
 INVARIANCE_SCRIPT = """
-import json, sys
+import json, os, sys
 import numpy as np, torch
-sys.path.insert(0, "tests")
-from test_encoder import TEXTS
+TEXTS = json.load(sys.stdin)
 from pipeline.infra.config import RetrievalConfig
 from pipeline.retrieval.encoder import Encoder
 if sys.argv[1] == "after":  # oneDNN runs uncapped before the encoder is made
@@ -154,20 +153,22 @@ enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype=None))
 alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
 together = enc.encode_queries(TEXTS + TEXTS[::4])[: len(TEXTS)]
 print(json.dumps({"dtype": enc.dtype, "max_diff": float(np.abs(alone - together).max()),
-                  "onednn": torch.backends.mkldnn.enabled}))
+                  "onednn": torch.backends.mkldnn.enabled, "cap_left": "ONEDNN_MAX_CPU_ISA" in os.environ}))
 """
 
 
 def test_a_query_gets_the_same_vector_in_any_batch_in_a_process_without_the_cap_also_where_onednn_ran_first():
     """A fresh process without ``ONEDNN_MAX_CPU_ISA``: made first, the encoder caps oneDNN itself
-    and keeps it; made after an uncapped bfloat16 product, its probe turns oneDNN off where the
-    vectors then depend on the batch (a CPU with AMX). Either way a query's bits do not."""
+    and keeps it, and takes the cap out of the environment again (processes started later keep
+    AMX); made after an uncapped bfloat16 product, its probe turns oneDNN off where the vectors
+    then depend on the batch (a CPU with AMX). Either way a query's bits do not."""
     env = {k: v for k, v in os.environ.items() if k != ONEDNN_ISA_CAP[0]}
     for order in ("first", "after"):
         run = subprocess.run([sys.executable, "-c", INVARIANCE_SCRIPT, order], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+                             input=json.dumps(TEXTS), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         got = json.loads(run.stdout.strip().splitlines()[-1])
         assert got["max_diff"] <= (0.0 if got["dtype"] == "bfloat16" else 1e-6), (order, got)
+        assert not got["cap_left"]
         if order == "first":
             assert got["onednn"]  # capped in time: oneDNN's kernels stay on

@@ -378,6 +378,35 @@ def test_an_engine_call_beyond_one_replica_batch_goes_as_several_requests_answer
     assert len(sent) == 1 and whole.calls == 1
 
 
+def test_a_failed_part_of_a_split_engine_call_stops_the_others_and_a_short_answer_fails():
+    stopped = []
+
+    class Generate:
+        @staticmethod
+        def remote(request):
+            async def answer():
+                first = request["prompts"][0][0]
+                if first == 3:
+                    raise ValueError("boom")
+                if first == 5:
+                    return []  # an answer short of its prompts
+                try:
+                    await asyncio.Event().wait()  # a long generation
+                except asyncio.CancelledError:
+                    stopped.append(first)
+                    raise
+            return answer()
+
+    client = object.__new__(clients.ServeEngineClient)
+    client.handle, client.svc, client.metrics, client.max_prompts, client.calls = SimpleNamespace(generate=Generate), \
+        ServiceConfig(), "m", 2, 0
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(client.generate([[1], [2], [3], [4]], [1] * 4, "g"))
+    assert stopped == [1]  # the first part, still running, was stopped
+    with pytest.raises(RuntimeError, match="answered 0 of 1 prompts"):
+        asyncio.run(client.generate([[5]], [1], "g"))
+
+
 def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
     from pipeline.infra.config import load_config
     from pipeline.services.deploy import engine_application, replica_batch

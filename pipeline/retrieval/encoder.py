@@ -19,6 +19,7 @@ no project config: ``cfg`` is a RetrievalConfig or any object with its fields, s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -118,10 +119,24 @@ QUERY_WIDTH_STEP = 16
 #: elements of 40 test queries, by up to 9e-4; one bench row of 3,200 got another fifth
 #: passage). The AVX-512 BF16 kernels give the same bits in any batch, at about half of AMX's
 #: speed (50 queries: 2.1 s of CPU against 1.1 s). oneDNN reads the cap once, when it first
-#: runs in a process, so the encoder sets it before its model's first step (and tests/conftest.py
-#: as the test process starts); ``Encoder.check_batch_invariance`` covers a process where
-#: oneDNN ran before. A cap set in the environment already is kept.
+#: runs in a process: the encoder sets it for its probe (``Encoder.check_batch_invariance``, its
+#: model's first step) and takes it out of the environment again, so that processes started
+#: later (Ray's workers, vLLM's engine core) keep AMX. A value set in the environment is kept.
 ONEDNN_ISA_CAP = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+
+@contextlib.contextmanager
+def onednn_capped():
+    """``ONEDNN_ISA_CAP`` in the environment while the block runs (unless it names a value already)."""
+    name, value = ONEDNN_ISA_CAP
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +180,6 @@ class Encoder:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, cfg.device)
-        if self.device.type == "cpu" and self.dtype == "bfloat16":
-            os.environ.setdefault(*ONEDNN_ISA_CAP)
         self.tokenizer = encoder_tokenizer(cfg.encoder)
         self.pad_id = self.tokenizer.pad_token_id or 0
         model = AutoModel.from_pretrained(resolve_encoder_path(cfg.encoder))
@@ -177,24 +190,26 @@ class Encoder:
         #: OMP_NUM_THREADS says so) are not counted; on cuda it includes waiting for the device.
         self.cpu_seconds = 0.0
         if self.device.type == "cpu" and self.dtype == "bfloat16":
-            self.check_batch_invariance()
+            with onednn_capped():
+                self.check_batch_invariance()
 
     def check_batch_invariance(self) -> None:
-        """On a CPU in bfloat16: a probe query gets the same bits alone as among others of its
-        width; if not (oneDNN ran uncapped in this process before the encoder was made, see
-        ``ONEDNN_ISA_CAP``), torch's oneDNN kernels are turned off in this process (the vectors
-        are then the same in any batch, about 8 times slower) and a warning says how to avoid it;
-        if even that does not help, RuntimeError. Sets ``cpu_seconds`` back to 0."""
-        probe = [f"probe query {i} " + "words " * 6 for i in range(8)]
+        """A probe query gets the same bits alone as among ``encode_batch_size`` others of its
+        width; if not (oneDNN ran with AMX kernels in this process before the encoder was made,
+        or the environment's ``ONEDNN_MAX_CPU_ISA`` allows them: see ``ONEDNN_ISA_CAP``),
+        torch's oneDNN kernels are turned off in this process (the vectors are then the same in
+        any batch, about 8 times slower) and a warning says how to avoid it; if even that does
+        not help, RuntimeError. Sets ``cpu_seconds`` back to 0."""
+        probe = [f"probe query {i} " + "words " * 6 for i in range(max(2, self.cfg.encode_batch_size))]
 
         def invariant() -> bool:
             return bool(np.array_equal(self.encode_queries(probe[:1]), self.encode_queries(probe)[:1]))
 
         if not invariant():
-            log.warning("the query encoder's vectors change with their batch here (oneDNN ran with AMX kernels "
-                        "before the encoder was made); torch's oneDNN kernels are turned off in this process, "
-                        "which encodes about 8 times slower. Start the process with %s=%s to avoid it.",
-                        *ONEDNN_ISA_CAP)
+            log.warning("the query encoder's vectors change with their batch here (oneDNN runs AMX kernels: it "
+                        "ran before the encoder was made, or the environment's %s allows them); torch's oneDNN "
+                        "kernels are turned off in this process, which encodes about 8 times slower. Start the "
+                        "process with %s=%s to avoid it.", ONEDNN_ISA_CAP[0], *ONEDNN_ISA_CAP)
             self.torch.backends.mkldnn.enabled = False
             if not invariant():
                 raise RuntimeError("the query encoder's vectors change with their batch on this CPU in bfloat16; "

@@ -84,9 +84,9 @@ class ServeEngineClient:
     """``EngineClient`` over the engine deployment's handle; ``calls``: the requests answered.
 
     A call of more than ``max_prompts`` prompts goes as several requests of at most that many
-    (sent together, with the same routing key): the router balances requests, and one request
-    of a batch's 160 critique prompts to a replica that runs 16 at a time left the others idle
-    at the start of a run."""
+    (sent together, with the same routing key; a row's prompts may then be split between two):
+    the router balances requests, and one request of a batch's 160 critique prompts to a
+    replica that runs 16 at a time left the others idle at the start of a run."""
 
     def __init__(self, app_name: str, svc: ServiceConfig, max_prompts: int | None = None):
         from ray import serve
@@ -103,14 +103,22 @@ class ServeEngineClient:
         if not prompts:
             return []
         size = self.max_prompts or len(prompts)
-        parts = await asyncio.gather(*(self._request(prompts[i:i + size], max_tokens[i:i + size], route, stop_ids)
-                                       for i in range(0, len(prompts), size)))
-        return [out for part in parts for out in part]
+        parts = [asyncio.ensure_future(self._request(prompts[i:i + size], max_tokens[i:i + size], route, stop_ids))
+                 for i in range(0, len(prompts), size)]
+        try:
+            done = await asyncio.gather(*parts)
+        except BaseException:  # one part failed or the call was cancelled: the other parts stop too
+            for part in parts:
+                part.cancel()
+            raise
+        return [out for part in done for out in part]
 
     async def _request(self, prompts, max_tokens, route, stop_ids) -> list:
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
                    "stop_ids": list(stop_ids), "metrics": self.metrics}
         out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+        if len(out) != len(prompts):
+            raise RuntimeError(f"the engine answered {len(out)} of {len(prompts)} prompts")
         self.calls += 1
         return out
 

@@ -69,11 +69,13 @@ class CoalescingSearch:
         calls, rest, total, full = [], [], 0, False
         for call in self._waiting:
             queries, call_k, done = call
+            if call_k == k and done.done():
+                continue
             full = full or (call_k == k and bool(calls) and bool(self.max_queries)
                             and total + len(queries) > self.max_queries)
             if call_k != k or full:
                 rest.append(call)
-            elif not done.done():
+            else:
                 calls.append(call)
                 total += len(queries)
         return calls, rest

@@ -98,8 +98,8 @@ class EngineReplica(ReportingReplica):
     async def generate(self, request: dict) -> list[Continuation | str]:
         """Greedy continuations of ``request["prompts"]`` (token ids), each with its budget in
         ``request["max_tokens"]`` and stopping after ``request["stop_ids"]``: one Continuation per
-        prompt, or an error string for a prompt vLLM refused. ``request["route"]`` (the row id)
-        is read by the router only."""
+        prompt, or an error string for a prompt vLLM refused. ``request["route"]`` (the rows'
+        routing key) is read by the router only."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.dead():

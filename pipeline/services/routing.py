@@ -28,9 +28,10 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from .clients import ROUTE
 
-#: Prompts a row's home may hold beyond the least loaded replica before the row goes there,
-#: when the deployment does not name its own (``initialize_state``): vLLM's default batch.
-DEFAULT_SLACK = 256
+#: Prompts a key's home may hold beyond the least loaded replica before a request goes there,
+#: when the deployment does not name its own (``initialize_state``): the pinned vLLM's default
+#: ``max_num_seqs`` for an engine made as the replicas make theirs.
+DEFAULT_SLACK = 128
 
 
 def rendezvous_order(key: str, replica_ids: list[str]) -> list[str]:
@@ -64,8 +65,8 @@ def prompts_in(pending_request: Optional[PendingRequest]) -> int:
 
 
 class RowAffinityRouter(FIFOMixin, RequestRouter):
-    """Serve request router: a row's requests to its rendezvous-hash replica (or, when that one
-    is far busier, the least loaded), the others as fallback."""
+    """Serve request router: a routing key's requests to its rendezvous-hash replica (or, when
+    that one is far busier, the least loaded), the others as fallback."""
 
     def initialize_state(self, slack: int = DEFAULT_SLACK, **_) -> None:
         """Serve passes the deployment's ``request_router_kwargs``: ``slack``, the prompts a
