@@ -8,7 +8,8 @@ tasks ahead of the GPU: ``tokenize`` turns texts into ragged token ids (one flat
 and a length per text), ``Encoder.encode_tokens`` runs the model on them. Each call sorts its
 texts by token length, encodes them in batches of ``encode_batch_size`` (so a batch pads little)
 and returns the vectors in the order given. Queries (``encode_queries``) are encoded on a CPU in
-groups of one token length, unpadded, so that a query's vector never depends on the queries
+groups of one padded width (``QUERY_WIDTH_STEP``), and in bfloat16 with oneDNN's kernels
+capped below AMX (``ONEDNN_ISA_CAP``), so that a query's vector never depends on the queries
 searched with it. The model computes in ``retrieval.dtype``; vectors are float32 numpy arrays whatever the
 dtype.
 
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..infra.config import RetrievalConfig
@@ -137,8 +140,6 @@ def onednn_capped():
         yield
     finally:
         os.environ.pop(name, None)
-
-log = logging.getLogger(__name__)
 
 
 def padded_width(longest: int, multiple: int, limit: int | None = None) -> int:

@@ -18,7 +18,8 @@ from ..selfrag.scoring import Continuation
 
 log = logging.getLogger(__name__)
 
-#: Key of the routing key (``stages.common.route_key``) in an engine request; read by ``routing.RowAffinityRouter``.
+#: Key of the routing key (``stages.common.route_key``) in an engine request; read by
+#: ``routing.RowAffinityRouter``.
 ROUTE = "route"
 
 

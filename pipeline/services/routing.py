@@ -2,8 +2,8 @@
 
 The first-pass request of a row and its critique requests share the instruction prefix; on the
 same replica, vLLM's prefix cache serves the shared part. Each request names a routing key
-(its rows' group, ``stages.common.route_key``); replicas are ranked for it by rendezvous hashing (highest ``hash(key, replica)``
-first), which is stable while the replica set is stable and moves only the keys of a replica
+(its rows' group, ``stages.common.route_key``); replicas are ranked for it by rendezvous
+hashing (highest ``hash(key, replica)`` first), which is stable while the replica set is stable and moves only the keys of a replica
 that comes or goes. A preferred replica that is full falls back to the others, least loaded
 first, so affinity never blocks progress.
 
@@ -15,8 +15,8 @@ home holds more than one replica's batch of sequences (``slack``: the engine's
 between replicas once it is sent, so the end of a run drains evenly only if the queues stay
 within a batch of each other; measured at 8 simulated replicas with a slack of 64 prompts,
 the replicas were busy 82% of the run, two of them queued 100 to 300 prompts at its end while
-the others stood idle. A row's own prompts travel in one call, so they still share one
-replica's prefix cache.
+the others stood idle. A row's prompts travel in one call (split into requests of at most
+one replica's batch), so they mostly share one replica's prefix cache.
 """
 
 from __future__ import annotations
