@@ -172,3 +172,16 @@ def test_a_query_gets_the_same_vector_in_any_batch_in_a_process_without_the_cap_
         assert not got["cap_left"]
         if order == "first":
             assert got["onednn"]  # capped in time: oneDNN's kernels stay on
+
+
+def test_the_in_process_runner_caps_onednn_for_its_process_where_the_encoder_computes_bfloat16_on_a_cpu(
+        monkeypatch):
+    from pipeline.retrieval.encoder import cap_onednn_for_process
+
+    for device, dtype, capped in (("cpu", "bfloat16", True), ("cpu", "float32", False), ("cuda", "bfloat16", False)):
+        monkeypatch.delenv(ONEDNN_ISA_CAP[0], raising=False)
+        cap_onednn_for_process(RetrievalConfig(device=device, dtype=dtype))
+        assert os.environ.get(ONEDNN_ISA_CAP[0]) == (ONEDNN_ISA_CAP[1] if capped else None), (device, dtype)
+    monkeypatch.setenv(ONEDNN_ISA_CAP[0], "ALL")  # the environment's own value is kept
+    cap_onednn_for_process(RetrievalConfig(device="cpu", dtype="bfloat16"))
+    assert os.environ[ONEDNN_ISA_CAP[0]] == "ALL"

@@ -128,6 +128,16 @@ QUERY_WIDTH_STEP = 16
 ONEDNN_ISA_CAP = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 
+def cap_onednn_for_process(cfg) -> None:
+    """``ONEDNN_ISA_CAP`` in this process's environment for good where it will encode queries
+    in bfloat16 on a CPU (``cfg``: a RetrievalConfig) beside another user of oneDNN that may run
+    first: the in-process runner's engine starts beside the retriever, and whichever runs
+    oneDNN first fixes its kernels for the process (an engine first would leave the encoder's
+    probe to turn oneDNN off). A float32 engine runs the same kernels capped."""
+    if not str(cfg.device).startswith("cuda") and resolve_dtype(cfg.dtype, cfg.device) == "bfloat16":
+        os.environ.setdefault(*ONEDNN_ISA_CAP)
+
+
 @contextlib.contextmanager
 def onednn_capped():
     """``ONEDNN_ISA_CAP`` in the environment while the block runs (unless it names a value already)."""
