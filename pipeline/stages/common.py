@@ -43,10 +43,10 @@ def max_new_tokens(task: str | None, cfg: Config) -> int:
 
 def rows_per_route(cfg: Config) -> int | None:
     """How many consecutive rows of a shard share a routing key: the first model pool's batch
-    size, so that a batch makes one or two engine calls per phase (with a key per row or per hash bucket,
-    a batch of 32 rows made about 20 calls of one or two prompts over 8 replicas, and the
-    router's work held the engine back at the start of a run). None, one key for every row,
-    for a single replica that the job deploys."""
+    size, so that a batch makes one or two engine calls per phase (with a key per row hashed
+    into buckets, a batch of 32 rows made about 20 calls of one or two prompts over 8 replicas,
+    and the router's work held the engine back at the start of a run). None, one key for every
+    row, for a single replica that the job deploys."""
     svc = cfg.engine.service
     if max(svc.replicas, svc.max_replicas or 0) == 1 and not svc.deployment:
         return None

@@ -48,7 +48,8 @@ class Critique(StageLogic):
     def contract(cfg: Config) -> Contract:
         i = cfg.input
         reads = {SHARD: INTERNAL_TYPES[SHARD], OFFSET: INTERNAL_TYPES[OFFSET], i.task_column: ANY,
-                 i.question_column: ANY, i.ctxs_column: ANY, "prompt": pa.string(), PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "retrieved": pa.bool_(),
+                 i.question_column: ANY, i.ctxs_column: ANY, "prompt": pa.string(),
+                 PROMPT_IDS: INTERNAL_TYPES[PROMPT_IDS], "retrieved": pa.bool_(),
                  "passages": OUTPUT_TYPES["passages"], "error": pa.string()}
         return Contract("critique", reads=reads, writes={name: OUTPUT_TYPES[name] for name in WRITES},
                         optional=frozenset({i.task_column, i.ctxs_column}))
