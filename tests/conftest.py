@@ -19,7 +19,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_QUERIES = REPO / "data" / "demo" / "queries"
 
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # before torch first runs: see encoder.ONEDNN_ISA_CAP
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Every Ray of the suite (in-process, subprocesses, test clusters) lives under a temporary

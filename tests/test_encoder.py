@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from pipeline.infra.config import ConfigError, RetrievalConfig, load_config
 from pipeline.retrieval import encoder as encoder_module
-from pipeline.retrieval.encoder import ONEDNN_ISA_CAP, Encoder, length_batches, padded_width, resolve_dtype, tokenize
+from pipeline.retrieval.encoder import Encoder, length_batches, padded_width, resolve_dtype, tokenize
+
+BF16_HERE = "avx512_bf16" in encoder_module.cpu_flags()  # bfloat16 computed, not emulated
+AMX_HERE = "amx_bf16" in encoder_module.cpu_flags()
 
 # lengths from 3 to ~120 tokens, shuffled, so that sorting by length changes the batches
 WORDS = "river mountain velmora speaks language founded kingdom northern coastal ancient".split()
@@ -56,12 +54,20 @@ def test_pre_tokenized_ids_give_the_text_vectors(encoder):
     np.testing.assert_array_equal(encoder.encode_tokens(ids, lengths), encoder.encode(TEXTS))
 
 
-@pytest.mark.parametrize("dtype", ["float32", None])
-def test_a_query_gets_the_same_vector_in_any_batch(encoder, dtype):
-    """Bit for bit in bfloat16 (the default where the CPU computes it: a padded batch's width
-    reordered the top 5 of 12 of 1,600 bench queries); float32's matrix library changes the last
-    bits with the batch's size, within 1e-6."""
-    enc = encoder if dtype == "float32" else Encoder(replace(encoder.cfg, dtype=dtype))
+NEEDS_BF16 = pytest.mark.skipif(not BF16_HERE, reason="this CPU would emulate bfloat16")
+
+
+@pytest.mark.parametrize("dtype, chunked", [("float32", False), (None, False), ("float32", True),
+                                            pytest.param("bfloat16", False, marks=NEEDS_BF16),
+                                            pytest.param("bfloat16", True, marks=NEEDS_BF16)])
+def test_a_query_gets_the_same_vector_in_any_batch(encoder, dtype, chunked):
+    """Bit for bit in bfloat16 (where the CPU computes it, not emulated: a padded batch's width
+    reordered the top 5 of 12 of 1,600 bench queries); ``chunked``: its products chunked by the
+    test (otherwise as the encoder chose: on a CPU with AMX chunked anyway); float32's matrix
+    library may change the last bits with the batch's size (seen within 1e-6)."""
+    enc = encoder if (dtype, chunked) == ("float32", False) else Encoder(replace(encoder.cfg, dtype=dtype))
+    if chunked:
+        enc.chunk_query_rows()
     alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
     together = enc.encode_queries(TEXTS + TEXTS[::4])  # lengths from 3 to ~120 tokens, batches of 8
     some = enc.encode_queries(TEXTS[5:30:3])
@@ -124,6 +130,112 @@ def test_the_cpu_flags_say_what_torch_finds():
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def test_queries_products_run_in_chunks_of_fixed_rows_and_passages_whole(encoder, monkeypatch):
+    enc = Encoder(replace(encoder.cfg, dtype="float32"))
+    enc.probed = True
+    enc.chunk_query_rows()
+    rows, linear = [], torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    enc.encode_queries(TEXTS[:5])
+    assert len(rows) > 36 and set(rows) == {64}  # 6 layers of 6 products, and the pooler
+    rows.clear()
+    enc.encode(TEXTS[:5])
+    assert rows and 64 not in rows  # 5 passages padded to their longest
+    monkeypatch.setattr(enc, "encode_tokens", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        enc.encode_queries(TEXTS[:5])
+    assert getattr(enc._encoding_queries, "rows", None) is None  # a failed call leaves passages whole
+
+
+@pytest.mark.parametrize("shape, bias", [((3, 7, 16), True), ((64, 16), True), ((130, 16), False), ((1, 1, 16), True)])
+def test_a_linear_in_row_chunks_is_the_linear(shape, bias):
+    layer = torch.nn.Linear(16, 5, bias=bias)
+    x = torch.randn(*shape)
+    got = encoder_module.linear_in_row_chunks(layer, x, 64)
+    assert got.shape == (*shape[:-1], 5)
+    torch.testing.assert_close(got, layer(x), rtol=0, atol=1e-6)
+
+
+def test_an_encoder_told_of_amx_chunks_its_queries_products_and_probes_at_its_first_query(monkeypatch):
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    told = Encoder(RetrievalConfig(encode_batch_size=8, dtype="bfloat16"))
+    assert told.query_row_chunk == encoder_module.QUERY_ROW_CHUNK and not told.probed
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16"})
+    fp32 = Encoder(RetrievalConfig(encode_batch_size=8, dtype="float32"))
+    assert fp32.query_row_chunk is None and not fp32.probed
+    fp32.encode(TEXTS[:3])
+    assert not fp32.probed  # passages need no probe
+    fp32.encode_queries(TEXTS[:3])
+    assert fp32.probed and fp32.cpu_seconds > 0
+
+
+@NEEDS_BF16
+def test_the_probe_keeps_a_query_the_same_in_any_batch_where_the_encoder_is_not_told_of_amx(monkeypatch):
+    """Not told of AMX, a bfloat16 encoder's probe finds AMX's kernels changing a query's vector
+    with its batch and chunks the products (this AMX machine did); oneDNN stays on."""
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16"})
+    enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype="bfloat16"))
+    onednn = torch.backends.mkldnn.enabled
+    enc.check_batch_invariance()
+    alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
+    np.testing.assert_array_equal(enc.encode_queries(TEXTS[::-1])[::-1], alone, err_msg=f"chunk {enc.query_row_chunk}")
+    assert torch.backends.mkldnn.enabled == onednn
+
+
+def probe_log(enc: Encoder) -> list:
+    """The encoder module's log records while ``enc.check_batch_invariance`` runs."""
+    import logging
+
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    encoder_module.log.addHandler(handler)
+    try:
+        enc.check_batch_invariance()
+    finally:
+        encoder_module.log.removeHandler(handler)
+    return records
+
+
+def test_a_float32_encoder_whose_queries_change_with_their_batch_even_chunked_warns(monkeypatch):
+    enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype="float32"))
+    calls = []
+
+    def batch_dependent(texts):
+        calls.append(len(texts))
+        return np.full((len(texts), 4), 1.0 + 1e-7 * len(texts), dtype=np.float32)
+
+    monkeypatch.setattr(enc, "encode_queries", batch_dependent)
+    enc.cpu_seconds, onednn = 1.5, torch.backends.mkldnn.enabled
+    records = probe_log(enc)
+    assert calls == ([1] * 8 + [8]) * 2  # probed, chunked, probed again; the larger batch not reached
+    assert enc.query_row_chunk == 64 and enc.probed and enc.cpu_seconds == 1.5
+    assert torch.backends.mkldnn.enabled == onednn  # nothing to turn off in float32
+    assert "float32 vectors change in their last bits with their batch" in records[-1].getMessage()
+
+
+def test_a_bfloat16_encoder_whose_queries_change_with_their_batch_turns_onednn_off_and_then_refuses(monkeypatch):
+    monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16"})
+    enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype="bfloat16"))
+    monkeypatch.setattr(enc, "_queries_invariant", lambda: False)
+    onednn = torch.backends.mkldnn.enabled
+    try:
+        with pytest.raises(RuntimeError, match="change with their batch on this CPU in bfloat16; set retrieval.dtype: float32"):
+            probe_log(enc)
+        assert not torch.backends.mkldnn.enabled and enc.query_row_chunk == 64
+        torch.backends.mkldnn.enabled, enc.query_row_chunk = True, None
+        monkeypatch.setattr(enc, "_queries_invariant", iter([False, False, True]).__next__)
+        records = probe_log(enc)  # chunking did not help, oneDNN off did
+        assert not torch.backends.mkldnn.enabled and enc.query_row_chunk == 64
+        assert "oneDNN kernels are turned off" in records[-1].getMessage()
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+
+
 def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder):
     import pyarrow as pa
 
@@ -138,50 +250,3 @@ def test_the_builds_tokenize_and_embed_stages_give_the_encoders_vectors(encoder)
     out, vectors = split_embeddings(EmbedPassages(cfg)(tokenized.slice(3)))  # Ray hands the actors slices
     assert out.column_names == ["id", "title", "text"] and out.column("id").to_pylist() == passages.column("id").to_pylist()[8:]
     np.testing.assert_allclose(vectors, encoder.encode([f"T {t}" for t in TEXTS[8:]]), atol=2e-5)
-
-
-INVARIANCE_SCRIPT = """
-import json, os, sys
-import numpy as np, torch
-TEXTS = json.load(sys.stdin)
-from pipeline.infra.config import RetrievalConfig
-from pipeline.retrieval.encoder import Encoder
-if sys.argv[1] == "after":  # oneDNN runs uncapped before the encoder is made
-    x = torch.ones(64, 64, dtype=torch.bfloat16)
-    (x @ x).sum()
-enc = Encoder(RetrievalConfig(encode_batch_size=8, dtype=None))
-alone = np.concatenate([enc.encode_queries([text]) for text in TEXTS])
-together = enc.encode_queries(TEXTS + TEXTS[::4])[: len(TEXTS)]
-print(json.dumps({"dtype": enc.dtype, "max_diff": float(np.abs(alone - together).max()),
-                  "onednn": torch.backends.mkldnn.enabled, "cap_left": "ONEDNN_MAX_CPU_ISA" in os.environ}))
-"""
-
-
-def test_a_query_gets_the_same_vector_in_any_batch_in_a_process_without_the_cap_also_where_onednn_ran_first():
-    """A fresh process without ``ONEDNN_MAX_CPU_ISA``: made first, the encoder caps oneDNN itself
-    and keeps it, and takes the cap out of the environment again (processes started later keep
-    AMX); made after an uncapped bfloat16 product, its probe turns oneDNN off where the vectors
-    then depend on the batch (a CPU with AMX). Either way a query's bits do not."""
-    env = {k: v for k, v in os.environ.items() if k != ONEDNN_ISA_CAP[0]}
-    for order in ("first", "after"):
-        run = subprocess.run([sys.executable, "-c", INVARIANCE_SCRIPT, order], cwd=REPO, env=env,
-                             input=json.dumps(TEXTS), capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        got = json.loads(run.stdout.strip().splitlines()[-1])
-        assert got["max_diff"] <= (0.0 if got["dtype"] == "bfloat16" else 1e-6), (order, got)
-        assert not got["cap_left"]
-        if order == "first":
-            assert got["onednn"]  # capped in time: oneDNN's kernels stay on
-
-
-def test_the_in_process_runner_caps_onednn_for_its_process_where_the_encoder_computes_bfloat16_on_a_cpu(
-        monkeypatch):
-    from pipeline.retrieval.encoder import cap_onednn_for_process
-
-    for device, dtype, capped in (("cpu", "bfloat16", True), ("cpu", "float32", False), ("cuda", "bfloat16", False)):
-        monkeypatch.delenv(ONEDNN_ISA_CAP[0], raising=False)
-        cap_onednn_for_process(RetrievalConfig(device=device, dtype=dtype))
-        assert os.environ.get(ONEDNN_ISA_CAP[0]) == (ONEDNN_ISA_CAP[1] if capped else None), (device, dtype)
-    monkeypatch.setenv(ONEDNN_ISA_CAP[0], "ALL")  # the environment's own value is kept
-    cap_onednn_for_process(RetrievalConfig(device="cpu", dtype="bfloat16"))
-    assert os.environ[ONEDNN_ISA_CAP[0]] == "ALL"

@@ -311,7 +311,8 @@ class RetrievalConfig:
     ef_search: int = 128
     #: Refinement (retrieval.refine, or an RFlat factory suffix): re-rank k_factor * k approximate hits exactly.
     k_factor: float = 8.0
-    #: Torch threads per encoder replica; 0 keeps the runtime's default (Ray: the replica's num_cpus).
+    #: Torch threads per encoder replica, for passages (a CPU encodes queries on one thread);
+    #: 0 keeps the runtime's default (Ray: the replica's num_cpus).
     threads: int = 0
     #: Move the index to the GPUs of the replica (needs faiss-gpu and retrieval.service.num_gpus > 0).
     use_gpu: bool = False

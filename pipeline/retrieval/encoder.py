@@ -8,10 +8,10 @@ tasks ahead of the GPU: ``tokenize`` turns texts into ragged token ids (one flat
 and a length per text), ``Encoder.encode_tokens`` runs the model on them. Each call sorts its
 texts by token length, encodes them in batches of ``encode_batch_size`` (so a batch pads little)
 and returns the vectors in the order given. Queries (``encode_queries``) are encoded on a CPU in
-groups of one padded width (``QUERY_WIDTH_STEP``), and in bfloat16 with oneDNN's kernels
-capped below AMX (``ONEDNN_ISA_CAP``), so that a query's vector never depends on the queries
-searched with it. The model computes in ``retrieval.dtype``; vectors are float32 numpy arrays whatever the
-dtype.
+groups of one padded width (``QUERY_WIDTH_STEP``), and on a CPU with AMX with their linear
+products in chunks of a fixed number of rows (``QUERY_ROW_CHUNK``), so that a query's vector
+never depends on the queries searched with it. The model computes in ``retrieval.dtype``;
+vectors are float32 numpy arrays whatever the dtype.
 
 Only numpy is imported with this module (torch and transformers when an encoder is made), and
 no project config: ``cfg`` is a RetrievalConfig or any object with its fields, so that
@@ -20,11 +20,10 @@ no project config: ``cfg`` is a RetrievalConfig or any object with its fields, s
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
-import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -116,40 +115,29 @@ PAD_MULTIPLE = 8
 #: of 32).
 QUERY_WIDTH_STEP = 16
 
-#: oneDNN's kernels capped below AMX (``ONEDNN_MAX_CPU_ISA``) where the encoder computes
-#: bfloat16 on a CPU: with AMX, torch's bfloat16 matrix products pick their kernels by the
-#: batch's size, and a query's vector changed with the queries searched with it (69% of the
-#: elements of 40 test queries, by up to 9e-4; one bench row of 3,200 got another fifth
-#: passage). The AVX-512 BF16 kernels give the same bits in any batch, at about half of AMX's
-#: speed (50 queries: 2.1 s of CPU against 1.1 s). oneDNN reads the cap once, when it first
-#: runs in a process: the encoder sets it for its probe (``Encoder.check_batch_invariance``, its
-#: model's first step) and takes it out of the environment again, so that processes started
-#: later (Ray's workers, vLLM's engine core) keep AMX. A value set in the environment is kept.
-ONEDNN_ISA_CAP = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+#: On a CPU with AMX, a query's bfloat16 linear layers run on rows in chunks of exactly this
+#: many (the last padded): oneDNN picks its AMX kernels by a product's number of rows, and
+#: unchunked a query's vector changed with the queries searched with it (69% of the elements of
+#: 40 test queries, by up to 9e-4; one bench row of 3,200 got another fifth passage). Every
+#: product of one shape runs one kernel, whose rows do not depend on each other: 0 of 3,120
+#: vectors then changed over 8 batchings of 390 bench queries. Bench queries in searches of 22
+#: cost 2.6 ms of CPU each so (1.7 unchunked; 3.9 in float32; 5.6 with oneDNN capped below AMX,
+#: ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, this encoder's way before); chunks of 32 rows cost
+#: 2.9, of 128 2.3 but 11 ms for a query searched alone (64: 9.0). Passages are not chunked.
+QUERY_ROW_CHUNK = 64
 
 
-def cap_onednn_for_process(cfg) -> None:
-    """``ONEDNN_ISA_CAP`` in this process's environment for good where it will encode queries
-    in bfloat16 on a CPU (``cfg``: a RetrievalConfig) beside another user of oneDNN that may run
-    first: the in-process runner's engine starts beside the retriever, and whichever runs
-    oneDNN first fixes its kernels for the process (an engine first would leave the encoder's
-    probe to turn oneDNN off). A float32 engine runs the same kernels capped."""
-    if not str(cfg.device).startswith("cuda") and resolve_dtype(cfg.dtype, cfg.device) == "bfloat16":
-        os.environ.setdefault(*ONEDNN_ISA_CAP)
+def linear_in_row_chunks(linear, x, rows: int):
+    """``linear(x)`` computed on ``x``'s rows in products of exactly ``rows`` rows each (the last
+    chunk padded with zeros), so that a row's result does not depend on how many rows ``x`` has."""
+    import torch
 
-
-@contextlib.contextmanager
-def onednn_capped():
-    """``ONEDNN_ISA_CAP`` in the environment while the block runs (unless it names a value already)."""
-    name, value = ONEDNN_ISA_CAP
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if pad := -n % rows:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    out = torch.cat([torch.nn.functional.linear(part, linear.weight, linear.bias) for part in flat.split(rows)])
+    return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
 def padded_width(longest: int, multiple: int, limit: int | None = None) -> int:
@@ -200,32 +188,66 @@ class Encoder:
         #: threads (more than one unless ``retrieval.threads`` is 1, or a Ray actor's
         #: OMP_NUM_THREADS says so) are not counted; on cuda it includes waiting for the device.
         self.cpu_seconds = 0.0
-        if self.device.type == "cpu" and self.dtype == "bfloat16":
-            with onednn_capped():
-                self.check_batch_invariance()
+        #: Rows per linear product while queries are encoded on a CPU (``QUERY_ROW_CHUNK``), or
+        #: None (products of any size): chunked where the encoder computes bfloat16 on a CPU with
+        #: AMX, or where the probe finds a query's vector changing with its batch.
+        self.query_row_chunk = None
+        self._encoding_queries = threading.local()  # .rows: the chunk while encode_queries runs
+        #: Whether the queries' probe ran (``check_batch_invariance``): on a CPU, at the first
+        #: ``encode_queries`` unless called before (the Retriever does, as it loads).
+        self.probed = self.device.type != "cpu"
+        if self.device.type == "cpu" and self.dtype == "bfloat16" and "amx_bf16" in cpu_flags():
+            self.chunk_query_rows()
+
+    def chunk_query_rows(self, rows: int = QUERY_ROW_CHUNK) -> None:
+        """Queries' linear layers compute from now on in products of ``rows`` rows each
+        (``linear_in_row_chunks``); passages' products stay whole."""
+        self.query_row_chunk = rows
+        for module in self.model.modules():
+            if isinstance(module, self.torch.nn.Linear) and "forward" not in vars(module):
+                module.forward = functools.partial(self._linear, module)
+
+    def _linear(self, linear, x):
+        rows = getattr(self._encoding_queries, "rows", None)
+        if rows is None:
+            return self.torch.nn.functional.linear(x, linear.weight, linear.bias)
+        return linear_in_row_chunks(linear, x, rows)
+
+    def _queries_invariant(self) -> bool:
+        """Whether 8 probe queries of two widths (5 to 21 tokens) get the same bits alone,
+        together, and among ``encode_batch_size`` others."""
+        probe = [f"probe query {i} " + "words " * (i % 3 * 8) for i in range(max(8, self.cfg.encode_batch_size))]
+        alone = np.concatenate([self.encode_queries([text]) for text in probe[:8]])
+        return all(np.array_equal(self.encode_queries(probe[:n])[:8], alone) for n in (8, len(probe)))
 
     def check_batch_invariance(self) -> None:
-        """A probe query gets the same bits alone as among ``encode_batch_size`` others of its
-        width; if not (oneDNN ran with AMX kernels in this process before the encoder was made,
-        or the environment's ``ONEDNN_MAX_CPU_ISA`` allows them: see ``ONEDNN_ISA_CAP``),
-        torch's oneDNN kernels are turned off in this process (the vectors are then the same in
-        any batch, about 8 times slower) and a warning says how to avoid it; if even that does
-        not help, RuntimeError. Sets ``cpu_seconds`` back to 0."""
-        probe = [f"probe query {i} " + "words " * 6 for i in range(max(2, self.cfg.encode_batch_size))]
-
-        def invariant() -> bool:
-            return bool(np.array_equal(self.encode_queries(probe[:1]), self.encode_queries(probe)[:1]))
-
-        if not invariant():
-            log.warning("the query encoder's vectors change with their batch here (oneDNN runs AMX kernels: it "
-                        "ran before the encoder was made, or the environment's %s allows them); torch's oneDNN "
-                        "kernels are turned off in this process, which encodes about 8 times slower. Start the "
-                        "process with %s=%s to avoid it.", ONEDNN_ISA_CAP[0], *ONEDNN_ISA_CAP)
+        """A query's vector must not change with the queries encoded with it (``encode_queries``).
+        Where the probe (``_queries_invariant``) finds that it does, the queries' products are
+        chunked (``chunk_query_rows``) if they were not; if it still does, in bfloat16 torch's
+        oneDNN kernels are turned off in this process (about 8 times slower, with a warning) and
+        then RuntimeError if even that does not help; in float32 or float16 a warning says that
+        the last bits change with the batch. Runs once (``probed``); ``cpu_seconds`` leaves out
+        its time. Passages need no probe: an encoder that only embeds them never runs it."""
+        self.probed, seconds = True, self.cpu_seconds
+        invariant = self._queries_invariant()
+        if not invariant and self.query_row_chunk is None:
+            self.chunk_query_rows()
+            invariant = self._queries_invariant()
+            log.info("the query encoder's vectors changed with their batch here: its linear products now run "
+                     "in chunks of %d rows%s", self.query_row_chunk, "" if invariant else ", which did not help")
+        if not invariant and self.dtype == "bfloat16":
+            log.warning("the query encoder's bfloat16 vectors change with their batch on this CPU; torch's oneDNN "
+                        "kernels are turned off in this process, which encodes about 8 times slower (retrieval.dtype: "
+                        "float32 may be faster)")
             self.torch.backends.mkldnn.enabled = False
-            if not invariant():
+            if not self._queries_invariant():
                 raise RuntimeError("the query encoder's vectors change with their batch on this CPU in bfloat16; "
                                    "set retrieval.dtype: float32")
-        self.cpu_seconds = 0.0
+        elif not invariant:
+            log.warning("the query encoder's %s vectors change in their last bits with their batch on this CPU (its "
+                        "matrix library's kernels), so near-tied passages may be ranked by the queries searched "
+                        "together", self.dtype)
+        self.cpu_seconds = seconds
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts (passages): tokenize, then ``encode_tokens``."""
@@ -236,11 +258,28 @@ class Encoder:
         padded to a width set by its own length (``QUERY_WIDTH_STEP``), in batches of that
         width. (In a batch padded to its longest text a vector's last bits change with the
         batch's width, and in bfloat16 that reorders near-tied passages, so a query's hits would
-        depend on which searches the retrieval service merged.) On cuda the batches are padded
-        to their longest: one kernel launch for a merged search, and a GPU's kernels are not
+        depend on which searches the retrieval service merged.) On a CPU they are encoded on one
+        thread, with their products chunked where ``query_row_chunk`` says, after the probe
+        (``check_batch_invariance``) the first time. On cuda the batches are padded to their
+        longest: one kernel launch for a merged search, and a GPU's kernels are not
         batch-invariant anyway."""
-        step = QUERY_WIDTH_STEP if self.device.type != "cuda" else None
-        return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length), width_step=step)
+        if self.device.type == "cuda":
+            return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length))
+        if not self.probed:
+            self.check_batch_invariance()
+        # One thread: on 2, AMX's kernels gave 71 of 200 bench queries other bits than on 1, so a
+        # query's vector would depend on the replica's CPUs (and the in-process runner's on the
+        # machine). torch._C's own setter: vLLM's CPU worker replaces torch.set_num_threads with
+        # a no-op in its process (the in-process runner's). Threads that already ran torch keep
+        # their own count; the setting is put back after.
+        set_threads, threads = self.torch._C.set_num_threads, self.torch.get_num_threads()
+        self._encoding_queries.rows = self.query_row_chunk
+        set_threads(1)
+        try:
+            return self.encode_tokens(*tokenize(self.tokenizer, texts, self.cfg.max_length), width_step=QUERY_WIDTH_STEP)
+        finally:
+            set_threads(threads)
+            self._encoding_queries.rows = None
 
     def encode_tokens(self, ids: np.ndarray, lengths: np.ndarray, width_step: int | None = None) -> np.ndarray:
         """Embed pre-tokenized texts (``tokenize``'s ragged ids): sorted by length, in batches of

@@ -329,6 +329,8 @@ class Retriever:
                         "the version", cfg.refine, version, meta.get("refine"))
         check_compatible(meta, cfg)
         self.encoder = Encoder(cfg)
+        if not self.encoder.probed:  # on a CPU: as it loads, not in its first search
+            self.encoder.check_batch_invariance()
         check_compatible(meta, cfg, self.encoder.dim)
         shard_files = meta.get("shards", [INDEX_FILE])
         self.shards = [load_shard(cfg, local, name) for name in shard_files] if load_shards else []

@@ -99,10 +99,6 @@ def start_replicas(cfg: Config, tokenizer, retrieval: bool, totals):
     say(f"starting the engine ({cfg.engine.model}, in this process)" + (" and the retriever" if retrieval else "")
         + " ...")
     os.environ.update(cfg.engine.env)  # what a replica's runtime environment would set
-    if retrieval:
-        from ..retrieval.encoder import cap_onednn_for_process
-
-        cap_onednn_for_process(cfg.retrieval)
     if quiet():  # vLLM's lines go to the run log, as a replica's do
         from transformers.utils import logging as transformers_logging
 
