@@ -59,15 +59,17 @@ Script = Callable[[str, int], "Continuation | str"]
 
 class FakeEngine:
     """``EngineClient``: ``script(prompt text, max_tokens)`` gives each continuation (or an error
-    string); every call is recorded as (route, [prompt text], [budgets], stop_ids)."""
+    string); every call is recorded as (route, [prompt text], [budgets], stop_ids), its priority
+    in ``priorities``."""
 
     def __init__(self, script: Script):
-        self.script, self.calls = script, []
+        self.script, self.calls, self.priorities = script, [], []
 
-    async def generate(self, prompts, max_tokens, route, stop_ids=()):
+    async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
         assert prompts, "a call without requests"
         texts = [text_of(p) for p in prompts]
         self.calls.append((route, texts, list(max_tokens), list(stop_ids)))
+        self.priorities.append(priority)
         return [self.script(t, m) for t, m in zip(texts, max_tokens)]
 
 

@@ -309,13 +309,14 @@ class ScriptedLLMEngine:
     on arrival; ``fail_at``: the step that raises. ``batches``: the requests of every step."""
 
     def __init__(self, fail_at: int | None = None):
-        self.running, self.batches, self.fail_at, self.shut = {}, [], fail_at, False
+        self.running, self.batches, self.fail_at, self.shut, self.priorities = {}, [], fail_at, False, []
         self.engine_core = SimpleNamespace(shutdown=lambda: setattr(self, "shut", True))
 
-    def add_request(self, request_id, prompt, params):
+    def add_request(self, request_id, prompt, params, priority=0):
         if prompt["prompt_token_ids"] == [0]:
             raise ValueError("prompt rejected")
         self.running[request_id] = [prompt["prompt_token_ids"][0], params.max_tokens, 0]
+        self.priorities.append(priority)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running)
@@ -349,8 +350,8 @@ def scripted_replica(engine: ScriptedLLMEngine):
     return r
 
 
-def call(r, prompts, budgets):
-    return r.generate({"prompts": prompts, "max_tokens": budgets, "stop_ids": []})
+def call(r, prompts, budgets, priority=0):
+    return r.generate({"prompts": prompts, "max_tokens": budgets, "stop_ids": [], "priority": priority})
 
 
 def test_calls_that_arrive_while_the_engine_steps_join_the_steps_under_way():
@@ -359,15 +360,16 @@ def test_calls_that_arrive_while_the_engine_steps_join_the_steps_under_way():
 
     async def overlapping():
         first = asyncio.ensure_future(call(r, [[1], [2]], [3, 1]))
-        while not engine.batches:  # until the engine ran its first step for the first call
+        while not engine.batches and not first.done():  # until the engine ran its first step for the first call
             await asyncio.sleep(0)
-        second = await call(r, [[5], [0]], [2, 1])
+        second = await call(r, [[5], [0]], [2, 1], priority=-1)
         return await first, second
 
     first, second = asyncio.run(overlapping())
     assert [c.token_ids for c in first] == [[1, 1, 1], [2]]
     assert second[0].token_ids == [5, 5] and second[1] == "ValueError: prompt rejected"  # refused: its slot only
     assert [1, 5] in engine.batches  # the second call's request ran in the steps of the first's, not after them
+    assert engine.priorities == [0, 0, -1]  # each request with its call's priority (the refused one never added)
     assert r.totals["calls"] == 2 and not engine.running
     r.close()
     assert engine.shut and r.engine is None

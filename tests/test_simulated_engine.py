@@ -27,10 +27,24 @@ def test_the_schedule_batches_continuously_and_charges_prefill_to_the_admitting_
     for seq in (a, b, c):
         schedule.submit(seq)
     assert schedule.step() == (2.0, [b])
-    assert schedule.running == [a] and list(schedule.waiting) == [c]
+    assert schedule.running == [a] and [seq for *_, seq in schedule.waiting] == [c]
     assert schedule.step() == (1.5, [a, c])
     assert not schedule.busy()
     assert predicted_seconds(MODEL, [(2, 1000), (1, 0), (1, 500)]) == 3.5
+
+
+def test_a_lower_priority_is_admitted_first_and_equal_priorities_in_arrival_order():
+    """Two slots, A running; B, C (priority 0) and D, E (priority -1, a long-form tree's) wait:
+    the free slot takes D, then E, then B, then C, one step each (1-token prompts)."""
+    schedule = BatchSchedule(MODEL)
+    a = ScheduledPrompt(9, 0, "a")
+    b, c, d, e = (ScheduledPrompt(1, 0, name) for name in "bcde")
+    schedule.submit(a)
+    schedule.step()
+    for seq, priority in ((b, 0), (c, 0), (d, -1), (e, -1)):
+        schedule.submit(seq, priority)
+    assert [schedule.step()[1] for _ in range(4)] == [[d], [e], [b], [c]]
+    assert schedule.running == [a]
 
 
 def test_a_full_batch_makes_later_prompts_wait_for_a_slot():
@@ -158,3 +172,11 @@ def test_the_scale_benchmark_measures_rows_from_the_first_batch_and_the_replicas
     model = SimulatedEngineConfig(step_s=0.03, max_num_seqs=16, prefill_s_per_1k_tokens=0.04)
     engine = {"steps": 1000, "prompt_tokens": 250_000, "prefix_cache_hits": 50_000}
     assert model_seconds(engine, model) == pytest.approx(1000 * 0.03 + 200_000 * 0.04 / 1000)  # 30 s + 8 s
+
+
+def test_the_engines_schedule_long_form_trees_first_unless_the_config_says_fcfs():
+    from pipeline.infra.config import load_config
+    from pipeline.model.vllm_engine import engine_kwargs
+
+    assert engine_kwargs(load_config([], []).engine)["scheduling_policy"] == "priority"
+    assert engine_kwargs(load_config([], ["engine.extra.scheduling_policy=fcfs"]).engine)["scheduling_policy"] == "fcfs"

@@ -12,7 +12,7 @@ import pytest
 from fakes import EOS, IDS, TOKENS, FakeEngine, FakeRetriever, continuation, decode, position
 from pipeline.infra.config import load_config
 from pipeline.selfrag import tokens as T
-from pipeline.services.clients import ServiceUnavailable
+from pipeline.services.clients import URGENT, ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
 from pipeline.stages.common import engine_request_prompts, route_key, rows_per_route
 from pipeline.stages.contract import Contract, ContractError, check_chain
@@ -184,7 +184,7 @@ def test_critique_scores_every_passage_and_selects_the_best():
     assert rows[0]["answer"] == "w14" and rows[0]["best_passage_id"] == "p2"
     # one engine call for the row's two candidates, with its routing key, prompts ending in the evidence
     ((route, texts, budgets, _),) = engine.calls
-    assert route == ONE_KEY and budgets == [100, 100]
+    assert route == ONE_KEY and budgets == [100, 100] and engine.priorities == [0]  # short-form: not URGENT
     assert texts[1].endswith("[Retrieval]<paragraph>P2\ntwo</paragraph>")
 
 
@@ -242,6 +242,7 @@ def test_a_batchs_trees_search_and_generate_together_one_call_per_depth():
     out, stats = run(Critique(config, TOKENS, IDS, decode, engine, retriever), table)
     assert [r["answer"] for r in out.to_pylist()] == ["w14 [1] w15 [2]"] * 3
     assert [len(texts) for _, texts, _, _ in engine.calls] == [3, 3]  # one call per depth, not one per tree
+    assert engine.priorities == [URGENT, URGENT]  # the engine schedules trees' requests first
     assert retriever.calls == [[f"Tell me about {i}. w14" for i in ("ada", "bob", "cy")]]
     # the trees' own counters are per tree, as before
     assert stats["long_form_depths"] == 6 and stats["long_form_searches"] == 3 and stats["long_form_rows"] == 3
@@ -255,7 +256,7 @@ def test_rows_of_one_batch_are_in_flight_together():
     started, release = [], asyncio.Event()
 
     class Gate:
-        async def generate(self, prompts, max_tokens, route, stop_ids=()):
+        async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
             started.extend(prompts)
             if len(started) == len(ids):
                 release.set()

@@ -16,7 +16,7 @@ from pipeline.infra.config import ServiceConfig
 from pipeline.model.vllm_engine import PromptTooLong, to_continuation
 from pipeline.selfrag.scoring import Continuation
 from pipeline.services import clients
-from pipeline.services.clients import ROUTE, ServiceUnavailable, call_with_retries, retryable
+from pipeline.services.clients import ROUTE, URGENT, ServiceUnavailable, call_with_retries, retryable
 from pipeline.services.coalescing import CoalescingSearch
 from pipeline.stages.same_turn import SameTurnBatcher, TurnBatchedEngine, TurnBatchedRetriever
 from pipeline.runtime.metrics_actor import Reporter
@@ -122,13 +122,14 @@ def bare_replica(outcomes, errored=False):
     a callable of (prompt, budget) or an exception; calls are recorded in ``.calls``."""
     engine = SimpleNamespace(errored=errored, shutdown=lambda: None)
     r = object.__new__(EngineReplica)
-    r.engine, r.calls = engine, []
+    r.engine, r.calls, r.priorities = engine, [], []
     r.count_into({})
     r._recorder = None  # not recording
     r.reporter = Reporter("engine")  # outside Ray: reports go nowhere
 
-    async def one(prompt_ids, max_tokens, stop_ids):
+    async def one(prompt_ids, max_tokens, stop_ids, priority=0):
         r.calls.append((list(prompt_ids), max_tokens, tuple(stop_ids)))
+        r.priorities.append(priority)
         outcome = outcomes[prompt_ids[0]]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -138,8 +139,9 @@ def bare_replica(outcomes, errored=False):
     return r
 
 
-def generate(r, prompts, budgets, stop_ids=(2,)):
-    return asyncio.run(r.generate({ROUTE: "row-1", "prompts": prompts, "max_tokens": budgets, "stop_ids": stop_ids}))
+def generate(r, prompts, budgets, stop_ids=(2,), **more):
+    return asyncio.run(r.generate({ROUTE: "row-1", "prompts": prompts, "max_tokens": budgets, "stop_ids": stop_ids,
+                                   **more}))
 
 
 def test_a_refused_prompt_is_an_error_string_in_its_slot_only():
@@ -150,6 +152,8 @@ def test_a_refused_prompt_is_an_error_string_in_its_slot_only():
                    Continuation([3, 6], [{}], -1.0, "p3"), "PromptTooLong: prompt is 9 tokens"]
     assert r.calls == [([1], 4, (2,)), ([2], 5, (2,)), ([3], 6, (2,)), ([4], 7, (2,))]
     assert r.window["first_start"] <= r.window["last_end"]
+    generate(r, [[1], [3]], [4, 6], priority=URGENT)  # a long-form tree's: vLLM schedules it first
+    assert r.priorities == [0, 0, 0, 0, URGENT, URGENT]
 
 
 def test_a_dead_engine_core_in_any_slot_fails_the_whole_call():
@@ -371,11 +375,11 @@ def test_an_engine_call_beyond_one_replica_batch_goes_as_several_requests_answer
     assert outs == ["out1", "out2", "out3", "out4", "out5"] and split.calls == 3
     assert [(r["prompts"], r["max_tokens"]) for r in sent] == [([[1], [2]], [10, 20]), ([[3], [4]], [30, 40]),
                                                                ([[5]], [50])]
-    assert all(r[ROUTE] == "g1" and r["stop_ids"] == [9] for r in sent)
+    assert all(r[ROUTE] == "g1" and r["stop_ids"] == [9] and r["priority"] == 0 for r in sent)
     sent.clear()
     whole = client(None)
-    assert asyncio.run(whole.generate([[1], [2], [3]], [1, 1, 1], "all")) == ["out1", "out2", "out3"]
-    assert len(sent) == 1 and whole.calls == 1
+    assert asyncio.run(whole.generate([[1], [2], [3]], [1, 1, 1], "all", priority=URGENT)) == ["out1", "out2", "out3"]
+    assert len(sent) == 1 and whole.calls == 1 and sent[0]["priority"] == URGENT
 
 
 def test_a_failed_part_of_a_split_engine_call_stops_the_others_and_a_short_answer_fails():
@@ -626,13 +630,13 @@ def test_a_caller_that_gave_up_leaves_the_others_their_answers_and_a_short_answe
     assert isinstance(error, RuntimeError) and "answered 0 items for 1" in str(error)
 
 
-def test_the_wrapped_clients_merge_by_route_and_stop_ids_and_by_k():
+def test_the_wrapped_clients_merge_by_route_stop_ids_and_priority_and_by_k():
     async def scenario():
         sent = []
 
         class Engine:  # an engine client: records each call
-            async def generate(self, prompts, max_tokens, route, stop_ids=()):
-                sent.append(("generate", route, prompts, max_tokens, stop_ids))
+            async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
+                sent.append(("generate", route, prompts, max_tokens, stop_ids) + ((priority,) if priority else ()))
                 return [f"{p[0]}:{m}" for p, m in zip(prompts, max_tokens)]
 
         class Retriever:
@@ -644,13 +648,16 @@ def test_the_wrapped_clients_merge_by_route_and_stop_ids_and_by_k():
         out = await asyncio.gather(engine.generate([[1], [2]], [8, 9], "b0"), engine.generate([[3]], [7], "b0", [5]),
                                    engine.generate([[4]], [6], "b0"), engine.generate([[5]], [6], "b1"),
                                    retriever.search(["q"], 2), retriever.search(["r", "s"], 2),
-                                   engine.generate([], [], "b0"), retriever.search([], 2))
+                                   engine.generate([], [], "b0"), retriever.search([], 2),
+                                   engine.generate([[6]], [6], "b0", priority=URGENT))
         return out, sent
 
     out, sent = asyncio.run(scenario())
-    assert out == [["1:8", "2:9"], ["3:7"], ["4:6"], ["5:6"], [[{"id": "q@2"}]], [[{"id": "r@2"}], [{"id": "s@2"}]], [], []]
+    assert out == [["1:8", "2:9"], ["3:7"], ["4:6"], ["5:6"], [[{"id": "q@2"}]], [[{"id": "r@2"}], [{"id": "s@2"}]], [], [],
+                   ["6:6"]]
     assert sent == [("generate", "b0", [[1], [2], [4]], [8, 9, 6], []), ("generate", "b0", [[3]], [7], [5]),
-                    ("generate", "b1", [[5]], [6], []), ("search", 2, ["q", "r", "s"])]
+                    ("generate", "b1", [[5]], [6], []), ("generate", "b0", [[6]], [6], [], URGENT),
+                    ("search", 2, ["q", "r", "s"])]
 
 
 def test_callers_do_not_wait_for_ever_when_the_search_is_cancelled():

@@ -128,7 +128,7 @@ class _PerQueryStage:
         self._engine, self._vocabulary = engine, vocabulary
 
     async def generate(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], route: str,
-                       stop_ids: Sequence[int] = ()) -> list:
+                       stop_ids: Sequence[int] = (), priority: int = 0) -> list:
         return self._engine.generate(prompts, list(budgets), stop_ids, vocabulary_logprobs=self._vocabulary)
 
 

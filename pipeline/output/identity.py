@@ -25,6 +25,7 @@ THROUGHPUT_ONLY = frozenset({
     "max_num_seqs", "block_size", "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
     "swap_space", "cpu_offload_gb", "disable_log_stats", "max_seq_len_to_capture", "distributed_executor_backend",
     "pipeline_parallel_size", "kv_cache_memory_bytes", "compilation_config", "disable_custom_all_reduce",
+    "scheduling_policy",
 })
 
 

@@ -98,15 +98,17 @@ class EngineReplica(ReportingReplica):
     async def generate(self, request: dict) -> list[Continuation | str]:
         """Greedy continuations of ``request["prompts"]`` (token ids), each with its budget in
         ``request["max_tokens"]`` and stopping after ``request["stop_ids"]``: one Continuation per
-        prompt, or an error string for a prompt vLLM refused. ``request["route"]`` (the rows'
-        routing key) is read by the router only."""
+        prompt, or an error string for a prompt vLLM refused; ``request["priority"]`` (default 0)
+        orders them in vLLM's queue (``scheduling_policy: priority``: lower first). ``request["route"]``
+        (the rows' routing key) is read by the router only."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.dead():
             raise EngineUnavailable("the vLLM engine of this replica is dead; the replica is being replaced")
         prompts, budgets, stop_ids = request["prompts"], request["max_tokens"], request.get("stop_ids", ())
         self.begin(request.get("metrics"))
-        outs = await asyncio.gather(*(self._one(p, b, stop_ids) for p, b in zip(prompts, budgets)),
+        priority = int(request.get("priority", 0))
+        outs = await asyncio.gather(*(self._one(p, b, stop_ids, priority) for p, b in zip(prompts, budgets)),
                                     return_exceptions=True)
         self.end()
         if any(isinstance(o, EngineDeadError) for o in outs) or self.dead():
@@ -115,7 +117,8 @@ class EngineReplica(ReportingReplica):
         self.record(prompts, budgets, stop_ids, outs)
         return outs
 
-    async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int]) -> Continuation:
+    async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int],
+                   priority: int = 0) -> Continuation:
         from vllm.inputs import TokensPrompt
 
         from ..model.vllm_engine import sampling_params, to_continuation
@@ -123,7 +126,7 @@ class EngineReplica(ReportingReplica):
         params = sampling_params(self.ids, max_tokens, stop_ids, final_only=True, detokenize=False)
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                              request_id=uuid.uuid4().hex):
+                                              request_id=uuid.uuid4().hex, priority=priority):
             final = out
         return to_continuation(final.outputs[0], self._reflection, self.decode)
 

@@ -96,12 +96,13 @@ class InProcessEngineClient:
     def __init__(self, replica: InProcessReplica):
         self.replica, self.calls = replica, 0
 
-    async def generate(self, prompts, max_tokens, route, stop_ids=()):
+    async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
         from .engine import EngineUnavailable
 
         if not prompts:
             return []
-        request = {"prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens), "stop_ids": list(stop_ids)}
+        request = {"prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens), "stop_ids": list(stop_ids),
+                   "priority": priority}
         try:
             out = await self.replica.call("generate", request)
         except EngineUnavailable as exc:

@@ -39,7 +39,8 @@ class InProcessEngineReplica(EngineReplica):
     def dead(self) -> bool:
         return self.failure is not None
 
-    async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int]) -> Continuation:
+    async def _one(self, prompt_ids: Sequence[int], max_tokens: int, stop_ids: Sequence[int],
+                   priority: int = 0) -> Continuation:
         from vllm.inputs import TokensPrompt
 
         from ..model.vllm_engine import sampling_params, to_continuation
@@ -48,7 +49,8 @@ class InProcessEngineReplica(EngineReplica):
             raise EngineUnavailable(f"the in-process engine failed: {self.failure}")
         params = sampling_params(self.ids, max_tokens, stop_ids, final_only=True, detokenize=False)
         request_id, done = uuid.uuid4().hex, asyncio.get_running_loop().create_future()
-        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                priority=priority)
         self.waiting[request_id] = done
         if self._stepping is None or self._stepping.done():
             self._stepping = asyncio.get_running_loop().create_task(self._step())

@@ -15,8 +15,9 @@ run the whole harness against it.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,17 +65,19 @@ class ScheduledPrompt:
 
 
 class BatchSchedule:
-    """Continuous batching as arithmetic: ``step()`` admits waiting sequences into free slots,
-    advances every running sequence by one token and says how long that step took."""
+    """Continuous batching as arithmetic: ``step()`` admits waiting sequences into free slots
+    (the lowest priority value first, then in arrival order, as vLLM's priority scheduling), advances every
+    running sequence by one token and says how long that step took."""
 
     def __init__(self, model: SimulatedEngineConfig):
         self.model = model
-        self.waiting: deque[ScheduledPrompt] = deque()
+        self.waiting: list[tuple[int, int, ScheduledPrompt]] = []  # a heap of (priority, arrival, sequence)
+        self.arrivals = itertools.count()
         self.running: list[ScheduledPrompt] = []
 
-    def submit(self, seq: ScheduledPrompt) -> None:
+    def submit(self, seq: ScheduledPrompt, priority: int = 0) -> None:
         """Queue a sequence (it starts at the next step with a free slot)."""
-        self.waiting.append(seq)
+        heapq.heappush(self.waiting, (priority, next(self.arrivals), seq))
 
     def busy(self) -> bool:
         """Whether any sequence is running or waiting."""
@@ -84,7 +87,7 @@ class BatchSchedule:
         """Run one step: (its seconds, the sequences it finished)."""
         prefill = 0
         while self.waiting and len(self.running) < self.model.max_num_seqs:
-            seq = self.waiting.popleft()
+            seq = heapq.heappop(self.waiting)[-1]
             prefill += seq.prefill_tokens
             self.running.append(seq)
         seconds = self.model.step_s + prefill * self.model.prefill_s_per_1k_tokens / 1000
@@ -136,6 +139,7 @@ class SimulatedEngineReplica(ReportingReplica):
         """As ``EngineReplica.generate``: the recorded output of each prompt, or an error string
         for a prompt the recording lacks, once the latency model's time has passed."""
         prompts, budgets, stop_ids = request["prompts"], request["max_tokens"], request.get("stop_ids", ())
+        priority = int(request.get("priority", 0))
         self.begin(request.get("metrics"))
         loop = asyncio.get_running_loop()
         outs, waits = [], []
@@ -151,7 +155,7 @@ class SimulatedEngineReplica(ReportingReplica):
             prefill, hits = self.cache.uncached(prompt)
             steps = len(out.token_ids)
             seq = ScheduledPrompt(max(1, steps), prefill, loop.create_future())
-            self.schedule.submit(seq)
+            self.schedule.submit(seq, priority)
             waits.append(seq.waiter)
             c = self.counters
             c["prefix_cache_queries"] += len(prompt)

@@ -95,21 +95,22 @@ class SameTurnBatcher:
 
 
 class TurnBatchedEngine:
-    """An ``EngineClient`` over ``engine`` whose calls of one turn, with one route and the same
-    stop ids, go to it as one call."""
+    """An ``EngineClient`` over ``engine`` whose calls of one turn, with one route, the same
+    stop ids and priority, go to it as one call."""
 
     def __init__(self, engine, fatal: tuple[type[BaseException], ...] = ()):
         self.engine = engine
         self.batcher = SameTurnBatcher(self._send, fatal)
 
-    async def generate(self, prompts, max_tokens, route, stop_ids=()):
+    async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
         if not prompts:
             return []
-        return await self.batcher((route, tuple(stop_ids)), list(zip(prompts, max_tokens, strict=True)))
+        return await self.batcher((route, tuple(stop_ids), priority), list(zip(prompts, max_tokens, strict=True)))
 
     async def _send(self, key, items):
-        route, stop_ids = key
-        return await self.engine.generate([p for p, _ in items], [m for _, m in items], route, list(stop_ids))
+        route, stop_ids, priority = key
+        return await self.engine.generate([p for p, _ in items], [m for _, m in items], route, list(stop_ids),
+                                          priority)
 
 
 class TurnBatchedRetriever:

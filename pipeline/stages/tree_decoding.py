@@ -18,7 +18,7 @@ from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.longform import LongFormParams, LongFormResult, LongFormTree
 from ..selfrag.scoring import Continuation
 from ..selfrag.tokens import RETRIEVAL
-from ..services.clients import ServiceUnavailable
+from ..services.clients import URGENT, ServiceUnavailable
 from .common import effective_task
 
 
@@ -75,7 +75,7 @@ async def decode_tree(stage, route: str, prompt: str, prompt_ids: list[int], que
                 pass
         # a sampled [Retrieval] ends the segment: what follows it would be cut and regenerated
         outs = await engine.generate([requests[n].prompt_ids for n in fitting], [budget] * len(fitting),
-                                           route, stop) if fitting else []
+                                     route, stop, priority=URGENT) if fitting else []
         for n, out in zip(fitting, outs):
             results[n] = out if isinstance(out, Continuation) else f"engine error: {out}"
         stats["depths"] += 1
