@@ -270,8 +270,7 @@ class Encoder:
         # One thread: on 2, AMX's kernels gave 71 of 200 bench queries other bits than on 1, so a
         # query's vector would depend on the replica's CPUs (and the in-process runner's on the
         # machine). torch._C's own setter: vLLM's CPU worker replaces torch.set_num_threads with
-        # a no-op in its process (the in-process runner's). Threads that already ran torch keep
-        # their own count; the setting is put back after.
+        # a no-op in its process (the in-process runner's). The setting is put back after.
         set_threads, threads = self.torch._C.set_num_threads, self.torch.get_num_threads()
         self._encoding_queries.rows = self.query_row_chunk
         set_threads(1)

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 ROUTE = "route"
 #: Engine priority of a long-form tree's requests (lower first; every other request has 0): a
 #: tree generates a segment per depth, one after another, and a tree whose requests queued behind
-#: short-form ones at each depth ended the run alone (8 simulated replicas: 0.84 busy, 0.90 with
-#: trees first). vLLM honours it with ``scheduling_policy: priority`` (``vllm_engine.engine_kwargs``).
+#: short-form ones at each depth ended the run alone (8 simulated replicas: 0.84 busy, 0.86 to
+#: 0.90 with trees first). vLLM honours it with ``scheduling_policy: priority`` (``vllm_engine.engine_kwargs``).
 URGENT = -1
 
 
