@@ -38,7 +38,7 @@ RUN_SETTINGS = [
     "output.buffer_rows=5", "output.stage_rows=5", "output.lease_stale_after_s=100", "run_id=nightly-2",
     "input.paths=[/other/inputs]", "debug.exit_after_shards=1", "log_level=debug", "output.report=false",
     "output.examples=3", "stages.chain=null", "stages.chain.replicas=2", "ray.dashboard=true",
-    "engine.extra.scheduling_policy=fcfs",
+    "engine.extra.scheduling_policy=fcfs", "engine.batches_in_flight_per_replica=null",
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 from fakes import EOS, IDS, TOKENS, FakeEngine, FakeRetriever, continuation, decode, position
 from pipeline.infra.config import load_config
 from pipeline.selfrag import tokens as T
-from pipeline.services.clients import URGENT, ServiceUnavailable
+from pipeline.services.clients import FIRST_PASS, URGENT, ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
 from pipeline.stages.common import engine_request_prompts, route_key, rows_per_route
 from pipeline.stages.contract import Contract, ContractError, check_chain
@@ -92,6 +92,7 @@ def test_first_pass_decides_from_probabilities_and_answers_without_evidence():
     assert sorted((route, budget) for route, _, budget in requests) == sorted(
         [(route_key(SHARD, 0, 1), 1), (route_key(SHARD, 1, 1), 1), (route_key(SHARD, 1, 1), 100)])
     assert len(engine.calls) == 3  # a decision call per key, an answer call for b's; none without requests
+    assert engine.priorities == [FIRST_PASS] * 3  # ahead of critiques: they let their rows' retrieval start
     # groups of two rows: a and b share a key, so one decision call holds both
     engine = FakeEngine(script)
     run(FirstPass(cfg("selfrag.threshold=0.2", "engine.service.replicas=2", "stages.chain.batch_size=2"), TOKENS, IDS,

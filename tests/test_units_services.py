@@ -16,7 +16,8 @@ from pipeline.infra.config import ServiceConfig
 from pipeline.model.vllm_engine import PromptTooLong, to_continuation
 from pipeline.selfrag.scoring import Continuation
 from pipeline.services import clients
-from pipeline.services.clients import ROUTE, URGENT, ServiceUnavailable, call_with_retries, retryable
+from pipeline.services.clients import (FIRST_PASS, ROUTE, URGENT, InFlightWindow, ServiceUnavailable, call_with_retries,
+                                      retryable)
 from pipeline.services.coalescing import CoalescingSearch
 from pipeline.stages.same_turn import SameTurnBatcher, TurnBatchedEngine, TurnBatchedRetriever
 from pipeline.runtime.metrics_actor import Reporter
@@ -98,8 +99,17 @@ def replica(unique_id):
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
 
 
+def bare_router() -> RowAffinityRouter:
+    """A router as Serve makes it for the engine application, without Serve."""
+    from ray.serve._private.common import DeploymentID
+
+    router = object.__new__(RowAffinityRouter)
+    router._deployment_id = DeploymentID(name="SelfRagEngine", app_name="test-engine")
+    return router
+
+
 def test_router_sends_a_row_home_first_and_the_rest_as_fallback():
-    router = object.__new__(RowAffinityRouter)  # choose_replicas reads nothing of the router
+    router = bare_router()
     candidates = [replica(r) for r in REPLICAS]
     choose = router.choose_replicas
     ranked = asyncio.run(choose(candidates, request({ROUTE: "row-1"})))
@@ -108,6 +118,7 @@ def test_router_sends_a_row_home_first_and_the_rest_as_fallback():
     assert asyncio.run(choose(candidates, request({"prompts": []}))) == [candidates]  # no key: any replica
     assert asyncio.run(choose(candidates[:1], request({ROUTE: "row-1"}))) == [candidates[:1]]
     assert asyncio.run(choose([], request({ROUTE: "row-1"}))) == []
+    assert clients.ROUTED_REPLICAS["test-engine"] == 1  # the replicas it last chose among, for InFlightWindow
 
 
 # --- the engine replica's error mapping ----------------------------------------------------
@@ -368,6 +379,7 @@ def test_an_engine_call_beyond_one_replica_batch_goes_as_several_requests_answer
         c = object.__new__(clients.ServeEngineClient)  # as built on a Serve handle, here a scripted one
         c.handle, c.svc, c.metrics, c.max_prompts, c.calls = SimpleNamespace(generate=Generate), ServiceConfig(), "m", \
             max_prompts, 0
+        c.window = InFlightWindow(None, lambda: None)
         return c
 
     split = client(2)
@@ -404,11 +416,123 @@ def test_a_failed_part_of_a_split_engine_call_stops_the_others_and_a_short_answe
     client = object.__new__(clients.ServeEngineClient)
     client.handle, client.svc, client.metrics, client.max_prompts, client.calls = SimpleNamespace(generate=Generate), \
         ServiceConfig(), "m", 2, 0
+    client.window = InFlightWindow(8, lambda: 1)
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(client.generate([[1], [2], [3], [4]], [1] * 4, "g"))
     assert stopped == [1]  # the first part, still running, was stopped
     with pytest.raises(RuntimeError, match="answered 0 of 1 prompts"):
         asyncio.run(client.generate([[5]], [1], "g"))
+    assert client.window.in_flight == 0  # failed, stopped and short parts all gave their room back
+
+
+def test_the_in_flight_window_holds_requests_beyond_its_limit_and_lets_them_go_by_priority_then_arrival():
+    replicas = {"n": None}
+    window = InFlightWindow(4, lambda: replicas["n"])
+
+    async def scenario():
+        assert window.limit() == float("inf")  # replicas not known yet: no limit
+        replicas["n"] = 2  # 8 prompts in flight at most
+        await window.admit(6)
+        await window.admit(2)
+        order = []
+
+        async def request(name, prompts, priority=0):
+            await window.admit(prompts, priority)
+            order.append(name)
+
+        tasks = [asyncio.ensure_future(request(name, n, p))
+                 for name, n, p in (("a", 3, 0), ("b", 2, 0), ("c", 2, FIRST_PASS), ("gone", 1, FIRST_PASS))]
+        await asyncio.sleep(0)
+        assert order == [] and window.in_flight == 8  # all wait: the window is full
+        await window.admit(5, URGENT)  # a tree's request never waits, and counts
+        assert window.in_flight == 13
+        tasks[3].cancel()  # given up while it waited: skipped, never counted
+        window.release(5)
+        window.release(6)  # 2 in flight: c (first pass) goes first, then a; b waits for 3 more free
+        await asyncio.sleep(0)
+        assert order == ["c", "a"] and window.in_flight == 7
+        window.release(2)
+        await asyncio.sleep(0)
+        assert order == ["c", "a", "b"] and window.in_flight == 7
+        assert tasks[3].cancelled()
+        window.release(2)
+        window.release(3)
+        window.release(2)
+        assert window.in_flight == 0
+        await window.admit(20)  # more than the limit goes when nothing is in flight
+        assert window.in_flight == 20
+        window.release(20)
+
+    asyncio.run(scenario())
+    assert InFlightWindow(None, lambda: 8).limit() == float("inf")  # no per-replica limit set
+
+
+def test_a_request_admitted_as_its_call_is_cancelled_gives_its_room_back():
+    window = InFlightWindow(2, lambda: 1)
+
+    async def scenario():
+        await window.admit(2)
+        waiter = asyncio.ensure_future(window.admit(2))
+        await asyncio.sleep(0)
+        window.release(2)  # the waiter is admitted ...
+        waiter.cancel()  # ... and cancelled before it ran
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert window.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_client_waits_for_room_in_its_process_window_shared_by_its_applications_clients():
+    answers = []
+
+    class Generate:
+        @staticmethod
+        def remote(request):
+            async def answer():
+                done = asyncio.get_running_loop().create_future()
+                answers.append(done)
+                await done
+                return [[0]] * len(request["prompts"])
+            return answer()
+
+    clients.WINDOWS.pop("shared-app", None)
+    clients.ROUTED_REPLICAS.pop("shared-app", None)
+
+    def client():
+        from ray import serve
+
+        original = serve.get_app_handle
+        serve.get_app_handle = lambda name: SimpleNamespace(options=lambda: SimpleNamespace(generate=Generate))
+        try:
+            return clients.ServeEngineClient("shared-app", ServiceConfig(), max_prompts=2, batches_per_replica=1,
+                                             replicas=1)
+        finally:
+            serve.get_app_handle = original
+
+    first, second = client(), client()
+    assert first.window is second.window and first.window.limit() == 2  # 1 replica assumed until routed
+    clients.ROUTED_REPLICAS["shared-app"] = 2
+    assert first.window.limit() == 4  # as the router saw
+
+    async def scenario():
+        calls = [asyncio.ensure_future(first.generate([[1], [2], [3], [4]], [1] * 4, "g")),
+                 asyncio.ensure_future(second.generate([[5], [6]], [1, 1], "h"))]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(answers) == 2 and first.window.in_flight == 4  # the second client's request waits
+        answers[0].set_result(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(answers) == 3
+        for done in answers[1:]:
+            done.set_result(None)
+        assert [len(out) for out in await asyncio.gather(*calls)] == [4, 2]
+        assert first.window.in_flight == 0
+
+    asyncio.run(scenario())
+    clients.WINDOWS.pop("shared-app", None)
+    clients.ROUTED_REPLICAS.pop("shared-app", None)
 
 
 def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
@@ -425,7 +549,7 @@ def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
 
 
 def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():
-    router = object.__new__(RowAffinityRouter)
+    router = bare_router()
     router.initialize_state(slack=64)  # as Serve calls it with the deployment's request_router_kwargs
     candidates = [replica(r) for r in REPLICAS[:2]]
     home = rendezvous_order("row-1", REPLICAS[:2])[0]

@@ -185,6 +185,12 @@ class EngineConfig:
     )
     #: The engine service: replicas, resources, concurrency, retries.
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    #: Engine batches (``max_num_seqs`` prompts each) that a stage actor keeps in flight per
+    #: engine replica, where its calls are split per replica batch (several replicas, or a
+    #: running deployment). Further calls wait in the actor until answers free room, and the
+    #: router places each as it leaves, so no replica's queue runs far ahead of the others' and
+    #: a run ends on all replicas together; a long-form tree's calls never wait. null: no limit.
+    batches_in_flight_per_replica: Optional[int] = 4
     #: A simulated engine in place of vLLM (benchmarks and tests; off by default).
     simulated: SimulatedEngineConfig = field(default_factory=SimulatedEngineConfig)
 
@@ -490,6 +496,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.engine.max_model_len > 0, "engine.max_model_len", "must be positive")
     _check(0.0 < cfg.engine.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     _check(cfg.engine.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be at least 1")
+    _check(cfg.engine.batches_in_flight_per_replica is None or cfg.engine.batches_in_flight_per_replica >= 1,
+           "engine.batches_in_flight_per_replica", "must be at least 1 (or null: no limit)")
     sim = cfg.engine.simulated
     _check(sim.step_s > 0 and sim.prefill_s_per_1k_tokens >= 0 and sim.max_num_seqs >= 1, "engine.simulated",
            "step_s must be positive, prefill_s_per_1k_tokens >= 0 and max_num_seqs at least 1")

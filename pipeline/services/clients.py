@@ -10,8 +10,11 @@ any other failure is the caller's.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
-from typing import Protocol, Sequence
+import math
+from typing import Callable, Protocol, Sequence
 
 from ..infra.config import ServiceConfig
 from ..selfrag.scoring import Continuation
@@ -21,11 +24,20 @@ log = logging.getLogger(__name__)
 #: Key of the routing key (``stages.common.route_key``) in an engine request; read by
 #: ``routing.RowAffinityRouter``.
 ROUTE = "route"
-#: Engine priority of a long-form tree's requests (lower first; every other request has 0): a
-#: tree generates a segment per depth, one after another, and a tree whose requests queued behind
-#: short-form ones at each depth ended the run alone (8 simulated replicas: 0.84 busy, 0.86 to
-#: 0.90 with trees first). vLLM honours it with ``scheduling_policy: priority`` (``vllm_engine.engine_kwargs``).
-URGENT = -1
+#: Engine priorities (lower first; vLLM honours them with ``scheduling_policy: priority``, set by
+#: ``vllm_engine.engine_kwargs``). Every request on a row's way to its last answer comes before
+#: that answer's critique (priority 0):
+#: - ``URGENT``: a long-form tree's requests. A tree generates a segment per depth, one after
+#:   another, and trees whose requests queued behind short-form ones at each depth ended the run
+#:   alone (8 simulated replicas: 0.84 busy, 0.86 to 0.90 with trees first). They never wait in
+#:   an ``InFlightWindow``.
+#: - ``FIRST_PASS``: first-pass requests, whose answers let their rows' retrieval and critique
+#:   start. Queued behind critiques, a second wave of batches reached retrieval all at once, after
+#:   the critiques, and the replicas stood idle while it searched.
+URGENT, FIRST_PASS = -2, -1
+#: Replicas that each application's router in this process last chose among (written by
+#: ``routing.RowAffinityRouter``, read by ``InFlightWindow``).
+ROUTED_REPLICAS: dict[str, int] = {}
 
 
 class EngineClient(Protocol):
@@ -86,23 +98,87 @@ async def call_with_retries(call, service: str, svc: ServiceConfig):
                              f"replicas (last: {type(last).__name__}: {last}); rerun the job to resume")
 
 
+class InFlightWindow:
+    """Late binding of engine requests: at most ``per_replica`` prompts in flight per engine
+    replica (``replicas()``: how many there are, None while unknown), the rest waiting here,
+    by priority and then in arrival order; ``URGENT`` requests never wait. A request that the
+    router places only when it leaves here cannot be stuck behind a queue that another replica
+    would have run sooner: at 8 simulated replicas, with every request sent at once, replicas
+    held 300 to 500 prompts each, unevenly, and the run's last 3 s ran on 1 to 3 of them."""
+
+    def __init__(self, per_replica: int | None, replicas: Callable[[], int | None]):
+        self.per_replica, self.replicas = per_replica, replicas
+        self.in_flight = 0  # prompts admitted and not yet answered
+        self._waiting: list[tuple[int, int, int, asyncio.Future]] = []  # heap: (priority, arrival, prompts, turn)
+        self._arrivals = itertools.count()
+
+    def limit(self) -> float:
+        """Prompts allowed in flight now (infinite without a limit or a replica count)."""
+        replicas = self.replicas() if self.per_replica else None
+        return replicas * self.per_replica if replicas else math.inf
+
+    async def admit(self, prompts: int, priority: int = 0) -> None:
+        """Wait until ``prompts`` more fit (at once for ``URGENT``, or when nothing is in flight);
+        each ``admit`` is matched by one ``release`` of the same ``prompts``."""
+        self._admit_waiting()
+        if priority <= URGENT or (not self._waiting and self._fits(prompts)):
+            self.in_flight += prompts
+            return
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._arrivals), prompts, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if not turn.cancelled():  # admitted just as the call was cancelled
+                self.release(prompts)
+            raise  # else it stays in the heap, cancelled, until it comes first
+
+    def release(self, prompts: int) -> None:
+        """``prompts`` answered (or failed): the next waiting requests that fit go."""
+        self.in_flight -= prompts
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and (self._waiting[0][3].done() or self._fits(self._waiting[0][2])):
+            _, _, prompts, turn = heapq.heappop(self._waiting)
+            if not turn.done():  # else cancelled while it waited
+                self.in_flight += prompts
+                turn.set_result(None)
+
+    def _fits(self, prompts: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + prompts <= self.limit()
+
+
+#: The in-flight window of each engine application's clients in this process.
+WINDOWS: dict[str, InFlightWindow] = {}
+
+
 class ServeEngineClient:
     """``EngineClient`` over the engine deployment's handle; ``calls``: the requests answered.
 
     A call of more than ``max_prompts`` prompts goes as several requests of at most that many
     (sent together, with the same routing key; a row's prompts may then be split between two):
     the router balances requests, and one request of a batch's 160 critique prompts to a
-    replica that runs 16 at a time left the others idle at the start of a run."""
+    replica that runs 16 at a time left the others idle at the start of a run. With
+    ``max_prompts``, at most ``batches_per_replica`` such requests per replica are in flight
+    (``InFlightWindow``; ``replicas``: the count to assume until the router has seen them)."""
 
-    def __init__(self, app_name: str, svc: ServiceConfig, max_prompts: int | None = None):
+    def __init__(self, app_name: str, svc: ServiceConfig, max_prompts: int | None = None,
+                 batches_per_replica: int | None = None, replicas: int | None = None):
         from ray import serve
 
         from ..runtime.metrics_actor import job_actor_name
 
-        self.handle = serve.get_app_handle(app_name)
+        # options() starts the handle's router now, in the actor's start-up: it learns the
+        # replicas before the first batch comes, not while that batch waits
+        self.handle = serve.get_app_handle(app_name).options()
         self.svc = svc
         self.metrics = job_actor_name()  # where the replicas report what they serve for this job
         self.max_prompts = max_prompts
+        per_replica = max_prompts * batches_per_replica if max_prompts and batches_per_replica else None
+        if app_name not in WINDOWS:  # one per process: a chain actor's stages share it
+            WINDOWS[app_name] = InFlightWindow(per_replica, lambda: ROUTED_REPLICAS.get(app_name, replicas))
+        self.window = WINDOWS[app_name]
         self.calls = 0
 
     async def generate(self, prompts, max_tokens, route, stop_ids=(), priority=0):
@@ -123,7 +199,11 @@ class ServeEngineClient:
     async def _request(self, prompts, max_tokens, route, stop_ids, priority) -> list:
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
                    "stop_ids": list(stop_ids), "priority": priority, "metrics": self.metrics}
-        out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+        await self.window.admit(len(prompts), priority)
+        try:
+            out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
+        finally:
+            self.window.release(len(prompts))
         if len(out) != len(prompts):
             raise RuntimeError(f"the engine answered {len(out)} of {len(prompts)} prompts")
         self.calls += 1
@@ -138,7 +218,7 @@ class ServeRetrieverClient:
 
         from ..runtime.metrics_actor import job_actor_name
 
-        self.handle = serve.get_app_handle(app_name)
+        self.handle = serve.get_app_handle(app_name).options()  # its router starts now (ServeEngineClient)
         self.svc = svc
         self.metrics = job_actor_name()
         self.calls = 0

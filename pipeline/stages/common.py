@@ -163,7 +163,9 @@ class ServiceStage:
 
         start = time.perf_counter()
         tokens, ids, decode = spec_tokens(Storage(cfg.storage), tokenizer)
-        engine = ServeEngineClient(engine_app, cfg.engine.service, engine_request_prompts(cfg)) if engine_app else None
+        replicas = None if cfg.engine.service.deployment else cfg.engine.service.replicas  # until routed
+        engine = ServeEngineClient(engine_app, cfg.engine.service, engine_request_prompts(cfg),
+                                   cfg.engine.batches_in_flight_per_replica, replicas) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self._set_up(self.logic(cfg, tokens, ids, decode, engine, retriever), Reporter(self.logic.name))
         self.in_flight = InFlightLimit(batches_in_flight)

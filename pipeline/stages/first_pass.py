@@ -18,6 +18,7 @@ from ..infra.config import Config
 from ..model.vllm_engine import PromptTooLong, check_fits
 from ..selfrag.scoring import decide_retrieval, retrieval_probability
 from ..selfrag.selection import short_form_answer
+from ..services.clients import FIRST_PASS
 from .columns import INTERNAL_TYPES, OFFSET, OUTPUT_TYPES, PROMPT_IDS, SHARD
 from .common import ServiceStage, StageLogic, by_route, max_new_tokens, route_keys
 from .contract import ANY, Contract
@@ -59,7 +60,8 @@ class FirstPass(StageLogic):
         async def group(route: str, rows: list[int]) -> None:
             """One engine call for the decisions of a route's rows, one for their direct answers."""
             if cfg.selfrag.mode == "adaptive":
-                firsts = await self.engine.generate([prompts[i] for i in rows], [1] * len(rows), route)
+                firsts = await self.engine.generate([prompts[i] for i in rows], [1] * len(rows), route,
+                                                    priority=FIRST_PASS)
                 for i, first in zip(rows, firsts):
                     if isinstance(first, str):
                         errors[i] = f"engine error: {first}"
@@ -73,7 +75,8 @@ class FirstPass(StageLogic):
             answering = [i for i in rows if not out["retrieved"][i]]
             if not answering:
                 return
-            answers = await self.engine.generate([direct[i] for i in answering], [budgets[i] for i in answering], route)
+            answers = await self.engine.generate([direct[i] for i in answering], [budgets[i] for i in answering], route,
+                                                 priority=FIRST_PASS)
             for i, answer in zip(answering, answers):
                 if isinstance(answer, str):
                     errors[i] = f"engine error: {answer}"
