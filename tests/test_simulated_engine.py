@@ -34,7 +34,7 @@ def test_the_schedule_batches_continuously_and_charges_prefill_to_the_admitting_
 
 
 def test_a_lower_priority_is_admitted_first_and_equal_priorities_in_arrival_order():
-    """Two slots, A running; B, C (priority 0) and D, E (priority -1, a long-form tree's) wait:
+    """Two slots, A running; B, C (priority 0) and D, E (priority -1, first passes) wait:
     the free slot takes D, then E, then B, then C, one step each (1-token prompts)."""
     schedule = BatchSchedule(MODEL)
     a = ScheduledPrompt(9, 0, "a")

@@ -14,7 +14,7 @@ from pipeline.infra.config import load_config
 from pipeline.selfrag import tokens as T
 from pipeline.services.clients import FIRST_PASS, URGENT, ServiceUnavailable
 from pipeline.stages.columns import PROMPT_IDS
-from pipeline.stages.common import engine_request_prompts, route_key, rows_per_route
+from pipeline.stages.common import engine_batches_per_replica, engine_request_prompts, route_key, rows_per_route
 from pipeline.stages.contract import Contract, ContractError, check_chain
 from pipeline.stages.critique import Critique
 from pipeline.stages.first_pass import FirstPass
@@ -32,6 +32,13 @@ def cfg(*overrides):
 
 SHARD = "s3://b/in/part-0.parquet"  # the shard of ``prepared`` rows
 ONE_KEY = route_key(SHARD, 0, rows_per_route(cfg()))  # one engine replica: one routing key
+
+
+def test_stage_actors_hold_requests_beyond_a_few_batches_per_replica_unless_the_service_autoscales():
+    assert engine_batches_per_replica(cfg()) == 4
+    assert engine_batches_per_replica(cfg("engine.batches_in_flight_per_replica=2")) == 2
+    assert engine_batches_per_replica(cfg("engine.batches_in_flight_per_replica=null")) is None
+    assert engine_batches_per_replica(cfg("engine.service.min_replicas=1", "engine.service.max_replicas=3")) is None
 
 
 def test_a_batch_of_consecutive_rows_shares_a_routing_key_and_a_single_deployed_replica_has_one():

@@ -99,6 +99,12 @@ def replica(unique_id):
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
 
 
+@pytest.fixture(autouse=True)
+def routed_replicas(monkeypatch):
+    """The replica counts routers record, for this test only."""
+    monkeypatch.setattr(clients, "ROUTED_REPLICAS", {})
+
+
 def bare_router() -> RowAffinityRouter:
     """A router as Serve makes it for the engine application, without Serve."""
     from ray.serve._private.common import DeploymentID
@@ -483,7 +489,9 @@ def test_a_request_admitted_as_its_call_is_cancelled_gives_its_room_back():
     asyncio.run(scenario())
 
 
-def test_an_engine_client_waits_for_room_in_its_process_window_shared_by_its_applications_clients():
+def test_an_engine_client_waits_for_room_in_its_process_window_shared_by_its_applications_clients(monkeypatch):
+    from ray import serve
+
     answers = []
 
     class Generate:
@@ -496,19 +504,14 @@ def test_an_engine_client_waits_for_room_in_its_process_window_shared_by_its_app
                 return [[0]] * len(request["prompts"])
             return answer()
 
-    clients.WINDOWS.pop("shared-app", None)
-    clients.ROUTED_REPLICAS.pop("shared-app", None)
+    monkeypatch.setattr(clients, "WINDOWS", {})
+    monkeypatch.setattr(clients, "ROUTED_REPLICAS", {})
+    monkeypatch.setattr(serve, "get_app_handle",
+                        lambda name: SimpleNamespace(options=lambda: SimpleNamespace(generate=Generate)))
 
     def client():
-        from ray import serve
-
-        original = serve.get_app_handle
-        serve.get_app_handle = lambda name: SimpleNamespace(options=lambda: SimpleNamespace(generate=Generate))
-        try:
-            return clients.ServeEngineClient("shared-app", ServiceConfig(), max_prompts=2, batches_per_replica=1,
-                                             replicas=1)
-        finally:
-            serve.get_app_handle = original
+        return clients.ServeEngineClient("shared-app", ServiceConfig(), max_prompts=2, batches_per_replica=1,
+                                         replicas=1)
 
     first, second = client(), client()
     assert first.window is second.window and first.window.limit() == 2  # 1 replica assumed until routed
@@ -531,8 +534,6 @@ def test_an_engine_client_waits_for_room_in_its_process_window_shared_by_its_app
         assert first.window.in_flight == 0
 
     asyncio.run(scenario())
-    clients.WINDOWS.pop("shared-app", None)
-    clients.ROUTED_REPLICAS.pop("shared-app", None)
 
 
 def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
@@ -546,6 +547,26 @@ def test_the_engine_deployment_gives_its_router_one_replica_batch_as_slack():
     assert replica_batch(simulated) == 16
     router = engine_application(simulated, None)._bound_deployment._deployment_config.request_router_config
     assert router.request_router_kwargs == {"slack": 16}  # Serve passes them to initialize_state
+
+
+def test_the_router_records_how_many_replicas_serve_tells_it_of_for_the_stages_window():
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+
+    deployment = DeploymentID(name="SelfRagEngine", app_name="test-engine")
+
+    async def queue_len(deadline_s):
+        return 0
+
+    async def scenario():
+        router = RowAffinityRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN)
+        running = [SimpleNamespace(replica_id=ReplicaID(unique_id=f"r{i}", deployment_id=deployment),
+                                   max_ongoing_requests=8, get_queue_len=queue_len) for i in range(3)]
+        router.update_replicas(running)  # as the handle's long poll does when the actor starts
+        assert clients.ROUTED_REPLICAS == {"test-engine": 3}
+        router.update_replicas(running[:1])  # one replica gone
+        assert clients.ROUTED_REPLICAS == {"test-engine": 1}
+
+    asyncio.run(scenario())
 
 
 def test_the_router_counts_the_prompts_it_has_in_flight_and_spills_by_them():

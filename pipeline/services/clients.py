@@ -24,16 +24,15 @@ log = logging.getLogger(__name__)
 #: Key of the routing key (``stages.common.route_key``) in an engine request; read by
 #: ``routing.RowAffinityRouter``.
 ROUTE = "route"
-#: Engine priorities (lower first; vLLM honours them with ``scheduling_policy: priority``, set by
-#: ``vllm_engine.engine_kwargs``). Every request on a row's way to its last answer comes before
-#: that answer's critique (priority 0):
-#: - ``URGENT``: a long-form tree's requests. A tree generates a segment per depth, one after
-#:   another, and trees whose requests queued behind short-form ones at each depth ended the run
-#:   alone (8 simulated replicas: 0.84 busy, 0.86 to 0.90 with trees first). They never wait in
-#:   an ``InFlightWindow``.
-#: - ``FIRST_PASS``: first-pass requests, whose answers let their rows' retrieval and critique
-#:   start. Queued behind critiques, a second wave of batches reached retrieval all at once, after
-#:   the critiques, and the replicas stood idle while it searched.
+#: Engine priorities, lower first (vLLM honours them with ``scheduling_policy: priority``, set by
+#: ``vllm_engine.engine_kwargs``): long-form trees' requests (``URGENT``), then first passes
+#: (``FIRST_PASS``), then the rest (0: the critique of retrieved passages).
+#: - A tree generates a segment per depth, one after another, and trees whose requests queued
+#:   behind short-form ones at each depth ended the run alone (8 simulated replicas: 0.84 busy,
+#:   0.86 to 0.90 with trees first). They never wait in an ``InFlightWindow``.
+#: - A first pass's answers let its rows' retrieval and critique start. Queued behind
+#:   critiques, a second wave of batches reached retrieval all at once, after the critiques, and
+#:   the replicas stood idle while it searched.
 URGENT, FIRST_PASS = -2, -1
 #: Replicas that each application's router in this process last chose among (written by
 #: ``routing.RowAffinityRouter``, read by ``InFlightWindow``).
@@ -120,12 +119,12 @@ class InFlightWindow:
     async def admit(self, prompts: int, priority: int = 0) -> None:
         """Wait until ``prompts`` more fit (at once for ``URGENT``, or when nothing is in flight);
         each ``admit`` is matched by one ``release`` of the same ``prompts``."""
-        self._admit_waiting()
-        if priority <= URGENT or (not self._waiting and self._fits(prompts)):
+        if priority <= URGENT:
             self.in_flight += prompts
             return
         turn = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (priority, next(self._arrivals), prompts, turn))
+        self._admit_waiting()  # the replica count may have grown since the last release
         try:
             await turn
         except asyncio.CancelledError:
@@ -160,8 +159,10 @@ class ServeEngineClient:
     (sent together, with the same routing key; a row's prompts may then be split between two):
     the router balances requests, and one request of a batch's 160 critique prompts to a
     replica that runs 16 at a time left the others idle at the start of a run. With
-    ``max_prompts``, at most ``batches_per_replica`` such requests per replica are in flight
-    (``InFlightWindow``; ``replicas``: the count to assume until the router has seen them)."""
+    ``max_prompts`` and ``batches_per_replica``, this process keeps at most ``max_prompts x
+    batches_per_replica`` prompts per replica in flight (``InFlightWindow``, one per application
+    and process: a chain actor's stages share it, with one config); ``replicas``: the count to
+    assume until the router has seen the replicas."""
 
     def __init__(self, app_name: str, svc: ServiceConfig, max_prompts: int | None = None,
                  batches_per_replica: int | None = None, replicas: int | None = None):
@@ -170,13 +171,14 @@ class ServeEngineClient:
         from ..runtime.metrics_actor import job_actor_name
 
         # options() starts the handle's router now, in the actor's start-up: it learns the
-        # replicas before the first batch comes, not while that batch waits
+        # replicas before the first batch comes, not while that batch waits (on Serve's router
+        # thread, its default: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 would need a running loop)
         self.handle = serve.get_app_handle(app_name).options()
         self.svc = svc
         self.metrics = job_actor_name()  # where the replicas report what they serve for this job
         self.max_prompts = max_prompts
         per_replica = max_prompts * batches_per_replica if max_prompts and batches_per_replica else None
-        if app_name not in WINDOWS:  # one per process: a chain actor's stages share it
+        if app_name not in WINDOWS:
             WINDOWS[app_name] = InFlightWindow(per_replica, lambda: ROUTED_REPLICAS.get(app_name, replicas))
         self.window = WINDOWS[app_name]
         self.calls = 0
@@ -200,7 +202,7 @@ class ServeEngineClient:
         request = {ROUTE: route, "prompts": [list(p) for p in prompts], "max_tokens": list(max_tokens),
                    "stop_ids": list(stop_ids), "priority": priority, "metrics": self.metrics}
         await self.window.admit(len(prompts), priority)
-        try:
+        try:  # a request being retried keeps its room: the replica it waits for will take it
             out = await call_with_retries(lambda: self.handle.generate.remote(request), "engine", self.svc)
         finally:
             self.window.release(len(prompts))

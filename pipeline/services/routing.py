@@ -78,6 +78,13 @@ class RowAffinityRouter(FIFOMixin, RequestRouter):
         replica runs at once (see ``spill_to``)."""
         self.slack = slack
 
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        """Serve's news of the running replicas; their count is also recorded for the stages'
+        ``clients.InFlightWindow`` (through the module: in a stage actor, names this module
+        imported from ``clients`` were measured to be copies of the actor's own)."""
+        super().update_replicas(replicas)
+        clients.ROUTED_REPLICAS[self.app_name] = len(replicas)
+
     def _counts(self) -> tuple[dict[str, int], dict[str, tuple[str, int]]]:
         if not hasattr(self, "_in_flight"):
             self._in_flight: dict[str, int] = {}  # replica -> prompts this router has in flight there
@@ -88,7 +95,6 @@ class RowAffinityRouter(FIFOMixin, RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
-        # through the module: Serve ships this class by value, with copies of its globals
         clients.ROUTED_REPLICAS[self.app_name] = len(candidate_replicas)
         key = request_route(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}

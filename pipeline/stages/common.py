@@ -62,6 +62,16 @@ def engine_request_prompts(cfg: Config) -> int | None:
     return None if rows_per_route(cfg) is None else replica_batch(cfg)
 
 
+def engine_batches_per_replica(cfg: Config) -> int | None:
+    """Replica batches a stage actor keeps in flight per engine replica
+    (``engine.batches_in_flight_per_replica``); None (no limit) for an autoscaled service:
+    Serve's autoscaling counts the requests at the replicas and their handles, not those held
+    back, and would see too little demand."""
+    svc = cfg.engine.service
+    autoscaled = svc.min_replicas is not None and svc.max_replicas is not None
+    return None if autoscaled else cfg.engine.batches_in_flight_per_replica
+
+
 def route_key(shard: str, offset: int, rows: int | None) -> str:
     """The routing key of the row at ``offset`` in ``shard``: a hash of the shard and its group
     of ``rows`` consecutive rows (``rows_per_route``). All of a row's engine requests (first
@@ -163,9 +173,10 @@ class ServiceStage:
 
         start = time.perf_counter()
         tokens, ids, decode = spec_tokens(Storage(cfg.storage), tokenizer)
-        replicas = None if cfg.engine.service.deployment else cfg.engine.service.replicas  # until routed
-        engine = ServeEngineClient(engine_app, cfg.engine.service, engine_request_prompts(cfg),
-                                   cfg.engine.batches_in_flight_per_replica, replicas) if engine_app else None
+        svc = cfg.engine.service
+        replicas = None if svc.deployment else svc.replicas  # until the router has seen them
+        engine = ServeEngineClient(engine_app, svc, engine_request_prompts(cfg), engine_batches_per_replica(cfg),
+                                   replicas) if engine_app else None
         retriever = ServeRetrieverClient(retriever_app, cfg.retrieval.service) if retriever_app else None
         self._set_up(self.logic(cfg, tokens, ids, decode, engine, retriever), Reporter(self.logic.name))
         self.in_flight = InFlightLimit(batches_in_flight)
