@@ -35,9 +35,8 @@ def engine_kwargs(cfg: EngineConfig) -> dict:
     """vLLM engine arguments (besides the model path) from the config; prefix caching on,
     priority scheduling (long-form trees' requests first, then first passes: the priorities in
     ``services.clients``; with ``engine.extra.scheduling_policy: fcfs`` they queue as the
-    others), the one-process executor
-    for one device, and a Ray executor for tensor parallelism (its workers go in the replica's
-    placement group)."""
+    others), the one-process executor for one device, and a Ray executor for tensor parallelism
+    (its workers go in the replica's placement group)."""
     kwargs = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
                   tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
                   enable_prefix_caching=True, scheduling_policy="priority")
