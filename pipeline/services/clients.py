@@ -34,8 +34,8 @@ ROUTE = "route"
 #:   critiques, a second wave of batches reached retrieval all at once, after the critiques, and
 #:   the replicas stood idle while it searched.
 URGENT, FIRST_PASS = -2, -1
-#: Replicas of each application that Serve last announced to this process's router, or that
-#: it last chose among (written by ``routing.RowAffinityRouter``, read by ``InFlightWindow``).
+#: Replicas of each application that Serve last announced to this process's router (written by
+#: ``routing.RowAffinityRouter.update_replicas``, read by ``InFlightWindow``).
 ROUTED_REPLICAS: dict[str, int] = {}
 
 

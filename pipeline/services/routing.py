@@ -95,7 +95,6 @@ class RowAffinityRouter(FIFOMixin, RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
-        clients.ROUTED_REPLICAS[self.app_name] = len(candidate_replicas)
         key = request_route(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if key is None:
