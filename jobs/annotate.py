@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from pipeline.runtime import phase_times
+from pipeline.runtime.process_exit import exit_process
 from pipeline.infra.config import load_config
 from pipeline.output.folder import OutputFolder
 from pipeline.run.annotate import run
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

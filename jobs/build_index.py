@@ -33,6 +33,7 @@ from pipeline.infra.config import ConfigError, load_config
 from pipeline.infra.console import print_error
 from pipeline.runtime.ray_connect import stop_ray
 from pipeline.run.index_build import build
+from pipeline.runtime.process_exit import exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

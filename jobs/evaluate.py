@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 from pipeline.evaluation import layouts
 from pipeline.evaluation.metrics import CLOSED_METRICS
@@ -89,6 +88,7 @@ from pipeline.run.evaluate import MODES, evaluate
 from pipeline.run.exit_codes import end_job
 from pipeline.run.signals import catch_interrupts, restore_signals
 from pipeline.output.run_log import RunLog
+from pipeline.runtime.process_exit import exit_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -16,13 +16,13 @@ copies; the second pass converts, filters and writes. The driver writes the card
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.infra.config import ConfigError
 from pipeline.export.config import load_export_config
 from pipeline.export.source import ExportError
 from pipeline.run.exit_codes import end_job
 from pipeline.run.export_dataset import export
+from pipeline.runtime.process_exit import exit_process
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

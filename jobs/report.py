@@ -15,13 +15,13 @@ Exit codes: 0 written; 2 the location is not an annotated output.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.infra.config import StorageConfig
 from pipeline.infra.io import InputError, Storage
 from pipeline.output.folder import OutputFolder
 from pipeline.report.write import ReportError, write_report
 from pipeline.run.exit_codes import end_job
+from pipeline.runtime.process_exit import exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

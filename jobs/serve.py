@@ -16,7 +16,6 @@ refuses to start a local Ray of its own, whose services would end with it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.infra.config import ConfigError, load_config
 from pipeline.infra.io import Storage
@@ -28,6 +27,7 @@ from pipeline.services.deploy import (ENGINE_APP, RETRIEVER_APP, Services, Servi
                                       started_here, stop_services)
 from pipeline.model.tokenizer import tokenizer_spec
 from pipeline.services.warm_up import warm_up
+from pipeline.runtime.process_exit import exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

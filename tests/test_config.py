@@ -50,6 +50,8 @@ def test_the_chain_can_be_unchained_in_a_preset_and_back_on_the_command_line(tmp
     ("stages.critique.replicas=4", "config key 'stages.critique': is set, but the model stages run chained"),
     ("stages.chain.max_concurrent_batches=0", "config key 'stages.chain.max_concurrent_batches'"),
     ("engine.batches_in_flight_per_replica=0", "config key 'engine.batches_in_flight_per_replica': must be at least"),
+    ("ray.serve_control_loop_s=0", "config key 'ray.serve_control_loop_s': must be above 0 and at most 10"),
+    ("ray.serve_control_loop_s=11", "config key 'ray.serve_control_loop_s': must be above 0 and at most 10"),
     ("input.default_task=poetry", "config key 'input.default_task'"),
     ("selfrag.top_k", "argument 1 is not of the form key=value"),
     ("selfrag.w_rel=.nan", "config key 'selfrag.w_rel': must be a finite number"),

@@ -161,6 +161,39 @@ def test_a_linear_in_row_chunks_is_the_linear(shape, bias):
     torch.testing.assert_close(got, layer(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 384), (64, 384), (130, 384)])
+def test_a_bfloat16_linear_with_its_weight_packed_for_the_chunks_is_the_linear(shape):
+    """Where oneDNN computes bfloat16 (AVX-512 and up); elsewhere nothing is packed."""
+    layer = torch.nn.Linear(384, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        packed = encoder_module.pack_for_rows([layer], 64)
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert packed == {}
+            return
+        assert set(packed) == {layer}
+        x = torch.randn(*shape).to(torch.bfloat16)
+        got = encoder_module.linear_in_row_chunks(layer, x, 64, packed[layer])
+        assert got.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(got, encoder_module.linear_in_row_chunks(layer, x, 64), rtol=1e-2, atol=1e-2)
+    assert encoder_module.pack_for_rows([torch.nn.Linear(384, 96)], 64) == {}  # float32: MKL's, unpacked
+
+
+@NEEDS_BF16
+def test_a_bfloat16_encoders_chunked_queries_get_their_vectors_with_weights_packed_once(encoder):
+    """Packed once (``pack_for_rows``) the products are those torch's linear computes: the bench's
+    queries got the same bits; here within bfloat16's last bit."""
+    enc = Encoder(replace(encoder.cfg, dtype="bfloat16"))
+    enc.probed = True
+    enc.chunk_query_rows()
+    assert set(enc._packed) == {m for m in enc.model.modules() if isinstance(m, torch.nn.Linear)}
+    packed = enc.encode_queries(TEXTS)
+    enc._packed = {}
+    np.testing.assert_allclose(packed, enc.encode_queries(TEXTS), rtol=0, atol=1e-2)
+    fp32 = Encoder(replace(encoder.cfg, dtype="float32"))
+    fp32.chunk_query_rows()
+    assert fp32._packed == {}
+
+
 def test_an_encoder_told_of_amx_chunks_its_queries_products_and_probes_at_its_first_query(monkeypatch):
     monkeypatch.setattr(encoder_module, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
     told = Encoder(RetrievalConfig(encode_batch_size=8, dtype="bfloat16"))
@@ -227,6 +260,7 @@ def test_a_bfloat16_encoder_whose_queries_change_with_their_batch_turns_onednn_o
         with pytest.raises(RuntimeError, match="change with their batch on this CPU in bfloat16; set retrieval.dtype: float32"):
             probe_log(enc)
         assert not torch.backends.mkldnn.enabled and enc.query_row_chunk == 64
+        assert enc._packed == {}  # packed products are oneDNN's
         torch.backends.mkldnn.enabled, enc.query_row_chunk = True, None
         monkeypatch.setattr(enc, "_queries_invariant", iter([False, False, True]).__next__)
         records = probe_log(enc)  # chunking did not help, oneDNN off did

@@ -39,6 +39,7 @@ RUN_SETTINGS = [
     "input.paths=[/other/inputs]", "debug.exit_after_shards=1", "log_level=debug", "output.report=false",
     "output.examples=3", "stages.chain=null", "stages.chain.replicas=2", "ray.dashboard=true",
     "engine.extra.scheduling_policy=fcfs", "engine.batches_in_flight_per_replica=null",
+    "ray.serve_control_loop_s=2",
 ]
 
 

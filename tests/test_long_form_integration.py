@@ -193,3 +193,18 @@ def test_stages_in_the_driver_on_running_services_write_the_ray_stages_annotatio
                (theirs["id"], theirs["answer"], theirs["retrieved"], theirs["best_passage_id"])
     manifest = json.loads((tmp_path / "here" / "_manifest.json").read_text())
     assert "ray_init" in manifest["phases"]  # connected to the cluster the services run on
+
+
+def test_the_serve_controller_deployed_with_the_services_passes_its_loop_as_configured(running_services):
+    """``ray.serve_control_loop_s`` (0.5 by default) reaches the Serve controller that deploying
+    the services started: its control loop's period, as Serve read it in that process."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def period(_controller) -> float:
+        from ray.serve._private.constants import CONTROL_LOOP_INTERVAL_S
+
+        return CONTROL_LOOP_INTERVAL_S
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    assert ray.get(controller.__ray_call__.remote(period), timeout=60) == 0.5

@@ -1,6 +1,7 @@
 """Where a machine's CPU goes during a benchmark: every process's CPU time, sampled from
 ``/proc`` once a second and summed by role (engine worker, engine core, the engine replica's
-front end, retriever, stage actors, Ray, the driver). Linux only; elsewhere it records nothing.
+front end, retriever, stage actors, Ray, the driver; the account's own sampling is ``other``).
+Linux only; elsewhere it records nothing.
 
     account = CpuAccount(); account.start()
     ...  # the work
@@ -60,6 +61,8 @@ class CpuAccount:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="cpu-account")
         self._driver = str(os.getpid())
+        #: CPU seconds the sampling thread has taken (counted as ``other``, not as the driver's).
+        self.own_seconds = 0.0
 
     def start(self) -> "CpuAccount":
         """Start sampling (no-op without ``/proc``)."""
@@ -75,10 +78,15 @@ class CpuAccount:
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        mark = time.thread_time()
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            now = time.thread_time()
+            self._sample(own=now - mark)
+            mark = now
 
-    def _sample(self) -> None:
+    def _sample(self, own: float = 0.0) -> None:
+        """One sample; ``own``: this thread's CPU since the last one (reading ``/proc``), which
+        the driver's process time includes: it is counted as ``other``, not as the driver's."""
         now, used, seen = time.time(), {}, {}
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or (seconds := _cpu_seconds(pid)) is None:
@@ -86,6 +94,11 @@ class CpuAccount:
             seen[pid] = seconds
             if pid in self._last and (role := _role(pid, self._driver)) is not None:
                 used[role] = used.get(role, 0.0) + seconds - self._last[pid]
+        own = min(own, used.get("driver", 0.0))  # /proc counts in ticks: a quiet driver may show less
+        if own > 0:
+            used["driver"] -= own
+            used["other"] = used.get("other", 0.0) + own
+            self.own_seconds += own
         self._last = seen
         self.samples.append((now, used))
 

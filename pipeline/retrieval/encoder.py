@@ -121,23 +121,62 @@ QUERY_WIDTH_STEP = 16
 #: 40 test queries, by up to 9e-4; one bench row of 3,200 got another fifth passage). Every
 #: product of one shape runs one kernel, whose rows do not depend on each other: 0 of 3,120
 #: vectors then changed over 8 batchings of 390 bench queries. Bench queries in searches of 22
-#: cost 2.6 ms of CPU each so (1.7 unchunked; 3.9 in float32; 5.6 with oneDNN capped below AMX,
+#: cost 2.5 ms of CPU each so, and 2.0 with the weights packed once for such products
+#: (``pack_for_rows``) (1.7 unchunked; 3.9 in float32; 5.6 with oneDNN capped below AMX,
 #: ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, this encoder's way before); chunks of 32 rows cost
-#: 2.9, of 128 2.3 but 11 ms for a query searched alone (64: 9.0). Passages are not chunked.
+#: 2.9, of 128 2.3 but 11 ms for a query searched alone (64: 9.0; all unpacked). Passages are
+#: not chunked.
 QUERY_ROW_CHUNK = 64
 
 
-def linear_in_row_chunks(linear, x, rows: int):
+def linear_in_row_chunks(linear, x, rows: int, packed=None):
     """``linear(x)`` computed on ``x``'s rows in products of exactly ``rows`` rows each (the last
-    chunk padded with zeros), so that a row's result does not depend on how many rows ``x`` has."""
+    chunk padded with zeros), so that a row's result does not depend on how many rows ``x`` has.
+    ``packed``: the layer's weight in oneDNN's layout for such products (``pack_for_rows``)."""
     import torch
 
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
-    if pad := -n % rows:
-        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    out = torch.cat([torch.nn.functional.linear(part, linear.weight, linear.bias) for part in flat.split(rows)])
+    chunks = list(flat.split(rows))
+    if pad := -n % rows:  # only the last chunk is copied to be padded
+        chunks[-1] = torch.cat([chunks[-1], flat.new_zeros(pad, flat.shape[1])])
+    if packed is None:
+        parts = [torch.nn.functional.linear(chunk, linear.weight, linear.bias) for chunk in chunks]
+    else:
+        parts = [torch.ops.mkldnn._linear_pointwise(chunk, packed, linear.bias, "none", [], "") for chunk in chunks]
+    out = torch.cat(parts)
     return out[:n].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def pack_for_rows(linears: Sequence, rows: int) -> dict:
+    """Each of ``linears``' weights packed once in oneDNN's layout for products of ``rows`` rows,
+    for ``linear_in_row_chunks``: unpacked, torch's linear packs the weight again for every
+    product, and with queries' products chunked that was a fifth of a query's encoding (bench
+    queries: 2.5 ms of CPU each, 2.0 packed; their vectors bit for bit the same). For bfloat16
+    weights where oneDNN computes bfloat16 only (float32 products packed so were no faster here
+    than MKL's). Empty where oneDNN is off or this torch has no such path, or where a packed
+    product does not compute torch's linear (to bfloat16's precision: a sum may round otherwise
+    in the last bit)."""
+    import torch
+
+    mkldnn = torch.ops.mkldnn
+    if (not linears or not torch.backends.mkldnn.enabled
+            or any(linear.weight.dtype != torch.bfloat16 for linear in linears)
+            or not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
+                                                      "_is_mkldnn_bf16_supported"))
+            or not mkldnn._is_mkldnn_bf16_supported()):
+        return {}
+    try:
+        packed = {linear: mkldnn._reorder_linear_weight(linear.weight, rows) for linear in linears}
+        generator = torch.Generator().manual_seed(0)
+        for linear in {tuple(m.weight.shape): m for m in linears}.values():  # one of each shape
+            x = torch.randn(rows, linear.in_features, generator=generator).to(linear.weight.dtype)
+            got, want = linear_in_row_chunks(linear, x, rows, packed[linear]), linear_in_row_chunks(linear, x, rows)
+            if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2):
+                return {}
+    except RuntimeError:  # no oneDNN path for this dtype or CPU
+        return {}
+    return packed
 
 
 def padded_width(longest: int, multiple: int, limit: int | None = None) -> int:
@@ -192,6 +231,7 @@ class Encoder:
         #: None (products of any size): chunked where the encoder computes bfloat16 on a CPU with
         #: AMX, or where the probe finds a query's vector changing with its batch.
         self.query_row_chunk = None
+        self._packed: dict = {}  # Linear -> its weight packed for products of query_row_chunk rows
         self._encoding_queries = threading.local()  # .rows: the chunk while encode_queries runs
         #: Whether the queries' probe ran (``check_batch_invariance``): on a CPU, at the first
         #: ``encode_queries`` unless called before (the Retriever does, as it loads).
@@ -203,15 +243,18 @@ class Encoder:
         """Queries' linear layers compute from now on in products of ``rows`` rows each
         (``linear_in_row_chunks``); passages' products stay whole."""
         self.query_row_chunk = rows
-        for module in self.model.modules():
-            if isinstance(module, self.torch.nn.Linear) and "forward" not in vars(module):
+        linears = [module for module in self.model.modules() if isinstance(module, self.torch.nn.Linear)]
+        for module in linears:
+            if "forward" not in vars(module):
                 module.forward = functools.partial(self._linear, module)
+        with self.torch.inference_mode():
+            self._packed = pack_for_rows(linears, rows) if self.device.type == "cpu" else {}
 
     def _linear(self, linear, x):
         rows = getattr(self._encoding_queries, "rows", None)
         if rows is None:
             return self.torch.nn.functional.linear(x, linear.weight, linear.bias)
-        return linear_in_row_chunks(linear, x, rows)
+        return linear_in_row_chunks(linear, x, rows, self._packed.get(linear))
 
     def _queries_invariant(self) -> bool:
         """Whether 8 probe queries of two widths (5 to 21 tokens) get the same bits alone,
@@ -240,6 +283,7 @@ class Encoder:
                         "kernels are turned off in this process, which encodes about 8 times slower (retrieval.dtype: "
                         "float32 may be faster)")
             self.torch.backends.mkldnn.enabled = False
+            self._packed = {}  # packed products are oneDNN's
             if not self._queries_invariant():
                 raise RuntimeError("the query encoder's vectors change with their batch on this CPU in bfloat16; "
                                    "set retrieval.dtype: float32")

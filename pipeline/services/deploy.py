@@ -222,6 +222,13 @@ def wait_until_running(names: list[str], timeout_s: float, why_not: str,
         pause = min(1.0, pause * 2)
 
 
+def controller_options(cfg: Config) -> dict:
+    """The options of a Serve controller that this job starts (``serve.start`` ignores them for
+    a running one): its control loop's period (``ray.serve_control_loop_s``)."""
+    period = cfg.ray.serve_control_loop_s
+    return {} if period is None else {"runtime_env": {"env_vars": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{period:g}"}}}
+
+
 def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool, wait: bool = True) -> Services:
     """Deploy (or find) the engine service, and the retrieval service when ``retrieval``; with
     ``wait``, wait until they run (``wait_for_services``; without, the caller starts its
@@ -237,7 +244,7 @@ def start_services(cfg: Config, tokenizer: TokenizerSpec, retrieval: bool, wait:
         raise ServicesUnavailable(f"refused before deploying: {short}")
     if short:
         log.warning("%s; waiting for the cluster to scale up (at most start_timeout_s)", short)
-    serve.start(proxy_location="Disabled")
+    serve.start(proxy_location="Disabled", controller_options=controller_options(cfg))
     services, targets = Services(), []
     wanted = [("engine", cfg.engine.service, ENGINE_APP, engine_application)]
     if retrieval:
