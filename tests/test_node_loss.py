@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_QUERIES, REPO
+from pipeline.run.dataflow import BLOCK_BYTES
 from pipeline.runtime.phases import PAUSE_AT, PAUSED_FILE
 
 pytestmark = pytest.mark.integration
@@ -187,9 +188,9 @@ def test_a_lost_writer_node_fails_the_run_clearly_and_a_rerun_resumes(cluster, t
     add_worker(cluster, ENGINE_CPUS)
     # the writer's node: the test hook holds the writer there at the commit of its first shard
     writer_node = add_worker(cluster, 1, env={PAUSE_AT: "commit", PAUSED_FILE: str(paused)})
-    # rows of 64 KiB: Ray Data's blocks (32 KiB here) hold one row each, so a shard's rows
+    # rows twice the size of Ray Data's blocks here: a block holds one row, so a shard's rows
     # reach the writer in separate calls, and the writer holds the first ones between calls
-    demo = demo_shards(tmp_path / "in", notes_bytes=64 << 10)
+    demo = demo_shards(tmp_path / "in", notes_bytes=2 * BLOCK_BYTES)
     out = tmp_path / "out"
     common = [f"input.paths={tmp_path / 'in'}", f"output.path={out}", "selfrag.mode=never",
               f"retrieval.index_dir={tmp_path / 'index'}", f"engine.service.num_cpus={ENGINE_CPUS}",
