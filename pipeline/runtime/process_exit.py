@@ -19,7 +19,7 @@ from typing import NoReturn
 FLUSH_FAILED = 120
 
 
-def exit_status(code) -> int:
+def status_of(code) -> int:
     """``code`` as ``sys.exit`` reads it: None is 0, an int is itself, anything else is printed
     to standard error and is 1."""
     if code is None:
@@ -36,7 +36,7 @@ def exit_process(code) -> NoReturn:
     (after the hooks that wake idle thread pools, as the interpreter does), run the ``atexit``
     handlers (Ray's shutdown, logging's flush, temporary files' finalizers), flush standard
     output and error (a failed flush exits 120, as Python does), then ``os._exit``."""
-    status = exit_status(code)
+    status = status_of(code)
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is not None:
         shutdown()
