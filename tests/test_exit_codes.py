@@ -90,7 +90,6 @@ def test_the_evaluation_job_maps_its_outcomes_the_same_way(tmp_path, monkeypatch
     assert err[1].startswith("error: the run failed: RuntimeError: cannot read (the traceback is in the run log")
 
 
-
 EXITING = """
 import atexit, concurrent.futures, os, sys, threading, time
 from pipeline.runtime.process_exit import exit_process
